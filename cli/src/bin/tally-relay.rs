@@ -1,0 +1,65 @@
+//! `tally-relay`: publishes the event log to NATS JetStream. Run two or more; one is active.
+
+use std::time::Duration;
+
+use clap::Parser;
+use tally_event_store::partition::{self, Topology};
+use tally_event_store::relay::RelayConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tally-relay",
+    about = "Publishes Tally's event log to NATS JetStream",
+    version
+)]
+struct Config {
+    #[arg(
+        long,
+        env = "TALLY_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/tally",
+        hide_env_values = true
+    )]
+    database_url: String,
+    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    #[arg(long, env = "TALLY_NATS_STREAM", default_value = partition::STREAM_NAME_DEFAULT)]
+    nats_stream: String,
+    #[arg(long, env = "TALLY_SUBJECT_PREFIX", default_value = partition::SUBJECT_PREFIX_DEFAULT)]
+    subject_prefix: String,
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = partition::PARTITIONS_DEFAULT)]
+    partitions: u32,
+    /// Events read from Postgres per batch.
+    #[arg(long, env = "TALLY_RELAY_BATCH_MAX", default_value_t = 2_000)]
+    batch_events_max: i64,
+    /// Publishes awaiting a JetStream ack at once.
+    #[arg(long, env = "TALLY_RELAY_IN_FLIGHT_MAX", default_value_t = 1_024)]
+    in_flight_max: usize,
+    /// Longest idle poll interval, in milliseconds.
+    #[arg(long, env = "TALLY_RELAY_POLL_MAX_MS", default_value_t = 50)]
+    poll_interval_max_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tally_service::telemetry::init("relay");
+    let config = Config::parse();
+    let pool = tally_event_store::connect(&config.database_url, 4)?;
+    let nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(&config.nats_url)
+        .await?;
+    let js = async_nats::jetstream::new(nats);
+    let relay = RelayConfig {
+        topology: Topology {
+            stream_name: config.nats_stream,
+            subject_prefix: config.subject_prefix,
+            partitions: config.partitions,
+        },
+        batch_events_max: config.batch_events_max,
+        in_flight_max: config.in_flight_max,
+        poll_interval_max: Duration::from_millis(config.poll_interval_max_ms),
+        ..RelayConfig::default()
+    };
+    tally_event_store::relay::run(pool, js, relay, tally_service::shutdown::signal()).await;
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! The Postgres event store: the one place that writes events.
+//!
+//! - [`EventStore::append`] writes the events of one or more streams in one transaction, with
+//!   optimistic concurrency on each stream and a per-stream SHA-256 hash chain.
+//! - [`EventStore::read_stream`] reads one stream in version order.
+//! - [`EventStore::read_all`] reads the global log **in commit order, gap-safely**: only events
+//!   of transactions that can no longer commit "behind" the reader are returned.
+//! - [`relay`] publishes the log to NATS JetStream (the log is the outbox).
+//!
+//! Postgres error codes are translated into [`StoreError`] here and nowhere else.
+
+pub mod hash;
+pub mod partition;
+pub mod relay;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+pub use hash::{Hash, event_hash};
+
+/// Applies the event store's migrations (`event-store/migrations`). Safe to run concurrently:
+/// sqlx takes an advisory lock. The history lives in its own table so the projectors can keep
+/// their migrations in the same database without the two sets mistaking each other's entries.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name("_tally_event_store_migrations");
+    migrator.run(pool).await
+}
+
+/// Upper bound on events in one append, across all its streams. One command writes a handful;
+/// the bound stops a bug (or a hostile batch) from building a multi-megabyte statement.
+pub const APPEND_EVENTS_MAX: usize = 1_000;
+/// Upper bound on one `read_all`/`read_stream` page.
+pub const READ_LIMIT_MAX: i64 = 10_000;
+
+/// How long a request waits for a pooled connection before it is refused (503 upstream).
+pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A pool to the primary. Lazy: a service starts even while Postgres is still coming up, and
+/// reports itself not ready (`/ready`) instead of crash-looping. Fails only on a malformed URL.
+pub fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+        .connect_lazy(database_url)
+}
+
+/// Why an append or read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream is not at the expected version: someone else appended first. Reload and retry.
+    #[error("stream {stream_id} is not at version {expected}")]
+    Conflict { stream_id: Uuid, expected: i64 },
+    /// The append itself is malformed (a programming error in the caller, not a client's).
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// An event to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    /// The exact JSON text to store (hashed as is).
+    pub payload: String,
+    /// The exact JSON text of the metadata (hashed as is).
+    pub metadata: String,
+}
+
+/// The events to append to one stream, expecting it to be at `expected_version` (0: new).
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    pub stream_type: String,
+    pub stream_id: Uuid,
+    pub expected_version: i64,
+    pub events: Vec<NewEvent>,
+}
+
+/// Where an appended stream now stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    pub stream_id: Uuid,
+    /// The stream's version after the append.
+    pub version: i64,
+    /// Global position of the stream's last appended event.
+    pub position: i64,
+}
+
+/// A place in the global log, in commit order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub tx_id: i64,
+    pub position: i64,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub tx_id: i64,
+    pub stream_type: String,
+    pub stream_id: Uuid,
+    pub version: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: String,
+    pub metadata: String,
+    pub recorded_at: DateTime<Utc>,
+    pub prev_hash: Option<Vec<u8>>,
+    pub hash: Vec<u8>,
+}
+
+impl StoredEvent {
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            tx_id: self.tx_id,
+            position: self.position,
+        }
+    }
+
+    /// Recomputes this event's hash from its stored bytes.
+    pub fn computed_hash(&self) -> Hash {
+        event_hash(&hash::HashInput {
+            prev_hash: self.prev_hash.as_deref(),
+            stream_type: &self.stream_type,
+            stream_id: self.stream_id,
+            version: self.version,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            recorded_at: self.recorded_at,
+            payload: &self.payload,
+            metadata: &self.metadata,
+        })
+    }
+}
+
+const EVENT_COLUMNS: &str = "position, tx_id::text::bigint AS tx_id, stream_type, stream_id, version, event_id, \
+     event_type, schema_version, payload::text AS payload, metadata::text AS metadata, recorded_at, prev_hash, hash";
+
+fn stored_event(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
+    Ok(StoredEvent {
+        position: row.try_get("position")?,
+        tx_id: row.try_get("tx_id")?,
+        stream_type: row.try_get("stream_type")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+/// The event store over a Postgres pool (the primary).
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+impl EventStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends the events of every stream in `appends` atomically: all of them or none.
+    ///
+    /// Streams are written in a canonical order (by stream id), so two transactions touching
+    /// the same streams in opposite orders cannot deadlock. A stream not at its expected
+    /// version fails the whole append with [`StoreError::Conflict`].
+    pub async fn append(&self, appends: Vec<StreamAppend>) -> Result<Vec<Appended>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let appended = append_in(&mut tx, appends).await?;
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    /// Reads the events of one stream with `version > after_version`, in version order.
+    pub async fn read_stream(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .bind(after_version)
+            .bind(limit.clamp(1, READ_LIMIT_MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(stored_event).collect::<Result<_, _>>()?)
+    }
+
+    /// Reads up to `limit` events after `after`, in commit order, **gap-safely**.
+    ///
+    /// Only events written by transactions older than the oldest transaction still running
+    /// (`pg_snapshot_xmin`) are returned. Any transaction that could still commit has a
+    /// `tx_id` at or above that bound, and will therefore sort *after* everything returned
+    /// here: a reader that resumes from the last returned checkpoint never skips an event.
+    /// A long-running writer delays readers; it never makes them lose events.
+    pub async fn read_all(&self, after: Checkpoint, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) \
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id, position LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after.tx_id.to_string())
+            .bind(after.position)
+            .bind(limit.clamp(1, READ_LIMIT_MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(stored_event).collect::<Result<_, _>>()?)
+    }
+}
+
+/// Appends inside a caller's transaction (the command API stores idempotency records in the
+/// same transaction).
+pub async fn append_in(
+    tx: &mut Transaction<'_, Postgres>,
+    mut appends: Vec<StreamAppend>,
+) -> Result<Vec<Appended>, StoreError> {
+    let total: usize = appends.iter().map(|a| a.events.len()).sum();
+    if total == 0 || total > APPEND_EVENTS_MAX {
+        return Err(StoreError::InvalidAppend(format!(
+            "an append carries 1 to {APPEND_EVENTS_MAX} events, not {total}"
+        )));
+    }
+    appends.sort_by_key(|a| a.stream_id);
+    if appends.windows(2).any(|w| w[0].stream_id == w[1].stream_id) {
+        return Err(StoreError::InvalidAppend("a stream appears twice in one append".into()));
+    }
+
+    // Postgres keeps microseconds; truncate first so the hashed text equals what is read back.
+    let recorded_at = Utc::now().trunc_subsecs(6);
+    let mut cols = Columns::with_capacity(total);
+    for append in &appends {
+        let mut prev_hash = previous_hash(tx, append).await?;
+        for (i, event) in append.events.iter().enumerate() {
+            let version = append.expected_version + 1 + i as i64;
+            let hash = event_hash(&hash::HashInput {
+                prev_hash: prev_hash.as_deref(),
+                stream_type: &append.stream_type,
+                stream_id: append.stream_id,
+                version,
+                event_id: event.event_id,
+                event_type: &event.event_type,
+                schema_version: event.schema_version,
+                recorded_at,
+                payload: &event.payload,
+                metadata: &event.metadata,
+            });
+            cols.push(append, event, version, prev_hash.take(), hash);
+            prev_hash = Some(hash.to_vec());
+        }
+    }
+
+    // One statement for all events of all streams: one round trip however many there are.
+    let rows = sqlx::query(
+        "INSERT INTO events (stream_type, stream_id, version, event_id, event_type, schema_version, \
+                             payload, metadata, recorded_at, prev_hash, hash) \
+         SELECT t.stream_type, t.stream_id, t.version, t.event_id, t.event_type, t.schema_version, \
+                t.payload::json, t.metadata::json, $9, t.prev_hash, t.hash \
+         FROM UNNEST($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
+                     $7::text[], $8::text[], $10::bytea[], $11::bytea[]) \
+              AS t(stream_type, stream_id, version, event_id, event_type, schema_version, \
+                   payload, metadata, prev_hash, hash) \
+         RETURNING stream_id, version, position",
+    )
+    .bind(&cols.stream_type)
+    .bind(&cols.stream_id)
+    .bind(&cols.version)
+    .bind(&cols.event_id)
+    .bind(&cols.event_type)
+    .bind(&cols.schema_version)
+    .bind(&cols.payload)
+    .bind(&cols.metadata)
+    .bind(recorded_at)
+    .bind(&cols.prev_hash)
+    .bind(&cols.hash)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(|e| conflict_or_database(e, &appends))?;
+
+    let mut appended: Vec<Appended> = Vec::with_capacity(appends.len());
+    for row in rows {
+        let stream_id: Uuid = row.try_get("stream_id")?;
+        let version: i64 = row.try_get("version")?;
+        let position: i64 = row.try_get("position")?;
+        match appended.iter_mut().find(|a| a.stream_id == stream_id) {
+            Some(a) if a.version < version => {
+                a.version = version;
+                a.position = position;
+            }
+            Some(_) => {}
+            None => appended.push(Appended {
+                stream_id,
+                version,
+                position,
+            }),
+        }
+    }
+    Ok(appended)
+}
+
+/// The hash of the event at `expected_version`, which also proves the stream is exactly there
+/// *or behind*; being behind is caught by the primary key when inserting. A stream that is not
+/// even at `expected_version` is a conflict too (the caller's state is from the future).
+async fn previous_hash(
+    tx: &mut Transaction<'_, Postgres>,
+    append: &StreamAppend,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if append.expected_version < 0 {
+        return Err(StoreError::InvalidAppend("expected version must be >= 0".into()));
+    }
+    if append.expected_version == 0 {
+        return Ok(None);
+    }
+    let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE stream_id = $1 AND version = $2")
+        .bind(append.stream_id)
+        .bind(append.expected_version)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match hash {
+        Some(hash) => Ok(Some(hash)),
+        None => Err(StoreError::Conflict {
+            stream_id: append.stream_id,
+            expected: append.expected_version,
+        }),
+    }
+}
+
+/// Translates a unique violation on `(stream_id, version)` into a typed conflict.
+fn conflict_or_database(error: sqlx::Error, appends: &[StreamAppend]) -> StoreError {
+    if let sqlx::Error::Database(db) = &error
+        && db.code().as_deref() == Some("23505")
+        && db.constraint() == Some("events_pkey")
+    {
+        // The message does not say which stream lost; report the first, the caller
+        // reloads all of them anyway.
+        let first = &appends[0];
+        return StoreError::Conflict {
+            stream_id: first.stream_id,
+            expected: first.expected_version,
+        };
+    }
+    StoreError::Database(error)
+}
+
+/// Column arrays for the UNNEST insert.
+#[derive(Default)]
+struct Columns {
+    stream_type: Vec<String>,
+    stream_id: Vec<Uuid>,
+    version: Vec<i64>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<String>,
+    schema_version: Vec<i32>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+    prev_hash: Vec<Option<Vec<u8>>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            stream_type: Vec::with_capacity(n),
+            stream_id: Vec::with_capacity(n),
+            version: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            schema_version: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+            prev_hash: Vec::with_capacity(n),
+            hash: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, append: &StreamAppend, event: &NewEvent, version: i64, prev_hash: Option<Vec<u8>>, hash: Hash) {
+        self.stream_type.push(append.stream_type.clone());
+        self.stream_id.push(append.stream_id);
+        self.version.push(version);
+        self.event_id.push(event.event_id);
+        self.event_type.push(event.event_type.clone());
+        self.schema_version.push(event.schema_version);
+        self.payload.push(event.payload.clone());
+        self.metadata.push(event.metadata.clone());
+        self.prev_hash.push(prev_hash);
+        self.hash.push(hash.to_vec());
+    }
+}

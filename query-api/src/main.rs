@@ -1,0 +1,13 @@
+use clap::Parser;
+use tally_query_api::{AppState, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tally_service::telemetry::init("query-api");
+    let config = Config::parse();
+    let state = AppState::connect(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, replica = config.replica_url.is_some(), "query API listening");
+    tally_query_api::run(listener, state, tally_service::shutdown::signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! The test kit: real services for every test, isolated per test.
+//!
+//! Under `cargo xtask test` the Postgres cluster (primary + replica) and NATS server are
+//! started once and passed in through `TALLY_TEST_*` variables. Run any other way
+//! (`cargo test -p tally-tests`), the kit starts a private set for the test process.
+//! Either way each test gets its own database ([`TestDb`]) and its own JetStream stream and
+//! subject prefix ([`TestNats`]), so tests run in parallel and never see each other's data.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The shared servers a test process uses.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// Primary URL without a database name's meaning: the `postgres` maintenance database.
+    pub primary_admin_url: String,
+    pub replica_admin_url: Option<String>,
+    pub nats_url: String,
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    format!("{base}/{database}")
+}
+
+/// The servers for this process: from `cargo xtask test`, or started privately once.
+pub fn services() -> &'static Services {
+    static SERVICES: OnceLock<Services> = OnceLock::new();
+    SERVICES.get_or_init(|| {
+        if let (Ok(primary), Ok(nats)) = (
+            std::env::var("TALLY_TEST_DATABASE_URL"),
+            std::env::var("TALLY_TEST_NATS_URL"),
+        ) {
+            let replica = std::env::var("TALLY_TEST_REPLICA_URL").ok().filter(|r| !r.is_empty());
+            return Services {
+                primary_admin_url: primary,
+                replica_admin_url: replica,
+                nats_url: nats,
+            };
+        }
+        start_private_services()
+    })
+}
+
+/// Starts Postgres + replica + NATS for this process only. They live as long as the process
+/// (devstack kills them through the parent-death signal when it exits).
+fn start_private_services() -> Services {
+    let root = std::env::temp_dir().join(format!("tally-tests-{}", std::process::id()));
+    let pg = tally_devstack::Postgres::start(
+        &root.join("pg"),
+        tally_devstack::PgOptions {
+            replica: true,
+            durable: false,
+        },
+    )
+    .expect("starting a private Postgres for the tests");
+    let nats = tally_devstack::Nats::start(&root.join("nats")).expect("starting a private NATS for the tests");
+    let services = Services {
+        primary_admin_url: pg.primary_url("postgres"),
+        replica_admin_url: pg.replica_url("postgres"),
+        nats_url: nats.url(),
+    };
+    // Kept alive for the whole process on purpose.
+    std::mem::forget(pg);
+    std::mem::forget(nats);
+    services
+}
+
+/// A fresh, migrated database of its own for one test.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub replica_url: Option<String>,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let services = services();
+        let name = format!("t_{}", Uuid::now_v7().simple());
+        let admin = PgPool::connect(&services.primary_admin_url)
+            .await
+            .expect("connecting to the test Postgres");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        let url = with_database(&services.primary_admin_url, &name);
+        let pool = tally_event_store::connect(&url, 16).expect("connecting to the test database");
+        tally_event_store::migrate(&pool).await.expect("event store migrations");
+        tally_projectors::migrate(&pool).await.expect("projector migrations");
+        let replica_url = services.replica_admin_url.as_deref().map(|r| with_database(r, &name));
+        let db = Self {
+            replica_url,
+            name,
+            url,
+            pool,
+        };
+        db.sync_replica().await;
+        db
+    }
+
+    /// Waits until the replica has replayed everything the primary has written so far
+    /// (schema included), so a test never mistakes replication lag for a bug.
+    pub async fn sync_replica(&self) {
+        let Some(replica_url) = &self.replica_url else {
+            return;
+        };
+        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .expect("primary WAL position");
+        eventually(
+            Duration::from_secs(30),
+            "the replica to catch up with the primary",
+            || async {
+                // CREATE DATABASE itself reaches the replica asynchronously: connecting may fail at first.
+                let replica = sqlx::PgPool::connect(replica_url).await.ok()?;
+                let caught_up: Option<bool> = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                    .bind(&target)
+                    .fetch_one(&replica)
+                    .await
+                    .ok();
+                replica.close().await;
+                caught_up.filter(|c| *c).map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    pub fn store(&self) -> tally_event_store::EventStore {
+        tally_event_store::EventStore::new(self.pool.clone())
+    }
+}
+
+/// A JetStream stream and subject prefix of this test's own on the shared NATS server.
+#[derive(Debug, Clone)]
+pub struct TestNats {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+}
+
+impl TestNats {
+    pub fn new() -> Self {
+        let id = Uuid::now_v7().simple().to_string();
+        Self {
+            url: services().nats_url.clone(),
+            stream: format!("T_{id}"),
+            subject_prefix: format!("t{id}.events"),
+        }
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TALLY_NATS_URL", self.url.clone()),
+            ("TALLY_NATS_STREAM", self.stream.clone()),
+            ("TALLY_SUBJECT_PREFIX", self.subject_prefix.clone()),
+        ]
+    }
+}
+
+impl Default for TestNats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the service binaries are: `TALLY_BIN_DIR`, or the profile folder this test
+/// executable was built into (`target/debug/deps/suite-… → target/debug`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TALLY_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps layout")
+        .to_path_buf()
+}
+
+/// A service binary started by a test; killed when dropped. Its output goes to a log file
+/// whose tail is printed if the test needs it.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, env: &[(&str, String)]) -> Self {
+        let path = bin_dir().join(bin);
+        assert!(
+            path.exists(),
+            "{} is missing: build the binaries first (cargo build --workspace --bins, or use cargo xtask test)",
+            path.display()
+        );
+        let log = std::env::temp_dir().join(format!("tally-{bin}-{}.log", Uuid::now_v7().simple()));
+        let out = File::create(&log).expect("log file");
+        let child = Command::new(&path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("TALLY_LOG", "info,tally=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
+        Self {
+            name: bin.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The last lines of the process's output, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up (crash simulation).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    tally_devstack::free_port().expect("a free port")
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `GET {base}/ready` answers 200, or panics with the process log.
+pub async fn wait_ready(base: &str, proc: &Proc) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never became ready; its log:\n{}",
+            proc.name,
+            proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,259 @@
+//! The first end-to-end path, through the real binaries: command API → Postgres → relay →
+//! NATS JetStream → projector → read model → replica → query API.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tally_tests::{Proc, TestDb, TestNats, eventually, free_port, wait_ready};
+
+/// Every Tally service for one test, on its own database and NATS stream.
+struct Stack {
+    command: String,
+    query: String,
+    procs: Vec<Proc>,
+    db: TestDb,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let db = TestDb::new().await;
+        let nats = TestNats::new();
+        let (command_port, query_port) = (free_port(), free_port());
+        let mut env = nats.env();
+        env.push(("TALLY_DATABASE_URL", db.url.clone()));
+        env.push(("TALLY_PARTITIONS", "4".into()));
+        let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
+            env.iter().cloned().chain(extra).collect()
+        };
+        let command_api = Proc::spawn(
+            "tally-command-api",
+            &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
+        );
+        let relay = Proc::spawn("tally-relay", &with(vec![]));
+        let projector = Proc::spawn("tally-projector", &with(vec![]));
+        let query_api = Proc::spawn(
+            "tally-query-api",
+            &with(vec![
+                ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}")),
+                (
+                    "TALLY_REPLICA_URL",
+                    db.replica_url.clone().unwrap_or_else(|| db.url.clone()),
+                ),
+            ]),
+        );
+        let command = format!("http://127.0.0.1:{command_port}");
+        let query = format!("http://127.0.0.1:{query_port}");
+        wait_ready(&command, &command_api).await;
+        wait_ready(&query, &query_api).await;
+        Self {
+            command,
+            query,
+            procs: vec![command_api, relay, projector, query_api],
+            db,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: Value) -> (StatusCode, Value) {
+    let response = client.post(url).json(&body).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_account_opened_and_moved_through_the_command_api_shows_its_balance_on_the_query_api() {
+    let stack = Stack::start().await;
+    let client = reqwest::Client::new();
+
+    let (status, opened) = post(
+        &client,
+        &format!("{}/v1/accounts", stack.command),
+        json!({"owner": "Ada", "currency": "EUR"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{opened}");
+    assert_eq!(opened["version"], 1);
+    let id = opened["account_id"].as_str().unwrap().to_owned();
+
+    let (status, deposited) = post(
+        &client,
+        &format!("{}/v1/accounts/{id}/deposits", stack.command),
+        json!({"amount": 1000, "reference": "salary"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{deposited}");
+    assert_eq!(deposited["version"], 2);
+    let (status, withdrawn) = post(
+        &client,
+        &format!("{}/v1/accounts/{id}/withdrawals", stack.command),
+        json!({"amount": 300, "reference": "rent"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{withdrawn}");
+    assert_eq!(withdrawn["version"], 3);
+    assert_eq!(withdrawn["balance"], 700);
+
+    let account = eventually(Duration::from_secs(20), "the query API to show balance 700", || {
+        let client = client.clone();
+        let url = format!("{}/v1/accounts/{id}", stack.query);
+        async move {
+            let response = client.get(&url).send().await.ok()?;
+            if response.status() != StatusCode::OK {
+                return None;
+            }
+            let body: Value = response.json().await.ok()?;
+            (body["version"] == 3).then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(account["balance"], 700, "{account}\n{}", stack.logs());
+    assert_eq!(account["owner"], "Ada");
+    assert_eq!(account["currency"], "EUR");
+    assert_eq!(account["account_id"], id.as_str());
+
+    // Exactly three events, hash-chained, and exactly one read-model row reflecting them.
+    let events = stack.db.store().read_stream(id.parse().unwrap(), 0, 100).await.unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.computed_hash().as_slice() == e.hash.as_slice()));
+}
+
+#[tokio::test]
+async fn refused_and_malformed_commands_get_problem_details_with_the_right_status() {
+    let stack = Stack::start().await;
+    let client = reqwest::Client::new();
+    let (_, opened) = post(
+        &client,
+        &format!("{}/v1/accounts", stack.command),
+        json!({"owner": "Ada", "currency": "EUR"}),
+    )
+    .await;
+    let id = opened["account_id"].as_str().unwrap().to_owned();
+    let withdrawals = format!("{}/v1/accounts/{id}/withdrawals", stack.command);
+
+    let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            "overdraw",
+            client.post(&withdrawals).json(&json!({"amount": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "insufficient-funds",
+        ),
+        (
+            "zero amount",
+            client.post(&withdrawals).json(&json!({"amount": 0})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-amount",
+        ),
+        (
+            "fractional amount",
+            client.post(&withdrawals).json(&json!({"amount": 1.5})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+        ),
+        (
+            "unknown field",
+            client.post(&withdrawals).json(&json!({"amount": 1, "extra": true})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+        ),
+        (
+            "malformed JSON",
+            client
+                .post(&withdrawals)
+                .header("content-type", "application/json")
+                .body("{\"amount\":"),
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+        ),
+        (
+            "no content type",
+            client.post(&withdrawals).body("{\"amount\":1}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+        ),
+        (
+            "huge body",
+            client
+                .post(&withdrawals)
+                .header("content-type", "application/json")
+                .body(format!("{{\"reference\":\"{}\"}}", "x".repeat(100_000))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+        ),
+        (
+            "unknown account",
+            client
+                .post(format!(
+                    "{}/v1/accounts/{}/deposits",
+                    stack.command,
+                    uuid::Uuid::now_v7()
+                ))
+                .json(&json!({"amount": 1})),
+            StatusCode::NOT_FOUND,
+            "account-not-found",
+        ),
+        (
+            "not a uuid",
+            client
+                .post(format!("{}/v1/accounts/nope/deposits", stack.command))
+                .json(&json!({"amount": 1})),
+            StatusCode::NOT_FOUND,
+            "account-not-found",
+        ),
+        (
+            "bad currency",
+            client
+                .post(format!("{}/v1/accounts", stack.command))
+                .json(&json!({"owner": "B", "currency": "euro"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-currency",
+        ),
+        (
+            "opened twice",
+            client
+                .post(format!("{}/v1/accounts", stack.command))
+                .json(&json!({"owner": "B", "currency": "EUR", "account_id": id})),
+            StatusCode::CONFLICT,
+            "account-exists",
+        ),
+    ];
+    for (name, request, status, code) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "{name}");
+        assert_eq!(
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{name}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["type"],
+            format!("https://tally.dev/problems/{code}"),
+            "{name}: {body}"
+        );
+        assert_eq!(body["status"], status.as_u16(), "{name}");
+    }
+
+    // Nothing refused was written: the stream still holds only the opening.
+    let events = stack.db.store().read_stream(id.parse().unwrap(), 0, 100).await.unwrap();
+    assert_eq!(events.len(), 1);
+
+    let response = client
+        .get(format!("{}/v1/accounts/{}", stack.query, uuid::Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        response.headers().get("content-type").unwrap(),
+        "application/problem+json"
+    );
+}

@@ -1,0 +1,84 @@
+//! `cargo xtask`: developer tasks.
+//!
+//! - `up`: the whole stack on this machine (Postgres primary + replica and NATS from the
+//!   installed binaries, then every Tally service), until Ctrl-C.
+//! - `test`: the same ephemeral services, then the whole workspace test suite.
+//! - `schemas`: rewrites the checked-in JSON Schemas from the code.
+
+mod stack;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run the whole stack locally until Ctrl-C.
+    Up(stack::UpArgs),
+    /// Start ephemeral Postgres (primary + replica) and NATS, run every test, stop them.
+    Test {
+        /// Extra arguments for the test runner (cargo nextest run / cargo test).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Write schemas/events/*.json from the code.
+    Schemas,
+}
+
+/// The workspace root (this crate lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo target directory (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_relative() { workspace_root().join(p) } else { p })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs `cargo <args>` in the workspace and fails if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Up(args) => stack::up(args),
+        Task::Test { args } => stack::test(&args),
+        Task::Schemas => write_schemas(),
+    }
+}
+
+fn write_schemas() -> anyhow::Result<()> {
+    let dir = tally_schemas::events_dir();
+    std::fs::create_dir_all(&dir)?;
+    for (file, schema) in tally_schemas::current_event_schemas() {
+        let path = dir.join(&file);
+        std::fs::write(&path, tally_schemas::render(&schema)).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

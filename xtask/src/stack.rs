@@ -1,0 +1,385 @@
+//! `cargo xtask up` and `cargo xtask test`: ephemeral services from the installed binaries.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tally_devstack::{Nats, PgOptions, Postgres};
+
+use crate::{cargo, target_dir};
+
+/// Name of the database `xtask up` creates for the stack.
+const DATABASE: &str = "tally";
+/// How long a freshly started service has to answer `/ready`.
+const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long services get to drain after SIGTERM before they are killed.
+const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Command API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    command_listen: SocketAddr,
+    /// Query API addresses: one instance each.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8081,127.0.0.1:8082")]
+    query_listen: Vec<SocketAddr>,
+    /// Open a few demo accounts with money in them.
+    #[arg(long)]
+    seed: bool,
+    /// Build and run release binaries.
+    #[arg(long)]
+    release: bool,
+}
+
+/// A running service process, stopped with SIGTERM (then SIGKILL) on drop.
+struct Service {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    fn spawn(bin_dir: &Path, bin: &str, name: &str, env: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        let child = Command::new(bin_dir.join(bin))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Own process group: the terminal's Ctrl-C reaches xtask only, which then stops
+            // the services in order.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {bin} (was it built?)"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        signal(pid, libc::SIGTERM);
+        let deadline = Instant::now() + SERVICE_STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; pid is our own child's.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Creates `database` on the primary (if absent) and applies every migration.
+async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
+    let admin = sqlx::PgPool::connect(&pg.primary_url("postgres")).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(database)
+        .fetch_one(&admin)
+        .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
+            .execute(&admin)
+            .await?;
+    }
+    admin.close().await;
+    let pool = sqlx::PgPool::connect(&pg.primary_url(database)).await?;
+    tally_event_store::migrate(&pool).await?;
+    tally_projectors::migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str, service: &mut Service) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
+    loop {
+        if let Some(status) = service.exited() {
+            bail!("{} exited ({status}); see {}", service.name, service.log.display());
+        }
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready after {SERVICE_READY_TIMEOUT:?}; see {}",
+                service.name,
+                service.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn seed(client: &reqwest::Client, command: &str) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for (owner, currency, amount) in [
+        ("Ada Lovelace", "EUR", 125_000),
+        ("Grace Hopper", "EUR", 50_000),
+        ("Alan Turing", "GBP", 80_000),
+    ] {
+        let opened: serde_json::Value = client
+            .post(format!("{command}/v1/accounts"))
+            .json(&serde_json::json!({ "owner": owner, "currency": currency }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let id = opened["account_id"].as_str().context("no account_id")?.to_owned();
+        client
+            .post(format!("{command}/v1/accounts/{id}/deposits"))
+            .json(&serde_json::json!({ "amount": amount, "reference": "seed" }))
+            .send()
+            .await?
+            .error_for_status()?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    let profile = if args.release { "release" } else { "debug" };
+    let mut build = vec!["build", "--workspace", "--bins"];
+    if args.release {
+        build.push("--release");
+    }
+    cargo(&build)?;
+    let bin_dir = target_dir().join(profile);
+
+    let root = target_dir().join("tally-dev");
+    if root.exists() {
+        // A previous run that was killed hard: its servers died with it (parent-death signal).
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing stale {}", root.display()))?;
+    }
+    let log_dir = root.join("logs");
+    std::fs::create_dir_all(&log_dir)?;
+    println!(
+        "starting Postgres (primary + streaming replica) and NATS JetStream under {}",
+        root.display()
+    );
+    let pg = Postgres::start(
+        &root.join("pg"),
+        PgOptions {
+            replica: true,
+            durable: true,
+        },
+    )?;
+    let nats = Nats::start(&root.join("nats"))?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(prepare_database(&pg, DATABASE))?;
+
+    let database_url = pg.primary_url(DATABASE);
+    let replica_url = pg.replica_url(DATABASE).context("replica was requested")?;
+    let env_file = root.join("env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\n",
+            nats.url(),
+            args.command_listen,
+            args.query_listen.first().context("at least one query-api address")?,
+        ),
+    )?;
+
+    let common = [
+        ("TALLY_DATABASE_URL", database_url.clone()),
+        ("TALLY_NATS_URL", nats.url()),
+    ];
+    let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
+        common.iter().cloned().chain(extra).collect()
+    };
+    let mut services = vec![
+        Service::spawn(
+            &bin_dir,
+            "tally-command-api",
+            "command-api",
+            &with(vec![("TALLY_COMMAND_LISTEN", args.command_listen.to_string())]),
+            &log_dir,
+        )?,
+        Service::spawn(&bin_dir, "tally-relay", "relay", &with(vec![]), &log_dir)?,
+        Service::spawn(&bin_dir, "tally-projector", "projector", &with(vec![]), &log_dir)?,
+    ];
+    for (i, listen) in args.query_listen.iter().enumerate() {
+        services.push(Service::spawn(
+            &bin_dir,
+            "tally-query-api",
+            &format!("query-api-{}", i + 1),
+            &with(vec![
+                ("TALLY_QUERY_LISTEN", listen.to_string()),
+                ("TALLY_REPLICA_URL", replica_url.clone()),
+            ]),
+            &log_dir,
+        )?);
+    }
+
+    let client = reqwest::Client::new();
+    let command = format!("http://{}", args.command_listen);
+    let queries: Vec<String> = args.query_listen.iter().map(|a| format!("http://{a}")).collect();
+    runtime.block_on(async {
+        wait_ready(&client, &command, &mut services[0]).await?;
+        for (i, q) in queries.iter().enumerate() {
+            wait_ready(&client, q, &mut services[3 + i]).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let seeded = if args.seed {
+        runtime.block_on(seed(&client, &command))?
+    } else {
+        Vec::new()
+    };
+
+    print_banner(&command, &queries, &pg, &nats, &env_file, &log_dir, &seeded);
+
+    // Run until Ctrl-C / SIGTERM, or until a service dies on its own.
+    let outcome = runtime.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                () = shutdown_signal() => return Ok(()),
+                _ = tick.tick() => {
+                    for s in &mut services {
+                        if let Some(status) = s.exited() {
+                            bail!("{} exited unexpectedly ({status}); see {}", s.name, s.log.display());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    println!("\nstopping services…");
+    // Reverse start order: readers and writers first, then NATS, then Postgres.
+    while let Some(mut s) = services.pop() {
+        s.stop();
+    }
+    drop(nats);
+    pg.stop();
+    println!("stopped; nothing left running");
+    outcome
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn print_banner(
+    command: &str,
+    queries: &[String],
+    pg: &Postgres,
+    nats: &Nats,
+    env_file: &Path,
+    log_dir: &Path,
+    seeded: &[String],
+) {
+    let q = &queries[0];
+    println!(
+        "\nTally is up.\n\n  command API   {command}\n  query API     {}\n  Postgres      {} (primary)\n                {} (replica)\n  NATS          {}\n  env exports   {}   (source it for psql / tally)\n  logs          {}\n",
+        queries.join("  "),
+        pg.primary_url(DATABASE),
+        pg.replica_url(DATABASE).unwrap_or_default(),
+        nats.url(),
+        env_file.display(),
+        log_dir.display(),
+    );
+    if !seeded.is_empty() {
+        println!("  demo accounts {}\n", seeded.join(", "));
+    }
+    println!(
+        r#"Try it:
+
+  ID=$(curl -s -X POST {command}/v1/accounts -H 'content-type: application/json' \
+        -d '{{"owner":"Ada","currency":"EUR"}}' | sed -E 's/.*"account_id":"([^"]+)".*/\1/')
+  curl -s -X POST {command}/v1/accounts/$ID/deposits -H 'content-type: application/json' -d '{{"amount":1000,"reference":"salary"}}'
+  curl -s -X POST {command}/v1/accounts/$ID/withdrawals -H 'content-type: application/json' -d '{{"amount":300,"reference":"rent"}}'
+  curl -s {q}/v1/accounts/$ID
+
+Ctrl-C stops everything."#
+    );
+}
+
+pub fn test(extra: &[String]) -> anyhow::Result<()> {
+    // Build once: the binaries the end-to-end tests start, and the test executables.
+    cargo(&["build", "--workspace", "--bins"])?;
+    let use_nextest = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+
+    let root = target_dir().join("tally-test").join(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(&root);
+    let pg = Postgres::start(
+        &root.join("pg"),
+        PgOptions {
+            replica: true,
+            durable: false,
+        },
+    )?;
+    let nats = Nats::start(&root.join("nats"))?;
+    println!(
+        "test services: postgres {} (replica {}), nats {}",
+        pg.primary_port(),
+        pg.replica_port().unwrap_or_default(),
+        nats.url()
+    );
+
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo_bin);
+    if use_nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    let status = cmd
+        .args(extra)
+        .current_dir(crate::workspace_root())
+        .env("TALLY_TEST_DATABASE_URL", pg.primary_url("postgres"))
+        .env("TALLY_TEST_REPLICA_URL", pg.replica_url("postgres").unwrap_or_default())
+        .env("TALLY_TEST_NATS_URL", nats.url())
+        .env("TALLY_BIN_DIR", target_dir().join("debug"))
+        .status()
+        .context("running the test suite")?;
+    drop(nats);
+    pg.stop();
+    let _ = std::fs::remove_dir(root.parent().unwrap_or(&root));
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
