@@ -285,7 +285,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     drop(nats);
     pg.stop();
-    println!("stopped; nothing left running");
+    // The exports point at servers that no longer exist; the logs stay for a post-mortem.
+    let _ = std::fs::remove_file(&env_file);
+    println!("stopped; nothing left running (logs kept in {})", log_dir.display());
     outcome
 }
 
