@@ -54,6 +54,15 @@ impl IntoResponse for ApiError {
                     .retry_after(1),
                 None,
             ),
+            ApiError::Command(CommandError::IdempotencyKeyReused) => (
+                Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-key-reused",
+                    "Idempotency key reused",
+                )
+                .detail("This Idempotency-Key was already used for a different request; use a new key."),
+                None,
+            ),
             ApiError::Command(CommandError::Store(StoreError::Database(e)))
                 if matches!(
                     e,

@@ -6,7 +6,8 @@ use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use rand::Rng;
 use tally_domain::{Account, AccountCommand, AccountError, Metadata};
-use tally_event_store::{EventStore, NewEvent, READ_LIMIT_MAX, StoreError, StreamAppend};
+use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
+use tally_event_store::{EventStore, NewEvent, READ_LIMIT_MAX, StoreError, StreamAppend, append_in};
 use tally_schemas::{UpcastError, decode_account_event};
 use uuid::Uuid;
 
@@ -25,8 +26,30 @@ pub enum CommandError {
     ConflictRetriesExhausted,
     #[error("stored event could not be decoded: {0}")]
     Corrupt(#[from] UpcastError),
+    #[error("the idempotency key was already used for a different request")]
+    IdempotencyKeyReused,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for CommandError {
+    fn from(e: sqlx::Error) -> Self {
+        CommandError::Store(StoreError::Database(e))
+    }
+}
+
+/// The idempotency key of a request and the hash of the request it was sent with.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: IdempotencyKey,
+    pub request_hash: [u8; 32],
+}
+
+/// The response to send, and whether it is a replay of an earlier one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Fresh(StoredResponse),
+    Replayed(StoredResponse),
 }
 
 /// The outcome of an accepted command.
@@ -57,16 +80,30 @@ pub async fn load_account(store: &EventStore, stream_id: Uuid) -> Result<(Accoun
 }
 
 /// Executes `command` on account `stream_id`, retrying internally on concurrency conflicts.
+///
+/// With an idempotency key, the key is claimed, the events appended and `respond`'s response
+/// stored in one transaction; a repeat of the same request gets that response back.
 pub async fn execute_account(
     store: &EventStore,
     stream_id: Uuid,
     command: AccountCommand,
     metadata: &Metadata,
-) -> Result<Executed, CommandError> {
+    idempotency: Option<&Idempotency>,
+    respond: impl Fn(&Executed) -> StoredResponse,
+) -> Result<Outcome, CommandError> {
     let metadata_json = serde_json::to_string(metadata).expect("metadata always serializes");
     for attempt in 0..=CONFLICT_RETRIES_MAX {
+        let mut tx = store.pool().begin().await?;
+        if let Some(idem) = idempotency {
+            match idempotency::claim(&mut tx, &idem.key, &idem.request_hash).await? {
+                Claim::Claimed => {}
+                Claim::Replay(stored) => return Ok(Outcome::Replayed(stored)),
+                Claim::Mismatch => return Err(CommandError::IdempotencyKeyReused),
+            }
+        }
         let (mut account, version) = load_account(store, stream_id).await?;
         let sink = EventSink::default();
+        // A refusal drops `tx`, which rolls back and releases the key for a later retry.
         account.handle(command.clone(), &(), &sink).await?;
         let events = sink
             .collect()
@@ -86,16 +123,23 @@ pub async fn execute_account(
             expected_version: version,
             events,
         };
-        match store.append(vec![append]).await {
+        match append_in(&mut tx, vec![append]).await {
             Ok(appended) => {
                 let a = &appended[0];
-                return Ok(Executed {
+                let executed = Executed {
                     account,
                     version: a.version,
                     position: a.position,
-                });
+                };
+                let response = respond(&executed);
+                if let Some(idem) = idempotency {
+                    idempotency::complete(&mut tx, &idem.key, &response).await?;
+                }
+                tx.commit().await?;
+                return Ok(Outcome::Fresh(response));
             }
             Err(StoreError::Conflict { .. }) => {
+                drop(tx);
                 let ceiling = CONFLICT_BACKOFF_BASE * (attempt + 1);
                 let wait = rand::rng().random_range(Duration::ZERO..=ceiling);
                 tracing::debug!(%stream_id, attempt, ?wait, "version conflict; retrying");

@@ -33,6 +33,27 @@ pub struct Config {
     /// Upper bound on connections to the primary.
     #[arg(long, env = "TALLY_DB_CONNECTIONS_MAX", default_value_t = 32)]
     pub db_connections_max: u32,
+    /// Delete idempotency keys older than this many days. Unset (the default): keep forever,
+    /// so a retry is safe however late it comes.
+    #[arg(long, env = "TALLY_IDEMPOTENCY_RETENTION_DAYS")]
+    pub idempotency_retention_days: Option<u32>,
+}
+
+/// How often expired idempotency keys are pruned, when a retention is configured.
+pub const IDEMPOTENCY_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes idempotency keys older than `retention` every [`IDEMPOTENCY_PRUNE_INTERVAL`].
+/// Several instances may run it at once: deleting is idempotent.
+pub async fn prune_idempotency_keys(store: EventStore, retention: std::time::Duration) {
+    let mut tick = tokio::time::interval(IDEMPOTENCY_PRUNE_INTERVAL);
+    loop {
+        tick.tick().await;
+        match tally_event_store::idempotency::prune(store.pool(), retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned expired idempotency keys"),
+            Err(error) => tracing::warn!(%error, "pruning idempotency keys failed; will retry"),
+        }
+    }
 }
 
 /// What every handler can reach.

@@ -96,7 +96,7 @@ impl AccountEvent {
     /// Every account event type with its current schema version. `schemas/` keeps one JSON
     /// Schema per entry and fails a test when this list and the checked-in files disagree.
     pub const TYPES: &'static [(&'static str, u32)] =
-        &[("AccountOpened", 1), ("FundsDeposited", 1), ("FundsWithdrawn", 1)];
+        &[("AccountOpened", 2), ("FundsDeposited", 1), ("FundsWithdrawn", 1)];
 
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -10,6 +10,7 @@
 //! Postgres error codes are translated into [`StoreError`] here and nowhere else.
 
 pub mod hash;
+pub mod idempotency;
 pub mod partition;
 pub mod relay;
 
@@ -142,10 +143,11 @@ impl StoredEvent {
     }
 }
 
-const EVENT_COLUMNS: &str = "position, tx_id::text::bigint AS tx_id, stream_type, stream_id, version, event_id, \
+/// The columns every event read selects, decoded by [`stored_event`] (shared with [`verify`]).
+pub(crate) const EVENT_COLUMNS: &str = "position, tx_id::text::bigint AS tx_id, stream_type, stream_id, version, event_id, \
      event_type, schema_version, payload::text AS payload, metadata::text AS metadata, recorded_at, prev_hash, hash";
 
-fn stored_event(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
+pub(crate) fn stored_event(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
     Ok(StoredEvent {
         position: row.try_get("position")?,
         tx_id: row.try_get("tx_id")?,

@@ -10,6 +10,7 @@
 //! beside this crate; the message published to NATS in `ENVELOPE.md`.
 
 pub mod envelope;
+pub mod legacy;
 
 use std::path::PathBuf;
 
@@ -26,7 +27,7 @@ pub fn schema_file_name(event_type: &str, schema_version: u32) -> String {
     format!("{event_type}.v{schema_version}.json")
 }
 
-fn schema_of<T: JsonSchema>(event_type: &str, schema_version: u32) -> Schema {
+pub(crate) fn schema_of<T: JsonSchema>(event_type: &str, schema_version: u32) -> Schema {
     let mut schema = schema_for!(T);
     schema.insert(
         "$id".into(),
@@ -40,8 +41,8 @@ fn schema_of<T: JsonSchema>(event_type: &str, schema_version: u32) -> Schema {
     schema
 }
 
-/// The schema of every event type at its *current* version, as the code defines it, plus the
-/// envelope every published event travels in.
+/// The schema of every event type at every version the code can read (current ones from the
+/// domain types, older ones from [`legacy`]), plus the envelope every published event travels in.
 pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
     let envelope = (
         schema_file_name("EventEnvelope", envelope::ENVELOPE_VERSION),
@@ -59,6 +60,7 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
             (schema_file_name(event_type, version), schema.to_value())
         })
         .chain(std::iter::once(envelope))
+        .chain(legacy::schemas())
         .collect()
 }
 
@@ -78,6 +80,12 @@ pub enum UpcastError {
         event_type: String,
         schema_version: u32,
         current: u32,
+    },
+    #[error("cannot upcast {event_type} v{schema_version}: {reason}")]
+    Malformed {
+        event_type: String,
+        schema_version: u32,
+        reason: String,
     },
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -101,8 +109,11 @@ pub fn decode_account_event(event_type: &str, schema_version: u32, payload: &str
             current,
         });
     }
-    // No type has an older version yet: every stored payload is already current.
-    Ok(AccountEvent::from_payload(event_type, payload)?)
+    if schema_version == current {
+        return Ok(AccountEvent::from_payload(event_type, payload)?);
+    }
+    let upcast = legacy::upcast(event_type, schema_version, current, payload)?;
+    Ok(AccountEvent::from_payload(event_type, &upcast)?)
 }
 
 #[cfg(test)]

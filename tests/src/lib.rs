@@ -292,3 +292,65 @@ pub async fn wait_ready(base: &str, proc: &Proc) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every Tally service for one test, on its own database and NATS stream.
+#[derive(Debug)]
+pub struct Stack {
+    /// Base URL of the command API.
+    pub command: String,
+    /// Base URL of the query API (reading from the replica).
+    pub query: String,
+    pub procs: Vec<Proc>,
+    pub db: TestDb,
+    pub nats: TestNats,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        let db = TestDb::new().await;
+        let nats = TestNats::new();
+        let (command_port, query_port) = (free_port(), free_port());
+        let mut env = nats.env();
+        env.push(("TALLY_DATABASE_URL", db.url.clone()));
+        env.push(("TALLY_PARTITIONS", "4".into()));
+        let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
+            env.iter().cloned().chain(extra).collect()
+        };
+        let command_api = Proc::spawn(
+            "tally-command-api",
+            &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
+        );
+        let relay = Proc::spawn("tally-relay", &with(vec![]));
+        let projector = Proc::spawn("tally-projector", &with(vec![]));
+        let query_api = Proc::spawn(
+            "tally-query-api",
+            &with(vec![
+                ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}")),
+                (
+                    "TALLY_REPLICA_URL",
+                    db.replica_url.clone().unwrap_or_else(|| db.url.clone()),
+                ),
+            ]),
+        );
+        let command = format!("http://127.0.0.1:{command_port}");
+        let query = format!("http://127.0.0.1:{query_port}");
+        wait_ready(&command, &command_api).await;
+        wait_ready(&query, &query_api).await;
+        Self {
+            command,
+            query,
+            procs: vec![command_api, relay, projector, query_api],
+            db,
+            nats,
+        }
+    }
+
+    /// The tail of every service's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

@@ -3,3 +3,5 @@
 
 mod e2e;
 mod event_store;
+mod idempotency;
+mod schemas;

@@ -1,0 +1,144 @@
+//! Durable idempotency: a command's key, request hash and response are stored in the
+//! transaction that appends its events.
+//!
+//! Claiming a key inserts its row first. A concurrent request with the same key blocks on
+//! that row until the first transaction ends: if it committed, the second finds the stored
+//! response; if it rolled back (the command was refused, or lost a version race), the second
+//! claims the key and runs. One key, one effect, whatever the timing.
+
+use sha2::{Digest, Sha256};
+use sqlx::{Postgres, Transaction};
+
+/// Longest accepted key, in bytes.
+pub const KEY_LEN_MAX: usize = 255;
+
+/// A response stored under a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// What claiming a key found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The key is new: run the command, then [`complete`] in the same transaction.
+    Claimed,
+    /// The same request ran before: answer with its response, change nothing.
+    Replay(StoredResponse),
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// A validated idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// 1 to [`KEY_LEN_MAX`] visible ASCII characters (what fits an HTTP header unambiguously).
+    pub fn parse(raw: &str) -> Option<Self> {
+        let ok = (1..=KEY_LEN_MAX).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// SHA-256 of a request: method, path and the body as canonical JSON (object keys sorted,
+/// which `serde_json::Value` guarantees), each length-prefixed.
+pub fn request_hash(method: &str, path: &str, body: &serde_json::Value) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in [method.as_bytes(), path.as_bytes(), body.to_string().as_bytes()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// Claims `key` for a request with `hash` inside `tx`. Blocks while another transaction holds
+/// the same key.
+pub async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &IdempotencyKey,
+    hash: &[u8; 32],
+) -> Result<Claim, sqlx::Error> {
+    // The placeholder response is never visible to others: `complete` overwrites it before
+    // the transaction commits, and a rollback removes the row.
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
+         VALUES ($1, $2, 0, 'null') ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key.as_str())
+    .bind(hash.as_slice())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Claim::Claimed);
+    }
+    let (stored_hash, status, body): (Vec<u8>, i16, serde_json::Value) =
+        sqlx::query_as("SELECT request_hash, response_status, response_body FROM idempotency_keys WHERE key = $1")
+            .bind(key.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+    if stored_hash != hash.as_slice() {
+        return Ok(Claim::Mismatch);
+    }
+    Ok(Claim::Replay(StoredResponse {
+        status: u16::try_from(status).unwrap_or(500),
+        body,
+    }))
+}
+
+/// Stores the response of a claimed key. Call in the claiming transaction, before commit.
+pub async fn complete(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &IdempotencyKey,
+    response: &StoredResponse,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE idempotency_keys SET response_status = $2, response_body = $3 WHERE key = $1")
+        .bind(key.as_str())
+        .bind(response.status as i16)
+        .bind(&response.body)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Deletes keys older than `retention`; returns how many. Only run when a retention is
+/// configured: by default keys are kept forever.
+pub async fn prune(pool: &sqlx::PgPool, retention: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let seconds = retention.as_secs_f64();
+    let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
+        .bind(seconds)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_one_to_255_visible_ascii_characters() {
+        assert!(IdempotencyKey::parse("order-42/attempt").is_some());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_some());
+        for bad in ["", " ", "has space", "tab\t", "ünï", &"k".repeat(256)] {
+            assert!(IdempotencyKey::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_hash_ignores_key_order_but_not_values_or_paths() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"amount":1,"reference":"x"}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"reference":"x","amount":1}"#).unwrap();
+        let c: serde_json::Value = serde_json::from_str(r#"{"reference":"x","amount":2}"#).unwrap();
+        assert_eq!(request_hash("POST", "/p", &a), request_hash("POST", "/p", &b));
+        assert_ne!(request_hash("POST", "/p", &a), request_hash("POST", "/p", &c));
+        assert_ne!(request_hash("POST", "/p", &a), request_hash("POST", "/q", &a));
+    }
+}

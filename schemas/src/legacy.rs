@@ -1,0 +1,96 @@
+//! Older shapes of event payloads, kept so stored events of every version stay readable, and
+//! the upcasters that lift each version to the next.
+//!
+//! History (newest last; each entry keeps its schema file under `schemas/events/`):
+//! - `AccountOpened` v1 → v2: v2 added `overdraft_limit`. A v1 account had no overdraft, so the
+//!   upcaster sets it to 0.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{UpcastError, schema_file_name, schema_of};
+
+/// `AccountOpened` v1: an account with no overdraft facility.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountOpenedV1 {
+    pub account_id: Uuid,
+    pub owner: String,
+    #[schemars(regex(pattern = "^[A-Z]{3}$"))]
+    pub currency: String,
+}
+
+/// The schemas of the older versions.
+pub fn schemas() -> Vec<(String, serde_json::Value)> {
+    vec![(
+        schema_file_name("AccountOpened", 1),
+        schema_of::<AccountOpenedV1>("AccountOpened", 1).to_value(),
+    )]
+}
+
+/// Lifts `payload` from `from` to `to`, one version at a time; returns the JSON text of the
+/// `to` version.
+pub fn upcast(event_type: &str, from: u32, to: u32, payload: &str) -> Result<String, UpcastError> {
+    let malformed = |reason: String| UpcastError::Malformed {
+        event_type: event_type.to_owned(),
+        schema_version: from,
+        reason,
+    };
+    let mut value: serde_json::Value = serde_json::from_str(payload).map_err(|e| malformed(e.to_string()))?;
+    for version in from..to {
+        value = match (event_type, version) {
+            ("AccountOpened", 1) => {
+                // Validate against the v1 shape first: an upcaster must not launder garbage.
+                let v1: AccountOpenedV1 = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+                serde_json::json!({
+                    "account_id": v1.account_id,
+                    "owner": v1.owner,
+                    "currency": v1.currency,
+                    "overdraft_limit": 0,
+                })
+            }
+            _ => {
+                return Err(UpcastError::UnknownVersion {
+                    event_type: event_type.to_owned(),
+                    schema_version: version,
+                    current: to,
+                });
+            }
+        };
+    }
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_domain::AccountEvent;
+
+    use crate::decode_account_event;
+
+    #[test]
+    fn a_stored_v1_account_opened_reads_back_as_v2_with_no_overdraft() {
+        let v1 = r#"{"account_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","owner":"Ada","currency":"EUR"}"#;
+
+        let event = decode_account_event("AccountOpened", 1, v1).unwrap();
+
+        let AccountEvent::AccountOpened(opened) = event else {
+            panic!("decoded into the wrong type: {event:?}");
+        };
+        assert_eq!(opened.owner, "Ada");
+        assert_eq!(opened.currency.as_str(), "EUR");
+        assert_eq!(opened.overdraft_limit, 0);
+    }
+
+    #[test]
+    fn a_v1_payload_that_is_not_valid_v1_is_an_error_not_upcast() {
+        for bad in [
+            r#"{"account_id":"nope","owner":"Ada","currency":"EUR"}"#,
+            r#"{"owner":"Ada","currency":"EUR"}"#,
+            r#"{"account_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","owner":"Ada","currency":"EUR","x":1}"#,
+            "[]",
+        ] {
+            assert!(decode_account_event("AccountOpened", 1, bad).is_err(), "{bad}");
+        }
+    }
+}
