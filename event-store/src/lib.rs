@@ -6,6 +6,7 @@
 //! - [`EventStore::read_all`] reads the global log **in commit order, gap-safely**: only events
 //!   of transactions that can no longer commit "behind" the reader are returned.
 //! - [`relay`] publishes the log to NATS JetStream (the log is the outbox).
+//! - [`verify`] re-checks every stream's hash chain (`tally audit verify`).
 //!
 //! Postgres error codes are translated into [`StoreError`] here and nowhere else.
 
@@ -13,6 +14,7 @@ pub mod hash;
 pub mod idempotency;
 pub mod partition;
 pub mod relay;
+pub mod verify;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;

@@ -1,6 +1,7 @@
 //! Tally's integration suites, built as one test binary (one link, shared kit).
 //! Every test talks to real Postgres and real NATS; see `tally_tests` for the isolation rules.
 
+mod audit;
 mod e2e;
 mod event_store;
 mod idempotency;
