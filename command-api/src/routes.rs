@@ -31,25 +31,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts", post(open_account))
         .route("/v1/accounts/{id}/deposits", post(deposit))
         .route("/v1/accounts/{id}/withdrawals", post(withdraw))
-        .route("/health", get(health))
+        .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
         .fallback(tally_service::problem::fallback)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
         .layer(middleware::from_fn(tally_service::errors::log_server_errors))
         .with_state(state)
-}
-
-async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "Method not allowed",
-    )
-}
-
-async fn health() -> &'static str {
-    "ok"
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

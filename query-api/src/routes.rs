@@ -1,7 +1,6 @@
 //! HTTP routes of the query API.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
@@ -17,24 +16,12 @@ use crate::AppState;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/accounts/{id}", get(get_account))
-        .route("/health", get(health))
+        .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
         .fallback(tally_service::problem::fallback)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(middleware::from_fn(tally_service::errors::log_server_errors))
         .with_state(state)
-}
-
-async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "Method not allowed",
-    )
-}
-
-async fn health() -> &'static str {
-    "ok"
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

@@ -90,3 +90,17 @@ impl IntoResponse for Problem {
 pub async fn fallback() -> Problem {
     Problem::not_found("no-route", "No such endpoint.")
 }
+
+/// Turns a known route called with the wrong method into a problem instead of an empty 405.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+    )
+}
+
+/// `GET /health`: the process is alive and serving (dependencies are `/ready`'s business).
+pub async fn health() -> &'static str {
+    "ok"
+}
