@@ -39,6 +39,11 @@ pub struct RelayConfig {
     pub standby_retry: Duration,
     /// How long to wait for one publish ack before the batch is retried.
     pub ack_timeout: Duration,
+    /// **Test-only fault injection.** Abort the process (`std::process::abort`, no unwinding,
+    /// no clean-up) right after the Nth batch's publishes were acknowledged by JetStream and
+    /// before its checkpoint is stored: the narrowest crash window, which must re-publish.
+    /// Counts batches since the process started. `None` (the default) in production.
+    pub crash_after_publish_batches: Option<u32>,
 }
 
 impl Default for RelayConfig {
@@ -52,6 +57,7 @@ impl Default for RelayConfig {
             poll_interval_max: Duration::from_millis(50),
             standby_retry: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
+            crash_after_publish_batches: None,
         }
     }
 }
@@ -103,10 +109,11 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
 /// or NATS down, lock lost) is logged and retried, because a relay that exits stops the flow.
 pub async fn run(pool: PgPool, js: jetstream::Context, config: RelayConfig, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut published_batches = 0;
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            result = lead(&pool, &js, &config) => {
+            result = lead(&pool, &js, &config, &mut published_batches) => {
                 if let Err(error) = result {
                     tracing::warn!(%error, "relay interrupted; retrying");
                 }
@@ -119,8 +126,14 @@ pub async fn run(pool: PgPool, js: jetstream::Context, config: RelayConfig, shut
     }
 }
 
-/// Waits to become the active relay, then relays until an error.
-async fn lead(pool: &PgPool, js: &jetstream::Context, config: &RelayConfig) -> anyhow::Result<()> {
+/// Waits to become the active relay, then relays until an error. `published_batches` counts
+/// the batches published by this process (for [`RelayConfig::crash_after_publish_batches`]).
+async fn lead(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    config: &RelayConfig,
+    published_batches: &mut u32,
+) -> anyhow::Result<()> {
     // The lock lives as long as this dedicated session: if the process dies, Postgres ends
     // the session and a standby acquires the lock.
     let mut lock_conn: PgConnection = pool.acquire().await?.detach();
@@ -150,6 +163,14 @@ async fn lead(pool: &PgPool, js: &jetstream::Context, config: &RelayConfig) -> a
         let events = store.read_all(checkpoint, config.batch_events_max).await?;
         if let Some(last) = events.last() {
             publish_batch(js, &config.topology, &events, config).await?;
+            *published_batches += 1;
+            if config.crash_after_publish_batches == Some(*published_batches) {
+                tracing::error!(
+                    batches = *published_batches,
+                    "fault injection: aborting after publish, before the checkpoint"
+                );
+                std::process::abort();
+            }
             // Only now is every event of the batch durably in JetStream.
             store_checkpoint(pool, &config.name, last.checkpoint()).await?;
             checkpoint = last.checkpoint();

@@ -37,6 +37,10 @@ struct Config {
     /// Longest idle poll interval, in milliseconds.
     #[arg(long, env = "TALLY_RELAY_POLL_MAX_MS", default_value_t = 50)]
     poll_interval_max_ms: u64,
+    /// TEST ONLY, never set in production (fault injection): abort the process right after the
+    /// Nth batch was published and acknowledged by JetStream, before its checkpoint is stored.
+    #[arg(long, env = "TALLY_RELAY_FAULT_CRASH_AFTER_PUBLISH", value_name = "BATCHES")]
+    fault_crash_after_publish: Option<u32>,
 }
 
 #[tokio::main]
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         batch_events_max: config.batch_events_max,
         in_flight_max: config.in_flight_max,
         poll_interval_max: Duration::from_millis(config.poll_interval_max_ms),
+        crash_after_publish_batches: config.fault_crash_after_publish,
         ..RelayConfig::default()
     };
     tally_event_store::relay::run(pool, js, relay, tally_service::shutdown::signal()).await;

@@ -148,3 +148,177 @@ async fn reading_in_commit_order_never_skips_an_event_whose_transaction_commits_
         "resuming after the last checkpoint returns nothing twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_writers_with_random_commit_delays_and_one_tailer_see_every_event_exactly_once() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use tally_event_store::{EventStore, StoredEvent};
+
+    const WRITERS: usize = 32;
+    const COMMITS_EACH: usize = 60;
+    /// Shared by all writers, so appends race for the same streams and some lose (Conflict).
+    const STREAMS: usize = 48;
+    /// Attempts per commit before a writer gives up (it never should).
+    const ATTEMPTS_MAX: usize = 500;
+    const PAGE: i64 = 500;
+
+    let db = TestDb::new().await;
+    // One connection per writer, one for the tailer, and some slack.
+    let pool = tally_event_store::connect(&db.url, 40).unwrap();
+    let store = EventStore::new(pool.clone());
+    let streams: Arc<Vec<Uuid>> = Arc::new((0..STREAMS).map(|_| Uuid::now_v7()).collect());
+
+    // The tailer follows the log gap-safely the whole time, as the relay does.
+    let stop_tailing = Arc::new(AtomicBool::new(false));
+    let tailed_count = Arc::new(AtomicUsize::new(0));
+    let tailer = {
+        let (store, stop, count) = (store.clone(), stop_tailing.clone(), tailed_count.clone());
+        tokio::spawn(async move {
+            let mut checkpoint = Checkpoint::default();
+            let mut tailed: Vec<StoredEvent> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let page = store.read_all(checkpoint, PAGE).await.expect("tailing the log");
+                match page.last() {
+                    Some(last) => {
+                        checkpoint = last.checkpoint();
+                        tailed.extend(page);
+                        count.store(tailed.len(), Ordering::Relaxed);
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            }
+            tailed
+        })
+    };
+
+    let started = std::time::Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (pool, streams) = (pool.clone(), streams.clone());
+            tokio::spawn(async move {
+                let mut committed: Vec<Uuid> = Vec::new();
+                let mut conflicts = 0usize;
+                for _ in 0..COMMITS_EACH {
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        assert!(attempt <= ATTEMPTS_MAX, "a writer lost {ATTEMPTS_MAX} races in a row");
+                        // One or two distinct shared streams, one or two events each.
+                        let first = rand::random_range(0..STREAMS);
+                        let mut picked = vec![streams[first]];
+                        if rand::random_bool(0.3) {
+                            picked.push(streams[(first + rand::random_range(1..STREAMS)) % STREAMS]);
+                        }
+                        let mut tx = pool.begin().await.expect("begin");
+                        let mut appends = Vec::new();
+                        for id in picked {
+                            let version: i64 =
+                                sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = $1")
+                                    .bind(id)
+                                    .fetch_one(&mut *tx)
+                                    .await
+                                    .expect("current version");
+                            let events = (0..rand::random_range(1..=2)).map(event).collect();
+                            appends.push(append(id, version, events));
+                        }
+                        let ids: Vec<Uuid> = appends
+                            .iter()
+                            .flat_map(|a| a.events.iter().map(|e| e.event_id))
+                            .collect();
+                        match append_in(&mut tx, appends).await {
+                            Ok(_) => {
+                                // Hold the transaction (and its xid) open for a while: commits
+                                // land out of position order.
+                                let delay = rand::random_range(0..=20);
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                                tx.commit().await.expect("commit");
+                                committed.extend(ids);
+                                break;
+                            }
+                            Err(StoreError::Conflict { .. }) => {
+                                conflicts += 1;
+                                drop(tx);
+                            }
+                            Err(other) => panic!("append failed: {other}"),
+                        }
+                    }
+                }
+                (committed, conflicts)
+            })
+        })
+        .collect();
+    let mut committed_by_writers: Vec<Uuid> = Vec::new();
+    let mut conflicts = 0;
+    for writer in writers {
+        let (ids, lost) = writer.await.expect("a writer failed");
+        committed_by_writers.extend(ids);
+        conflicts += lost;
+    }
+    let writing = started.elapsed();
+
+    let in_log: Vec<(Uuid, Uuid, i64)> = sqlx::query_as("SELECT event_id, stream_id, version FROM events")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let expected = in_log.len();
+    // A timeout here means the tailer skipped events for good: it never reaches the count.
+    eventually(
+        Duration::from_secs(30),
+        "the tailer to read every committed event",
+        || {
+            let count = tailed_count.clone();
+            async move { (count.load(Ordering::Relaxed) >= expected).then_some(()) }
+        },
+    )
+    .await;
+    stop_tailing.store(true, Ordering::Relaxed);
+    let tailed = tailer.await.expect("the tailer failed");
+    println!(
+        "{} commits, {conflicts} lost races, {expected} events written in {writing:?}; tailed {} events",
+        WRITERS * COMMITS_EACH,
+        tailed.len()
+    );
+
+    // Exactly once: no duplicates, and the tailed set is the committed set.
+    let mut seen = HashSet::new();
+    let duplicates: Vec<Uuid> = tailed
+        .iter()
+        .map(|e| e.event_id)
+        .filter(|id| !seen.insert(*id))
+        .collect();
+    assert!(duplicates.is_empty(), "tailed twice: {duplicates:?}");
+    let log_set: HashSet<Uuid> = in_log.iter().map(|(id, _, _)| *id).collect();
+    let writers_set: HashSet<Uuid> = committed_by_writers.iter().copied().collect();
+    assert_eq!(writers_set.len(), committed_by_writers.len());
+    assert_eq!(log_set, writers_set, "the log holds exactly what the writers committed");
+    let missing = log_set.difference(&seen).count();
+    let extra = seen.difference(&log_set).count();
+    assert!(
+        missing == 0 && extra == 0,
+        "the tailer skipped {missing} committed events and saw {extra} unknown ones"
+    );
+
+    // Commit order: checkpoints strictly increase, and each stream's versions come 1, 2, 3...
+    for pair in tailed.windows(2) {
+        assert!(pair[0].checkpoint() < pair[1].checkpoint(), "the tail went backwards");
+    }
+    let mut versions: HashMap<Uuid, i64> = HashMap::new();
+    for e in &tailed {
+        let previous = versions.insert(e.stream_id, e.version).unwrap_or(0);
+        assert_eq!(
+            e.version,
+            previous + 1,
+            "stream {} delivered version {} after {previous}",
+            e.stream_id,
+            e.version
+        );
+    }
+    assert_eq!(
+        versions.len(),
+        in_log.iter().map(|(_, s, _)| *s).collect::<HashSet<_>>().len()
+    );
+    pool.close().await;
+}

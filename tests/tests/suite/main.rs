@@ -5,4 +5,5 @@ mod audit;
 mod e2e;
 mod event_store;
 mod idempotency;
+mod relay;
 mod schemas;
