@@ -93,6 +93,13 @@ pub async fn execute_account(
 ) -> Result<Outcome, CommandError> {
     let metadata_json = serde_json::to_string(metadata).expect("metadata always serializes");
     for attempt in 0..=CONFLICT_RETRIES_MAX {
+        // Load and decide before the transaction's first write. The first write assigns its
+        // xid, and the global feed orders by xid: a transaction that got its xid before an
+        // append it then read on top of would be read *before* that append (versions out of
+        // order). The store refuses such an append as a conflict too; this keeps it rare.
+        let (mut account, version) = load_account(store, stream_id).await?;
+        let sink = EventSink::default();
+        let decided = account.handle(command.clone(), &(), &sink).await;
         let mut tx = store.pool().begin().await?;
         if let Some(idem) = idempotency {
             match idempotency::claim(&mut tx, &idem.key, &idem.request_hash).await? {
@@ -101,10 +108,8 @@ pub async fn execute_account(
                 Claim::Mismatch => return Err(CommandError::IdempotencyKeyReused),
             }
         }
-        let (mut account, version) = load_account(store, stream_id).await?;
-        let sink = EventSink::default();
         // A refusal drops `tx`, which rolls back and releases the key for a later retry.
-        account.handle(command.clone(), &(), &sink).await?;
+        decided?;
         let events = sink
             .collect()
             .await

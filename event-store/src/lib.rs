@@ -339,14 +339,19 @@ async fn previous_hash(
     if append.expected_version == 0 {
         return Ok(None);
     }
-    let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE stream_id = $1 AND version = $2")
-        .bind(append.stream_id)
-        .bind(append.expected_version)
-        .fetch_optional(&mut **tx)
-        .await?;
-    match hash {
-        Some(hash) => Ok(Some(hash)),
-        None => Err(StoreError::Conflict {
+    // `ordered`: the predecessor's transaction is older than ours. If it is not (we took our
+    // xid before it appended, then read on top of it), the commit-order feed would return our
+    // event before its predecessor; refuse, and the caller's retry runs in a newer transaction.
+    let found: Option<(Vec<u8>, bool)> = sqlx::query_as(
+        "SELECT hash, tx_id < pg_current_xact_id() AS ordered FROM events WHERE stream_id = $1 AND version = $2",
+    )
+    .bind(append.stream_id)
+    .bind(append.expected_version)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match found {
+        Some((hash, true)) => Ok(Some(hash)),
+        _ => Err(StoreError::Conflict {
             stream_id: append.stream_id,
             expected: append.expected_version,
         }),

@@ -322,3 +322,27 @@ async fn thirty_two_writers_with_random_commit_delays_and_one_tailer_see_every_e
     );
     pool.close().await;
 }
+
+#[tokio::test]
+async fn an_append_from_a_transaction_older_than_the_streams_last_event_is_a_conflict() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let id = Uuid::now_v7();
+    store.append(vec![append(id, 0, vec![event(1)])]).await.unwrap();
+
+    // A takes its xid first (any write does)…
+    let mut a = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *a)
+        .await
+        .unwrap();
+    // …B appends version 2 and commits with a newer xid…
+    store.append(vec![append(id, 1, vec![event(2)])]).await.unwrap();
+    // …and A, having read version 2, tries to append version 3 on top of it.
+    let result = append_in(&mut a, vec![append(id, 2, vec![event(3)])]).await;
+
+    assert!(
+        matches!(result, Err(StoreError::Conflict { .. })),
+        "the feed orders by xid: A's version 3 would be read before B's version 2; got {result:?}"
+    );
+}
