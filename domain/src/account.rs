@@ -3,8 +3,18 @@
 //! Rules (checked on every command, before any event is emitted):
 //! - an account is opened once, with an owner and a currency;
 //! - deposits and withdrawals move a positive amount of minor units;
-//! - `available = balance - held` never falls below `-overdraft_limit`.
+//! - `available = balance - held` never falls below `-overdraft_limit`;
+//! - a frozen account refuses debits (withdrawals, transfers out, new holds, posting a hold) but
+//!   still accepts credits and the release of its holds;
+//! - a closed account refuses everything; it can be closed only at a zero balance with no holds.
+//!
+//! Commands on one account go through [`Account::decide`] (or cqrs-es `handle`). Transfers touch
+//! two accounts and a transfer stream, so their decisions live in [`crate::ledger`]; the events
+//! they emit on an account stream (`TransferDebited`, `HoldPlaced`, ...) are folded here.
 
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use schemars::JsonSchema;
@@ -12,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::money::{AMOUNT_MAX_MINOR, AmountMinor, Currency};
+use crate::transfer::TransferStatus;
 
 /// The stream type under which account events are stored and published.
 pub const STREAM_TYPE: &str = "account";
@@ -19,6 +30,11 @@ pub const STREAM_TYPE: &str = "account";
 pub const OWNER_LEN_MAX: usize = 200;
 /// Longest accepted free-text reference on a posting, in characters.
 pub const REFERENCE_LEN_MAX: usize = 200;
+/// Longest accepted reason for freezing an account, in characters.
+pub const REASON_LEN_MAX: usize = 200;
+/// Most holds one account may carry at once. Holds live in the account's state (and snapshot),
+/// so their number is bounded like everything else.
+pub const HOLDS_MAX: usize = 1_000;
 
 /// What a client may ask of an account.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +53,13 @@ pub enum AccountCommand {
         amount: AmountMinor,
         reference: String,
     },
+    /// Stop debits (e.g. suspected fraud). Credits and hold releases still go through.
+    Freeze {
+        reason: String,
+    },
+    Unfreeze,
+    /// Only at a zero balance with no holds; final.
+    Close,
 }
 
 /// The account was opened. Always version 1 of its stream.
@@ -68,6 +91,98 @@ pub struct FundsWithdrawn {
     pub reference: String,
 }
 
+/// The account was frozen: it refuses debits until unfrozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountFrozen {
+    /// Why, for auditors (1 to 200 characters).
+    pub reason: String,
+}
+
+/// The account was unfrozen: debits are accepted again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountUnfrozen {}
+
+/// The account was closed at a zero balance with no holds. Nothing happens to it afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountClosed {}
+
+/// The debit leg of an immediate transfer, on the source account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferDebited {
+    /// The transfer's id: also the id of its `transfer` stream and of the matching credit leg.
+    pub transfer_id: Uuid,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// The account credited.
+    pub counterparty: Uuid,
+    pub reference: String,
+}
+
+/// The credit leg of a transfer (immediate, or a posted hold), on the destination account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferCredited {
+    /// The transfer's id: also the id of its `transfer` stream and of the matching debit leg.
+    pub transfer_id: Uuid,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// The account debited.
+    pub counterparty: Uuid,
+    pub reference: String,
+}
+
+/// A pending transfer reserved `amount` on the source account until `expires_at`:
+/// `held` grows by it, `available` shrinks by it, `balance` is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldPlaced {
+    pub transfer_id: Uuid,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// The account that will be credited if the hold is posted.
+    pub counterparty: Uuid,
+    /// After this instant the hold can no longer be posted and the expiry worker releases it.
+    pub expires_at: DateTime<Utc>,
+    pub reference: String,
+}
+
+/// A hold was posted: `amount` left the balance (credited to the counterparty) and the whole
+/// hold was removed, so `held` shrinks by `amount + released`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldPosted {
+    pub transfer_id: Uuid,
+    /// The amount moved to the counterparty (at most the hold).
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// The rest of the hold, returned to `available` (0 when the full hold was posted).
+    #[schemars(range(min = 0))]
+    pub released: i64,
+}
+
+/// Why a hold was released without moving money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReleaseReason {
+    Voided,
+    Expired,
+}
+
+/// A hold was released in full, returning `amount` to `available`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldReleased {
+    pub transfer_id: Uuid,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// `voided` by a client, or `expired` by the expiry worker.
+    pub reason: HoldReleaseReason,
+}
+
 /// Everything that can happen to an account.
 ///
 /// The stored form is the inner struct as JSON, with the type name in a separate column
@@ -77,12 +192,20 @@ pub enum AccountEvent {
     AccountOpened(AccountOpened),
     FundsDeposited(FundsDeposited),
     FundsWithdrawn(FundsWithdrawn),
+    AccountFrozen(AccountFrozen),
+    AccountUnfrozen(AccountUnfrozen),
+    AccountClosed(AccountClosed),
+    TransferDebited(TransferDebited),
+    TransferCredited(TransferCredited),
+    HoldPlaced(HoldPlaced),
+    HoldPosted(HoldPosted),
+    HoldReleased(HoldReleased),
 }
 
 /// An event payload that does not decode into the current shape of its type.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("unknown account event type {0:?}")]
+    #[error("unknown event type {0:?}")]
     UnknownType(String),
     #[error("malformed {event_type} payload: {source}")]
     Malformed {
@@ -92,17 +215,45 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    pub(crate) fn malformed(event_type: &str) -> impl Fn(serde_json::Error) -> DecodeError + '_ {
+        move |source| DecodeError::Malformed {
+            event_type: event_type.to_owned(),
+            source,
+        }
+    }
+}
+
 impl AccountEvent {
     /// Every account event type with its current schema version. `schemas/` keeps one JSON
     /// Schema per entry and fails a test when this list and the checked-in files disagree.
-    pub const TYPES: &'static [(&'static str, u32)] =
-        &[("AccountOpened", 2), ("FundsDeposited", 1), ("FundsWithdrawn", 1)];
+    pub const TYPES: &'static [(&'static str, u32)] = &[
+        ("AccountOpened", 2),
+        ("FundsDeposited", 1),
+        ("FundsWithdrawn", 1),
+        ("AccountFrozen", 1),
+        ("AccountUnfrozen", 1),
+        ("AccountClosed", 1),
+        ("TransferDebited", 1),
+        ("TransferCredited", 1),
+        ("HoldPlaced", 1),
+        ("HoldPosted", 1),
+        ("HoldReleased", 1),
+    ];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             AccountEvent::AccountOpened(_) => "AccountOpened",
             AccountEvent::FundsDeposited(_) => "FundsDeposited",
             AccountEvent::FundsWithdrawn(_) => "FundsWithdrawn",
+            AccountEvent::AccountFrozen(_) => "AccountFrozen",
+            AccountEvent::AccountUnfrozen(_) => "AccountUnfrozen",
+            AccountEvent::AccountClosed(_) => "AccountClosed",
+            AccountEvent::TransferDebited(_) => "TransferDebited",
+            AccountEvent::TransferCredited(_) => "TransferCredited",
+            AccountEvent::HoldPlaced(_) => "HoldPlaced",
+            AccountEvent::HoldPosted(_) => "HoldPosted",
+            AccountEvent::HoldReleased(_) => "HoldReleased",
         }
     }
 
@@ -122,30 +273,39 @@ impl AccountEvent {
             AccountEvent::AccountOpened(e) => serde_json::to_string(e),
             AccountEvent::FundsDeposited(e) => serde_json::to_string(e),
             AccountEvent::FundsWithdrawn(e) => serde_json::to_string(e),
+            AccountEvent::AccountFrozen(e) => serde_json::to_string(e),
+            AccountEvent::AccountUnfrozen(e) => serde_json::to_string(e),
+            AccountEvent::AccountClosed(e) => serde_json::to_string(e),
+            AccountEvent::TransferDebited(e) => serde_json::to_string(e),
+            AccountEvent::TransferCredited(e) => serde_json::to_string(e),
+            AccountEvent::HoldPlaced(e) => serde_json::to_string(e),
+            AccountEvent::HoldPosted(e) => serde_json::to_string(e),
+            AccountEvent::HoldReleased(e) => serde_json::to_string(e),
         };
-        // These structs hold only strings, integers and uuids: serialization cannot fail.
+        // These structs hold only strings, integers, uuids and timestamps: serialization
+        // cannot fail.
         result.expect("account events always serialize")
     }
 
     /// Decodes a payload already in the *current* schema version (upcasting happens in
     /// `tally-schemas` before this is called).
     pub fn from_payload(event_type: &str, payload: &str) -> Result<Self, DecodeError> {
-        let malformed = |source| DecodeError::Malformed {
-            event_type: event_type.to_owned(),
-            source,
+        let malformed = DecodeError::malformed(event_type);
+        let event = match event_type {
+            "AccountOpened" => serde_json::from_str(payload).map(AccountEvent::AccountOpened),
+            "FundsDeposited" => serde_json::from_str(payload).map(AccountEvent::FundsDeposited),
+            "FundsWithdrawn" => serde_json::from_str(payload).map(AccountEvent::FundsWithdrawn),
+            "AccountFrozen" => serde_json::from_str(payload).map(AccountEvent::AccountFrozen),
+            "AccountUnfrozen" => serde_json::from_str(payload).map(AccountEvent::AccountUnfrozen),
+            "AccountClosed" => serde_json::from_str(payload).map(AccountEvent::AccountClosed),
+            "TransferDebited" => serde_json::from_str(payload).map(AccountEvent::TransferDebited),
+            "TransferCredited" => serde_json::from_str(payload).map(AccountEvent::TransferCredited),
+            "HoldPlaced" => serde_json::from_str(payload).map(AccountEvent::HoldPlaced),
+            "HoldPosted" => serde_json::from_str(payload).map(AccountEvent::HoldPosted),
+            "HoldReleased" => serde_json::from_str(payload).map(AccountEvent::HoldReleased),
+            other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
-        match event_type {
-            "AccountOpened" => serde_json::from_str(payload)
-                .map(AccountEvent::AccountOpened)
-                .map_err(malformed),
-            "FundsDeposited" => serde_json::from_str(payload)
-                .map(AccountEvent::FundsDeposited)
-                .map_err(malformed),
-            "FundsWithdrawn" => serde_json::from_str(payload)
-                .map(AccountEvent::FundsWithdrawn)
-                .map_err(malformed),
-            other => Err(DecodeError::UnknownType(other.to_owned())),
-        }
+        event.map_err(malformed)
     }
 }
 
@@ -159,16 +319,27 @@ impl DomainEvent for AccountEvent {
     }
 }
 
-/// Why an account command was refused. Each variant has a stable machine-readable
-/// [`code`](AccountError::code) that the command API puts in the problem `type`.
+/// Why a command on the ledger was refused: account commands and the transfer decisions of
+/// [`crate::ledger`] alike (one error enum for the crate).
+///
+/// Each variant has a stable machine-readable [`code`](AccountError::code) that the command
+/// API puts in the problem `type`; the doc comment of each names the HTTP status it should
+/// become: 404 for a missing account or transfer, 409 only for an id already taken or a
+/// concurrency conflict the server could not retry away, 422 for every rule the command breaks
+/// (including the state it finds, e.g. frozen or closed), so a client can tell "retry" from
+/// "change the request".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccountError {
     /// HTTP 409: an account with this id already exists.
     #[error("account already exists")]
     AlreadyExists,
-    /// HTTP 404: no account with this id has been opened.
+    /// HTTP 404: no account with this id has been opened (the account addressed by the URL).
     #[error("account not found")]
     NotFound,
+    /// HTTP 404: one account of a transfer has not been opened. Same code as
+    /// [`AccountError::NotFound`], but names the account.
+    #[error("account {account_id} not found")]
+    AccountNotFound { account_id: Uuid },
     /// HTTP 422.
     #[error("owner must be 1 to {OWNER_LEN_MAX} characters")]
     InvalidOwner,
@@ -176,26 +347,103 @@ pub enum AccountError {
     #[error("reference must be at most {REFERENCE_LEN_MAX} characters")]
     InvalidReference,
     /// HTTP 422.
+    #[error("reason must be 1 to {REASON_LEN_MAX} characters")]
+    InvalidReason,
+    /// HTTP 422.
     #[error("overdraft limit must be between 0 and {AMOUNT_MAX_MINOR} minor units")]
     InvalidOverdraftLimit,
     /// HTTP 422: the debit would take `available` below `-overdraft_limit`.
     #[error("insufficient funds: {available} available, {requested} requested")]
     InsufficientFunds { available: i64, requested: i64 },
-    /// HTTP 422: the balance would leave the range of a 64-bit integer.
+    /// HTTP 422: a balance, a hold total or a sum would leave the range of a 64-bit integer.
     #[error("the balance would overflow")]
     BalanceOverflow,
+    /// HTTP 422: the account is frozen, so it refuses debits (and a second freeze).
+    #[error("account {account_id} is frozen")]
+    Frozen { account_id: Uuid },
+    /// HTTP 422: unfreezing an account that is not frozen.
+    #[error("account is not frozen")]
+    NotFrozen,
+    /// HTTP 422: the account is closed and refuses everything.
+    #[error("account {account_id} is closed")]
+    Closed { account_id: Uuid },
+    /// HTTP 422: an account is closed only at a zero balance.
+    #[error("account balance is {balance}, not zero")]
+    BalanceNotZero { balance: i64 },
+    /// HTTP 422: an account with holds cannot be closed; post or void them first.
+    #[error("account has {held} minor units on hold")]
+    HoldsOutstanding { held: i64 },
+    /// HTTP 422: the account already carries [`HOLDS_MAX`] holds.
+    #[error("account already has {HOLDS_MAX} holds")]
+    TooManyHolds,
+    /// HTTP 422: source and destination are the same account.
+    #[error("cannot transfer from an account to itself")]
+    TransferToSelf,
+    /// HTTP 422: two currencies met (accounts of a transfer, or the command's and the
+    /// account's). Tally never converts.
+    #[error("currency mismatch: expected {expected}, got {actual}")]
+    CurrencyMismatch { expected: Currency, actual: Currency },
+    /// HTTP 409: a transfer with this id exists (transfer ids are used once).
+    #[error("transfer {transfer_id} already exists")]
+    TransferExists { transfer_id: Uuid },
+    /// HTTP 404: no transfer with this id.
+    #[error("transfer not found")]
+    TransferNotFound,
+    /// HTTP 422: the transfer is not pending (already posted, voided, expired, or immediate),
+    /// so it cannot be posted, voided or expired (again).
+    #[error("transfer is {status:?}, not pending")]
+    TransferNotPending { status: TransferStatus },
+    /// HTTP 422: posting more than the hold reserved.
+    #[error("cannot post {requested}: the hold is {held}")]
+    AmountExceedsHold { held: i64, requested: i64 },
+    /// HTTP 422: the hold's deadline has passed; it can only be voided or expired.
+    #[error("the hold expired at {expires_at}")]
+    HoldExpired { expires_at: DateTime<Utc> },
+    /// HTTP 422: expiring a hold before its deadline.
+    #[error("the hold expires only at {expires_at}")]
+    HoldNotExpired { expires_at: DateTime<Utc> },
+    /// HTTP 409 once the command side's retries are exhausted: a transfer and its source
+    /// account were read at different moments (a post, void or expiry committed in between).
+    /// Not a business rule: reload the streams and decide again.
+    #[error("the transfer and its account were read at different moments; reload and retry")]
+    StaleState,
+    /// HTTP 422: `expires_in_s` outside the accepted range.
+    #[error(
+        "expires_in_s must be between {} and {} seconds; got {expires_in_s}",
+        crate::transfer::EXPIRES_IN_S_MIN,
+        crate::transfer::EXPIRES_IN_S_MAX
+    )]
+    InvalidExpiry { expires_in_s: i64 },
 }
 
 impl AccountError {
+    /// The stable kebab-case code of the refusal (the problem+json `type`).
     pub fn code(&self) -> &'static str {
         match self {
             AccountError::AlreadyExists => "account-exists",
-            AccountError::NotFound => "account-not-found",
+            AccountError::NotFound | AccountError::AccountNotFound { .. } => "account-not-found",
             AccountError::InvalidOwner => "invalid-owner",
             AccountError::InvalidReference => "invalid-reference",
+            AccountError::InvalidReason => "invalid-reason",
             AccountError::InvalidOverdraftLimit => "invalid-overdraft-limit",
             AccountError::InsufficientFunds { .. } => "insufficient-funds",
             AccountError::BalanceOverflow => "balance-overflow",
+            AccountError::Frozen { .. } => "account-frozen",
+            AccountError::NotFrozen => "account-not-frozen",
+            AccountError::Closed { .. } => "account-closed",
+            AccountError::BalanceNotZero { .. } => "balance-not-zero",
+            AccountError::HoldsOutstanding { .. } => "holds-outstanding",
+            AccountError::TooManyHolds => "too-many-holds",
+            AccountError::TransferToSelf => "transfer-to-self",
+            AccountError::CurrencyMismatch { .. } => "currency-mismatch",
+            AccountError::TransferExists { .. } => "transfer-exists",
+            AccountError::TransferNotFound => "transfer-not-found",
+            AccountError::TransferNotPending { .. } => "transfer-not-pending",
+            AccountError::AmountExceedsHold { .. } => "amount-exceeds-hold",
+            AccountError::HoldExpired { .. } => "hold-expired",
+            AccountError::HoldNotExpired { .. } => "hold-not-expired",
+            AccountError::InvalidExpiry { .. } => "invalid-expiry",
+            AccountError::StaleState => "concurrency-conflict",
         }
     }
 }
@@ -208,9 +456,37 @@ pub enum AccountStatus {
     #[default]
     Unopened,
     Open,
+    /// Refuses debits; accepts credits and hold releases.
+    Frozen,
+    /// Refuses everything. Final.
+    Closed,
+}
+
+impl AccountStatus {
+    /// The name used on the wire (`unopened`, `open`, `frozen`, `closed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Unopened => "unopened",
+            AccountStatus::Open => "open",
+            AccountStatus::Frozen => "frozen",
+            AccountStatus::Closed => "closed",
+        }
+    }
+}
+
+/// Money reserved on an account by a pending transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub amount: AmountMinor,
+    pub expires_at: DateTime<Utc>,
+    /// The account credited if the hold is posted.
+    pub counterparty: Uuid,
 }
 
 /// The state of one account, folded from its events.
+///
+/// Serialized as a snapshot by the command side: change its shape only together with
+/// [`Account::SNAPSHOT_VERSION`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub status: AccountStatus,
@@ -219,44 +495,75 @@ pub struct Account {
     /// `None` only while unopened.
     pub currency: Option<Currency>,
     pub balance: i64,
+    /// Sum of the amounts of `holds`.
     pub held: i64,
     pub overdraft_limit: i64,
+    /// Active holds by transfer id (ordered, so snapshots serialize deterministically).
+    pub holds: BTreeMap<Uuid, Hold>,
 }
 
 impl Account {
+    /// Version of the serialized shape of `Account` (its snapshot). Bump it whenever a field is
+    /// added, removed, renamed or changes type; a snapshot of another version is ignored and
+    /// the stream replayed.
+    pub const SNAPSHOT_VERSION: u32 = 1;
+
     /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub fn available(&self) -> i64 {
-        self.balance - self.held
+        // Saturating only matters for corrupt histories; decisions keep it far from the edges.
+        self.balance.saturating_sub(self.held)
     }
 
-    fn require_open(&self) -> Result<Currency, AccountError> {
+    /// The account's currency if it exists and is not closed.
+    pub(crate) fn require_usable(&self, account_id: Uuid) -> Result<Currency, AccountError> {
         match (self.status, self.currency) {
-            (AccountStatus::Open, Some(currency)) => Ok(currency),
-            _ => Err(AccountError::NotFound),
+            (AccountStatus::Unopened, _) | (_, None) => Err(AccountError::AccountNotFound { account_id }),
+            (AccountStatus::Closed, _) => Err(AccountError::Closed { account_id }),
+            (AccountStatus::Open | AccountStatus::Frozen, Some(currency)) => Ok(currency),
         }
     }
-}
 
-fn check_reference(reference: &str) -> Result<(), AccountError> {
-    if reference.chars().count() > REFERENCE_LEN_MAX {
-        return Err(AccountError::InvalidReference);
+    /// [`require_usable`](Self::require_usable), and not frozen: money may leave.
+    pub(crate) fn require_debitable(&self, account_id: Uuid) -> Result<Currency, AccountError> {
+        let currency = self.require_usable(account_id)?;
+        if self.status == AccountStatus::Frozen {
+            return Err(AccountError::Frozen { account_id });
+        }
+        Ok(currency)
     }
-    Ok(())
-}
 
-impl Aggregate for Account {
-    const TYPE: &'static str = STREAM_TYPE;
-    type Command = AccountCommand;
-    type Event = AccountEvent;
-    type Error = AccountError;
-    type Services = ();
+    /// Refuses a debit (or a new hold) of `amount` that would take `available` below
+    /// `-overdraft_limit`.
+    pub(crate) fn check_available(&self, amount: AmountMinor) -> Result<(), AccountError> {
+        let available = self.available();
+        let after = available
+            .checked_sub(amount.get())
+            .ok_or(AccountError::BalanceOverflow)?;
+        if after < -self.overdraft_limit {
+            return Err(AccountError::InsufficientFunds {
+                available,
+                requested: amount.get(),
+            });
+        }
+        Ok(())
+    }
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
+    /// Refuses a credit that would overflow the balance.
+    pub(crate) fn check_credit(&self, amount: AmountMinor) -> Result<(), AccountError> {
+        self.balance
+            .checked_add(amount.get())
+            .map(|_| ())
+            .ok_or(AccountError::BalanceOverflow)
+    }
+
+    /// Decides which events `command` causes, without changing the account: a refusal leaves
+    /// no trace. [`Aggregate::handle`] is this plus applying the events.
+    pub fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        // Account commands address the account by URL: its absence is a plain `NotFound`.
+        let not_found = |e: AccountError| match e {
+            AccountError::AccountNotFound { .. } => AccountError::NotFound,
+            other => other,
+        };
         let event = match command {
             AccountCommand::Open {
                 account_id,
@@ -282,11 +589,10 @@ impl Aggregate for Account {
                 })
             }
             AccountCommand::Deposit { amount, reference } => {
-                let currency = self.require_open()?;
+                // Deposits are credits: a frozen account accepts them.
+                let currency = self.require_usable(self.account_id).map_err(not_found)?;
                 check_reference(&reference)?;
-                self.balance
-                    .checked_add(amount.get())
-                    .ok_or(AccountError::BalanceOverflow)?;
+                self.check_credit(amount)?;
                 AccountEvent::FundsDeposited(FundsDeposited {
                     amount,
                     currency,
@@ -294,32 +600,75 @@ impl Aggregate for Account {
                 })
             }
             AccountCommand::Withdraw { amount, reference } => {
-                let currency = self.require_open()?;
+                let currency = self.require_debitable(self.account_id).map_err(not_found)?;
                 check_reference(&reference)?;
-                let available = self.available();
-                let after = available
-                    .checked_sub(amount.get())
-                    .ok_or(AccountError::BalanceOverflow)?;
-                if after < -self.overdraft_limit {
-                    return Err(AccountError::InsufficientFunds {
-                        available,
-                        requested: amount.get(),
-                    });
-                }
+                self.check_available(amount)?;
                 AccountEvent::FundsWithdrawn(FundsWithdrawn {
                     amount,
                     currency,
                     reference,
                 })
             }
+            AccountCommand::Freeze { reason } => {
+                self.require_debitable(self.account_id).map_err(not_found)?;
+                if reason.trim().is_empty() || reason.chars().count() > REASON_LEN_MAX {
+                    return Err(AccountError::InvalidReason);
+                }
+                AccountEvent::AccountFrozen(AccountFrozen { reason })
+            }
+            AccountCommand::Unfreeze => {
+                self.require_usable(self.account_id).map_err(not_found)?;
+                if self.status != AccountStatus::Frozen {
+                    return Err(AccountError::NotFrozen);
+                }
+                AccountEvent::AccountUnfrozen(AccountUnfrozen {})
+            }
+            AccountCommand::Close => {
+                // A frozen account may be closed: closing moves no money.
+                self.require_usable(self.account_id).map_err(not_found)?;
+                if !self.holds.is_empty() || self.held != 0 {
+                    return Err(AccountError::HoldsOutstanding { held: self.held });
+                }
+                if self.balance != 0 {
+                    return Err(AccountError::BalanceNotZero { balance: self.balance });
+                }
+                AccountEvent::AccountClosed(AccountClosed {})
+            }
         };
-        sink.write(event, self).await;
+        Ok(vec![event])
+    }
+}
+
+pub(crate) fn check_reference(reference: &str) -> Result<(), AccountError> {
+    if reference.chars().count() > REFERENCE_LEN_MAX {
+        return Err(AccountError::InvalidReference);
+    }
+    Ok(())
+}
+
+impl Aggregate for Account {
+    const TYPE: &'static str = STREAM_TYPE;
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
         Ok(())
     }
 
     fn apply(&mut self, event: Self::Event) {
-        // `apply` must never fail: events are facts. Arithmetic here was checked by `handle`
-        // before the event was accepted, so saturating only guards corrupt histories.
+        // `apply` must never fail or panic: events are facts. Arithmetic here was checked by
+        // the decision before the event was accepted, so saturating only guards corrupt
+        // histories.
         match event {
             AccountEvent::AccountOpened(e) => {
                 self.status = AccountStatus::Open;
@@ -333,6 +682,35 @@ impl Aggregate for Account {
             }
             AccountEvent::FundsWithdrawn(e) => {
                 self.balance = self.balance.saturating_sub(e.amount.get());
+            }
+            AccountEvent::AccountFrozen(_) => self.status = AccountStatus::Frozen,
+            AccountEvent::AccountUnfrozen(_) => self.status = AccountStatus::Open,
+            AccountEvent::AccountClosed(_) => self.status = AccountStatus::Closed,
+            AccountEvent::TransferDebited(e) => {
+                self.balance = self.balance.saturating_sub(e.amount.get());
+            }
+            AccountEvent::TransferCredited(e) => {
+                self.balance = self.balance.saturating_add(e.amount.get());
+            }
+            AccountEvent::HoldPlaced(e) => {
+                self.held = self.held.saturating_add(e.amount.get());
+                self.holds.insert(
+                    e.transfer_id,
+                    Hold {
+                        amount: e.amount,
+                        expires_at: e.expires_at,
+                        counterparty: e.counterparty,
+                    },
+                );
+            }
+            AccountEvent::HoldPosted(e) => {
+                self.balance = self.balance.saturating_sub(e.amount.get());
+                self.held = self.held.saturating_sub(e.amount.get().saturating_add(e.released));
+                self.holds.remove(&e.transfer_id);
+            }
+            AccountEvent::HoldReleased(e) => {
+                self.held = self.held.saturating_sub(e.amount.get());
+                self.holds.remove(&e.transfer_id);
             }
         }
     }
@@ -380,6 +758,47 @@ mod tests {
             amount: amount(v),
             currency: eur(),
             reference: "r".into(),
+        })
+    }
+
+    fn transfer_id() -> Uuid {
+        Uuid::from_u128(7)
+    }
+
+    fn other() -> Uuid {
+        Uuid::from_u128(43)
+    }
+
+    fn frozen() -> AccountEvent {
+        AccountEvent::AccountFrozen(AccountFrozen { reason: "fraud".into() })
+    }
+
+    fn hold_placed(v: i64) -> AccountEvent {
+        AccountEvent::HoldPlaced(HoldPlaced {
+            transfer_id: transfer_id(),
+            amount: amount(v),
+            currency: eur(),
+            counterparty: other(),
+            expires_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            reference: "r".into(),
+        })
+    }
+
+    fn hold_posted(v: i64, released: i64) -> AccountEvent {
+        AccountEvent::HoldPosted(HoldPosted {
+            transfer_id: transfer_id(),
+            amount: amount(v),
+            currency: eur(),
+            released,
+        })
+    }
+
+    fn hold_released(v: i64, reason: HoldReleaseReason) -> AccountEvent {
+        AccountEvent::HoldReleased(HoldReleased {
+            transfer_id: transfer_id(),
+            amount: amount(v),
+            currency: eur(),
+            reason,
         })
     }
 
@@ -524,10 +943,287 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_through_their_stored_form() {
-        for event in [opened(7), deposited(5), withdrawn(3)] {
+        let events = [
+            opened(7),
+            deposited(5),
+            withdrawn(3),
+            frozen(),
+            AccountEvent::AccountUnfrozen(AccountUnfrozen {}),
+            AccountEvent::AccountClosed(AccountClosed {}),
+            AccountEvent::TransferDebited(TransferDebited {
+                transfer_id: transfer_id(),
+                amount: amount(5),
+                currency: eur(),
+                counterparty: other(),
+                reference: "r".into(),
+            }),
+            AccountEvent::TransferCredited(TransferCredited {
+                transfer_id: transfer_id(),
+                amount: amount(5),
+                currency: eur(),
+                counterparty: other(),
+                reference: "r".into(),
+            }),
+            hold_placed(40),
+            hold_posted(30, 10),
+            hold_released(40, HoldReleaseReason::Expired),
+        ];
+        assert_eq!(events.len(), AccountEvent::TYPES.len(), "every event type is covered");
+        for event in events {
             let decoded = AccountEvent::from_payload(event.type_name(), &event.to_payload()).unwrap();
             assert_eq!(decoded, event);
+            assert!(AccountEvent::TYPES.contains(&(event.type_name(), event.schema_version())));
         }
+    }
+
+    #[test]
+    fn existing_event_payloads_keep_their_stored_shape() {
+        assert_eq!(
+            deposited(5).to_payload(),
+            r#"{"amount":5,"currency":"EUR","reference":"r"}"#
+        );
+        assert_eq!(
+            opened(7).to_payload(),
+            r#"{"account_id":"00000000-0000-0000-0000-00000000002a","owner":"Ada","currency":"EUR","overdraft_limit":7}"#
+        );
+        assert_eq!(
+            hold_released(40, HoldReleaseReason::Voided).to_payload(),
+            format!(
+                r#"{{"transfer_id":"{}","amount":40,"currency":"EUR","reason":"voided"}}"#,
+                transfer_id()
+            )
+        );
+    }
+
+    #[test]
+    fn freezing_an_open_account_emits_account_frozen() {
+        AccountTest::with(())
+            .given(vec![opened(0)])
+            .when(AccountCommand::Freeze { reason: "fraud".into() })
+            .then_expect_events(vec![frozen()]);
+    }
+
+    #[test]
+    fn freezing_needs_a_reason_of_bounded_length() {
+        for reason in ["  ".to_owned(), "x".repeat(REASON_LEN_MAX + 1)] {
+            AccountTest::with(())
+                .given(vec![opened(0)])
+                .when(AccountCommand::Freeze { reason })
+                .then_expect_error(AccountError::InvalidReason);
+        }
+    }
+
+    #[test]
+    fn freezing_a_frozen_account_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(0), frozen()])
+            .when(AccountCommand::Freeze { reason: "again".into() })
+            .then_expect_error(AccountError::Frozen { account_id: id() });
+    }
+
+    #[test]
+    fn freezing_an_unopened_account_is_refused() {
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(AccountCommand::Freeze { reason: "fraud".into() })
+            .then_expect_error(AccountError::NotFound);
+    }
+
+    #[test]
+    fn unfreezing_a_frozen_account_emits_account_unfrozen() {
+        AccountTest::with(())
+            .given(vec![opened(0), frozen()])
+            .when(AccountCommand::Unfreeze)
+            .then_expect_events(vec![AccountEvent::AccountUnfrozen(AccountUnfrozen {})]);
+    }
+
+    #[test]
+    fn unfreezing_an_account_that_is_not_frozen_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(0)])
+            .when(AccountCommand::Unfreeze)
+            .then_expect_error(AccountError::NotFrozen);
+    }
+
+    #[test]
+    fn a_frozen_account_refuses_withdrawals() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100), frozen()])
+            .when(AccountCommand::Withdraw {
+                amount: amount(1),
+                reference: "r".into(),
+            })
+            .then_expect_error(AccountError::Frozen { account_id: id() });
+    }
+
+    #[test]
+    fn a_frozen_account_still_accepts_deposits() {
+        AccountTest::with(())
+            .given(vec![opened(0), frozen()])
+            .when(AccountCommand::Deposit {
+                amount: amount(5),
+                reference: "r".into(),
+            })
+            .then_expect_events(vec![deposited(5)]);
+    }
+
+    #[test]
+    fn an_unfrozen_account_accepts_withdrawals_again() {
+        AccountTest::with(())
+            .given(vec![
+                opened(0),
+                deposited(100),
+                frozen(),
+                AccountEvent::AccountUnfrozen(AccountUnfrozen {}),
+            ])
+            .when(AccountCommand::Withdraw {
+                amount: amount(100),
+                reference: "r".into(),
+            })
+            .then_expect_events(vec![withdrawn(100)]);
+    }
+
+    #[test]
+    fn closing_an_account_at_zero_balance_emits_account_closed() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100), withdrawn(100)])
+            .when(AccountCommand::Close)
+            .then_expect_events(vec![AccountEvent::AccountClosed(AccountClosed {})]);
+    }
+
+    #[test]
+    fn a_frozen_account_can_be_closed() {
+        AccountTest::with(())
+            .given(vec![opened(0), frozen()])
+            .when(AccountCommand::Close)
+            .then_expect_events(vec![AccountEvent::AccountClosed(AccountClosed {})]);
+    }
+
+    #[test]
+    fn closing_an_account_with_money_on_it_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100)])
+            .when(AccountCommand::Close)
+            .then_expect_error(AccountError::BalanceNotZero { balance: 100 });
+        AccountTest::with(())
+            .given(vec![opened(500), withdrawn(100)])
+            .when(AccountCommand::Close)
+            .then_expect_error(AccountError::BalanceNotZero { balance: -100 });
+    }
+
+    #[test]
+    fn closing_an_account_with_holds_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(100), hold_placed(40)])
+            .when(AccountCommand::Close)
+            .then_expect_error(AccountError::HoldsOutstanding { held: 40 });
+    }
+
+    #[test]
+    fn a_closed_account_refuses_everything() {
+        let closed = || vec![opened(0), AccountEvent::AccountClosed(AccountClosed {})];
+        let refused = AccountError::Closed { account_id: id() };
+        for command in [
+            AccountCommand::Deposit {
+                amount: amount(1),
+                reference: "r".into(),
+            },
+            AccountCommand::Withdraw {
+                amount: amount(1),
+                reference: "r".into(),
+            },
+            AccountCommand::Freeze { reason: "x".into() },
+            AccountCommand::Unfreeze,
+            AccountCommand::Close,
+        ] {
+            AccountTest::with(())
+                .given(closed())
+                .when(command)
+                .then_expect_error(refused.clone());
+        }
+        AccountTest::with(())
+            .given(closed())
+            .when(open_command("Ada", 0))
+            .then_expect_error(AccountError::AlreadyExists);
+    }
+
+    #[test]
+    fn holds_reduce_available_but_not_the_balance() {
+        AccountTest::with(())
+            .given(vec![opened(0), deposited(100), hold_placed(40)])
+            .when(AccountCommand::Withdraw {
+                amount: amount(61),
+                reference: "r".into(),
+            })
+            .then_expect_error(AccountError::InsufficientFunds {
+                available: 60,
+                requested: 61,
+            });
+    }
+
+    #[test]
+    fn account_state_folds_transfer_legs_and_holds() {
+        let mut account = Account::default();
+        for event in [
+            opened(0),
+            deposited(100),
+            hold_placed(40),
+            AccountEvent::TransferDebited(TransferDebited {
+                transfer_id: Uuid::from_u128(9),
+                amount: amount(10),
+                currency: eur(),
+                counterparty: other(),
+                reference: "r".into(),
+            }),
+        ] {
+            account.apply(event);
+        }
+        assert_eq!((account.balance, account.held, account.available()), (90, 40, 50));
+        assert_eq!(account.holds[&transfer_id()].amount, amount(40));
+
+        let mut posted = account.clone();
+        posted.apply(hold_posted(30, 10));
+        assert_eq!((posted.balance, posted.held, posted.available()), (60, 0, 60));
+        assert!(posted.holds.is_empty());
+
+        account.apply(hold_released(40, HoldReleaseReason::Voided));
+        assert_eq!((account.balance, account.held, account.available()), (90, 0, 90));
+        assert!(account.holds.is_empty());
+
+        account.apply(AccountEvent::TransferCredited(TransferCredited {
+            transfer_id: Uuid::from_u128(10),
+            amount: amount(5),
+            currency: eur(),
+            counterparty: other(),
+            reference: "r".into(),
+        }));
+        assert_eq!(account.balance, 95);
+    }
+
+    #[test]
+    fn apply_never_panics_on_a_corrupt_history() {
+        let mut account = Account::default();
+        for event in [
+            hold_posted(AMOUNT_MAX_MINOR, i64::MAX),
+            hold_released(40, HoldReleaseReason::Expired),
+            withdrawn(AMOUNT_MAX_MINOR),
+            AccountEvent::AccountClosed(AccountClosed {}),
+            AccountEvent::AccountUnfrozen(AccountUnfrozen {}),
+        ] {
+            account.apply(event);
+        }
+        let _ = account.available();
+    }
+
+    #[test]
+    fn account_state_round_trips_through_its_snapshot_form() {
+        let mut account = Account::default();
+        for event in [opened(10), deposited(100), hold_placed(40), frozen()] {
+            account.apply(event);
+        }
+        let snapshot = serde_json::to_string(&account).unwrap();
+        assert_eq!(serde_json::from_str::<Account>(&snapshot).unwrap(), account);
+        assert_eq!(Account::SNAPSHOT_VERSION, 1);
     }
 
     #[test]

@@ -1,16 +1,32 @@
-//! Tally's ledger domain: money, accounts, the commands they accept and the events they emit.
+//! Tally's ledger domain: money, accounts, transfers, the commands they accept and the events
+//! they emit.
 //!
 //! This crate does no IO. It knows nothing of HTTP, SQL or NATS: the aggregates here are pure
 //! state machines (cqrs-es `Aggregate`), so every rule can be tested with given/when/then and no
 //! database. The event store decides *where* events go; this crate decides *which* events happen.
+//!
+//! - [`account`]: the account aggregate (one stream per account) and the events on it;
+//! - [`transfer`]: the transfer stream (one per transfer id) that records a transfer's life cycle;
+//! - [`ledger`]: the decisions that span streams (transfers, holds: post, void, expire), as pure
+//!   functions returning the events for each stream.
 
 pub mod account;
+pub mod ledger;
 pub mod metadata;
 pub mod money;
+pub mod transfer;
 
 pub use account::{
-    Account, AccountCommand, AccountError, AccountEvent, AccountOpened, AccountStatus, DecodeError, FundsDeposited,
-    FundsWithdrawn,
+    Account, AccountClosed, AccountCommand, AccountError, AccountEvent, AccountFrozen, AccountOpened, AccountStatus,
+    AccountUnfrozen, DecodeError, FundsDeposited, FundsWithdrawn, Hold, HoldPlaced, HoldPosted, HoldReleaseReason,
+    HoldReleased, TransferCredited, TransferDebited,
+};
+pub use ledger::{
+    TransferCommand, TransferDecision, TransferMode, decide_expire, decide_post, decide_transfer, decide_void,
 };
 pub use metadata::Metadata;
-pub use money::{AMOUNT_MAX_MINOR, AmountMinor, Currency, MoneyError};
+pub use money::{AMOUNT_MAX_MINOR, AmountMinor, Currency, Money, MoneyError};
+pub use transfer::{
+    Transfer, TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferStatus,
+    TransferVoided,
+};

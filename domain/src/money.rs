@@ -22,6 +22,12 @@ pub enum MoneyError {
     InvalidAmount(i64),
     #[error("currency must be a three-letter upper-case ISO 4217 code; got {0:?}")]
     InvalidCurrency(String),
+    /// Two amounts of different currencies met in one operation. Tally never converts.
+    #[error("cannot combine {left} with {right}: currencies are never converted")]
+    CurrencyMismatch { left: Currency, right: Currency },
+    /// The result would leave the range of a 64-bit integer of minor units.
+    #[error("the amount would overflow")]
+    Overflow,
 }
 
 /// A positive amount in minor units (cents for EUR), parsed once at the edge.
@@ -78,7 +84,7 @@ impl From<AmountMinor> for i64 {
 }
 
 /// An ISO 4217 alphabetic currency code, e.g. `EUR`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Currency([u8; 3]);
 
@@ -138,6 +144,61 @@ impl fmt::Display for Currency {
     }
 }
 
+/// A signed amount of minor units in one currency: a balance, or the sum of postings.
+///
+/// Arithmetic is checked: combining two currencies is a [`MoneyError::CurrencyMismatch`] and
+/// leaving the `i64` range is a [`MoneyError::Overflow`], never a conversion or a wrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Money {
+    pub amount_minor: i64,
+    pub currency: Currency,
+}
+
+impl Money {
+    pub fn new(amount_minor: i64, currency: Currency) -> Self {
+        Self { amount_minor, currency }
+    }
+
+    pub fn zero(currency: Currency) -> Self {
+        Self::new(0, currency)
+    }
+
+    fn same_currency(self, other: Money) -> Result<(), MoneyError> {
+        if self.currency == other.currency {
+            Ok(())
+        } else {
+            Err(MoneyError::CurrencyMismatch {
+                left: self.currency,
+                right: other.currency,
+            })
+        }
+    }
+
+    pub fn checked_add(self, other: Money) -> Result<Money, MoneyError> {
+        self.same_currency(other)?;
+        let amount_minor = self
+            .amount_minor
+            .checked_add(other.amount_minor)
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Money::new(amount_minor, self.currency))
+    }
+
+    pub fn checked_sub(self, other: Money) -> Result<Money, MoneyError> {
+        self.same_currency(other)?;
+        let amount_minor = self
+            .amount_minor
+            .checked_sub(other.amount_minor)
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Money::new(amount_minor, self.currency))
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (minor units)", self.amount_minor, self.currency)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +225,35 @@ mod tests {
         assert!(serde_json::from_str::<AmountMinor>("0").is_err());
         assert!(serde_json::from_str::<AmountMinor>("12.5").is_err());
         assert_eq!(serde_json::from_str::<AmountMinor>("1250").unwrap().get(), 1250);
+    }
+
+    #[test]
+    fn money_of_one_currency_adds_and_subtracts() {
+        let eur: Currency = "EUR".parse().unwrap();
+        let sum = Money::new(150, eur).checked_add(Money::new(50, eur)).unwrap();
+        assert_eq!(sum, Money::new(200, eur));
+        assert_eq!(sum.checked_sub(Money::new(250, eur)).unwrap(), Money::new(-50, eur));
+    }
+
+    #[test]
+    fn mixing_currencies_is_an_error_not_a_conversion() {
+        let eur: Currency = "EUR".parse().unwrap();
+        let usd: Currency = "USD".parse().unwrap();
+        let err = Money::new(1, eur).checked_add(Money::new(1, usd)).unwrap_err();
+        assert_eq!(err, MoneyError::CurrencyMismatch { left: eur, right: usd });
+        assert!(Money::new(1, eur).checked_sub(Money::new(1, usd)).is_err());
+    }
+
+    #[test]
+    fn money_arithmetic_overflow_is_an_error_not_a_wrap() {
+        let eur: Currency = "EUR".parse().unwrap();
+        assert_eq!(
+            Money::new(i64::MAX, eur).checked_add(Money::new(1, eur)),
+            Err(MoneyError::Overflow)
+        );
+        assert_eq!(
+            Money::new(i64::MIN, eur).checked_sub(Money::new(1, eur)),
+            Err(MoneyError::Overflow)
+        );
     }
 }

@@ -52,6 +52,18 @@ impl BalanceRow {
             }
             AccountEvent::FundsDeposited(e) => self.balance = self.balance.saturating_add(e.amount.get()),
             AccountEvent::FundsWithdrawn(e) => self.balance = self.balance.saturating_sub(e.amount.get()),
+            AccountEvent::AccountFrozen(_) => self.status = "frozen".into(),
+            AccountEvent::AccountUnfrozen(_) => self.status = "open".into(),
+            AccountEvent::AccountClosed(_) => self.status = "closed".into(),
+            AccountEvent::TransferDebited(e) => self.balance = self.balance.saturating_sub(e.amount.get()),
+            AccountEvent::TransferCredited(e) => self.balance = self.balance.saturating_add(e.amount.get()),
+            AccountEvent::HoldPlaced(e) => self.held = self.held.saturating_add(e.amount.get()),
+            // The whole hold goes: `amount` leaves the balance, `released` returns to available.
+            AccountEvent::HoldPosted(e) => {
+                self.balance = self.balance.saturating_sub(e.amount.get());
+                self.held = self.held.saturating_sub(e.amount.get().saturating_add(e.released));
+            }
+            AccountEvent::HoldReleased(e) => self.held = self.held.saturating_sub(e.amount.get()),
         }
         self.version = version;
         self.last_position = position;

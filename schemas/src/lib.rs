@@ -15,7 +15,13 @@ pub mod legacy;
 use std::path::PathBuf;
 
 use schemars::{JsonSchema, Schema, schema_for};
-use tally_domain::account::{AccountEvent, AccountOpened, DecodeError, FundsDeposited, FundsWithdrawn};
+use tally_domain::account::{
+    AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, FundsDeposited,
+    FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, TransferCredited, TransferDebited,
+};
+use tally_domain::transfer::{
+    TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferVoided,
+};
 
 /// The folder holding the checked-in event schemas.
 pub fn events_dir() -> PathBuf {
@@ -41,6 +47,12 @@ pub(crate) fn schema_of<T: JsonSchema>(event_type: &str, schema_version: u32) ->
     schema
 }
 
+/// Every stored event type of every stream type, with its current schema version. Event type
+/// names are unique across stream types.
+pub fn current_event_types() -> impl Iterator<Item = (&'static str, u32)> {
+    AccountEvent::TYPES.iter().chain(TransferEvent::TYPES).copied()
+}
+
 /// The schema of every event type at every version the code can read (current ones from the
 /// domain types, older ones from [`legacy`]), plus the envelope every published event travels in.
 pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
@@ -48,14 +60,26 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
         schema_file_name("EventEnvelope", envelope::ENVELOPE_VERSION),
         schema_of::<envelope::EventEnvelope>("EventEnvelope", envelope::ENVELOPE_VERSION).to_value(),
     );
-    AccountEvent::TYPES
-        .iter()
-        .map(|&(event_type, version)| {
+    current_event_types()
+        .map(|(event_type, version)| {
             let schema = match event_type {
                 "AccountOpened" => schema_of::<AccountOpened>(event_type, version),
                 "FundsDeposited" => schema_of::<FundsDeposited>(event_type, version),
                 "FundsWithdrawn" => schema_of::<FundsWithdrawn>(event_type, version),
-                other => unreachable!("AccountEvent::TYPES lists {other} but schemas/ has no type for it"),
+                "AccountFrozen" => schema_of::<AccountFrozen>(event_type, version),
+                "AccountUnfrozen" => schema_of::<AccountUnfrozen>(event_type, version),
+                "AccountClosed" => schema_of::<AccountClosed>(event_type, version),
+                "TransferDebited" => schema_of::<TransferDebited>(event_type, version),
+                "TransferCredited" => schema_of::<TransferCredited>(event_type, version),
+                "HoldPlaced" => schema_of::<HoldPlaced>(event_type, version),
+                "HoldPosted" => schema_of::<HoldPosted>(event_type, version),
+                "HoldReleased" => schema_of::<HoldReleased>(event_type, version),
+                "TransferCompleted" => schema_of::<TransferCompleted>(event_type, version),
+                "TransferPending" => schema_of::<TransferPending>(event_type, version),
+                "TransferPosted" => schema_of::<TransferPosted>(event_type, version),
+                "TransferVoided" => schema_of::<TransferVoided>(event_type, version),
+                "TransferExpired" => schema_of::<TransferExpired>(event_type, version),
+                other => unreachable!("the domain lists event type {other} but schemas/ has no type for it"),
             };
             (schema_file_name(event_type, version), schema.to_value())
         })
@@ -97,7 +121,30 @@ pub enum UpcastError {
 /// Upcasters are pure functions from one version's JSON to the next; they are added here when a
 /// payload shape changes, together with the new schema file (the old file stays).
 pub fn decode_account_event(event_type: &str, schema_version: u32, payload: &str) -> Result<AccountEvent, UpcastError> {
-    let current = AccountEvent::TYPES
+    let payload = to_current(AccountEvent::TYPES, event_type, schema_version, payload)?;
+    Ok(AccountEvent::from_payload(event_type, &payload)?)
+}
+
+/// Decodes a stored transfer event payload (stream type `transfer`) of any known schema
+/// version into the current domain event, upcasting older shapes first.
+pub fn decode_transfer_event(
+    event_type: &str,
+    schema_version: u32,
+    payload: &str,
+) -> Result<TransferEvent, UpcastError> {
+    let payload = to_current(TransferEvent::TYPES, event_type, schema_version, payload)?;
+    Ok(TransferEvent::from_payload(event_type, &payload)?)
+}
+
+/// The payload in the current schema version of its type (`types` lists the current versions
+/// of one stream type's events), borrowed when it already is.
+fn to_current<'a>(
+    types: &[(&str, u32)],
+    event_type: &str,
+    schema_version: u32,
+    payload: &'a str,
+) -> Result<std::borrow::Cow<'a, str>, UpcastError> {
+    let current = types
         .iter()
         .find(|(name, _)| *name == event_type)
         .map(|(_, v)| *v)
@@ -110,10 +157,9 @@ pub fn decode_account_event(event_type: &str, schema_version: u32, payload: &str
         });
     }
     if schema_version == current {
-        return Ok(AccountEvent::from_payload(event_type, payload)?);
+        return Ok(payload.into());
     }
-    let upcast = legacy::upcast(event_type, schema_version, current, payload)?;
-    Ok(AccountEvent::from_payload(event_type, &upcast)?)
+    Ok(legacy::upcast(event_type, schema_version, current, payload)?.into())
 }
 
 #[cfg(test)]
@@ -139,10 +185,9 @@ mod tests {
 
     #[test]
     fn every_checked_in_schema_file_belongs_to_a_known_event_version() {
-        let known: Vec<String> = AccountEvent::TYPES
-            .iter()
-            .chain(&[("EventEnvelope", envelope::ENVELOPE_VERSION)])
-            .flat_map(|&(t, current)| (1..=current).map(move |v| schema_file_name(t, v)))
+        let known: Vec<String> = current_event_types()
+            .chain([("EventEnvelope", envelope::ENVELOPE_VERSION)])
+            .flat_map(|(t, current)| (1..=current).map(move |v| schema_file_name(t, v)))
             .collect();
         for entry in std::fs::read_dir(events_dir()).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
@@ -165,5 +210,77 @@ mod tests {
             assert!(decode_account_event("FundsDeposited", 1, payload).is_err());
         }
         assert!(decode_account_event("NoSuchEvent", 1, "{}").is_err());
+    }
+
+    #[test]
+    fn every_event_type_of_every_stream_has_a_checked_in_schema() {
+        let files: Vec<String> = current_event_schemas().into_iter().map(|(file, _)| file).collect();
+        for (event_type, version) in current_event_types() {
+            let file = schema_file_name(event_type, version);
+            assert!(files.contains(&file), "no schema generated for {file}");
+            assert!(
+                events_dir().join(&file).exists(),
+                "schemas/events/{file} is not checked in"
+            );
+        }
+    }
+
+    #[test]
+    fn event_type_names_are_unique_across_stream_types() {
+        let mut names: Vec<&str> = current_event_types().map(|(t, _)| t).collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+
+    #[test]
+    fn transfer_events_decode_from_their_stored_form() {
+        let payload = r#"{"transfer_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","from":"01a20a8f-b2ee-73c7-8650-550d6d9d6158","to":"01a20a8f-b2ee-73c7-8650-550d6d9d6159","amount":250,"currency":"EUR","reference":"card","created_at":"2026-11-05T10:00:00Z","expires_at":"2026-11-05T11:00:00Z"}"#;
+
+        let event = decode_transfer_event("TransferPending", 1, payload).unwrap();
+
+        let TransferEvent::TransferPending(pending) = &event else {
+            panic!("decoded into the wrong type: {event:?}");
+        };
+        assert_eq!(pending.amount.get(), 250);
+        assert_eq!(event.to_payload(), payload, "the stored form is stable");
+    }
+
+    #[test]
+    fn account_and_transfer_events_do_not_decode_as_each_other() {
+        assert!(matches!(
+            decode_transfer_event("FundsDeposited", 1, "{}"),
+            Err(UpcastError::Decode(DecodeError::UnknownType(_)))
+        ));
+        assert!(matches!(
+            decode_account_event("TransferPosted", 1, "{}"),
+            Err(UpcastError::Decode(DecodeError::UnknownType(_)))
+        ));
+        assert!(matches!(
+            decode_transfer_event("TransferPosted", 2, "{}"),
+            Err(UpcastError::UnknownVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn new_account_event_payloads_are_validated_on_decode() {
+        for (event_type, payload) in [
+            (
+                "HoldPosted",
+                r#"{"transfer_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","amount":0,"currency":"EUR","released":0}"#,
+            ),
+            (
+                "HoldReleased",
+                r#"{"transfer_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","amount":5,"currency":"EUR","reason":"stolen"}"#,
+            ),
+            ("AccountUnfrozen", r#"{"why":"x"}"#),
+        ] {
+            assert!(
+                decode_account_event(event_type, 1, payload).is_err(),
+                "{event_type}: {payload}"
+            );
+        }
+        assert!(decode_account_event("AccountUnfrozen", 1, "{}").is_ok());
     }
 }
