@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tally_domain::AccountError;
-use tally_event_store::StoreError;
+use tally_event_store::idempotency::StoredResponse;
 use tally_service::Problem;
 use tally_service::errors::ErrorReport;
 
@@ -28,19 +28,85 @@ impl From<CommandError> for ApiError {
     }
 }
 
-fn rejection(error: &AccountError) -> Problem {
-    let title = error.to_string();
-    match error {
-        AccountError::AlreadyExists => Problem::new(StatusCode::CONFLICT, error.code(), "Account already exists"),
-        AccountError::NotFound => Problem::not_found(error.code(), "No account with this id."),
-        AccountError::InsufficientFunds { available, requested } => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, error.code(), "Insufficient funds")
-                .detail(title)
-                .extension("available", *available)
-                .extension("requested", *requested)
-        }
-        _ => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, error.code(), "Command refused").detail(title),
+/// A refusal as stored under the command's idempotency key: a retry of a refused command gets
+/// the same refusal back (and changes nothing), like a retry of an accepted one.
+pub(crate) fn stored_refusal(error: &AccountError) -> StoredResponse {
+    let problem = rejection(error);
+    StoredResponse {
+        status: problem.status,
+        body: serde_json::to_value(&problem).expect("problems always serialize"),
     }
+}
+
+/// The problem for a refused command. The status follows the variant's documentation in
+/// `tally_domain::AccountError`: 404 when the addressed account or transfer does not exist,
+/// 409 when an id is already taken or the state moved under the command (a concurrency
+/// conflict), 422 for every business-rule refusal. The match is exhaustive on purpose: a new
+/// refusal cannot reach clients before someone decides its status.
+///
+/// Extension members carry the numbers and ids behind a refusal, so a client need not parse
+/// `detail`.
+pub(crate) fn rejection(error: &AccountError) -> Problem {
+    let code = error.code();
+    let detail = error.to_string();
+    let refused = |title: &str| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, title).detail(detail.clone());
+    match error {
+        AccountError::NotFound => Problem::not_found(code, "No account with this id."),
+        AccountError::AccountNotFound { account_id } => {
+            Problem::not_found(code, detail.clone()).extension("account_id", account_id.to_string())
+        }
+        AccountError::TransferNotFound => Problem::not_found(code, "No transfer with this id."),
+        AccountError::AlreadyExists => Problem::new(StatusCode::CONFLICT, code, "Account already exists")
+            .detail("An account with this id was already opened."),
+        AccountError::TransferExists { transfer_id } => {
+            Problem::new(StatusCode::CONFLICT, code, "Transfer already exists")
+                .detail(detail.clone())
+                .extension("transfer_id", transfer_id.to_string())
+        }
+        // Reaches a client only once the writer's own reloads and retries ran out.
+        AccountError::StaleState => conflict(),
+        AccountError::InsufficientFunds { available, requested } => refused("Insufficient funds")
+            .extension("available", *available)
+            .extension("requested", *requested),
+        AccountError::Frozen { account_id } => {
+            refused("Account frozen").extension("account_id", account_id.to_string())
+        }
+        AccountError::NotFrozen => refused("Account not frozen"),
+        AccountError::Closed { account_id } => {
+            refused("Account closed").extension("account_id", account_id.to_string())
+        }
+        AccountError::BalanceNotZero { balance } => refused("Balance not zero").extension("balance", *balance),
+        AccountError::HoldsOutstanding { held } => refused("Holds outstanding").extension("held", *held),
+        AccountError::TooManyHolds => refused("Too many holds"),
+        AccountError::CurrencyMismatch { expected, actual } => refused("Currency mismatch")
+            .extension("expected", expected.to_string())
+            .extension("actual", actual.to_string()),
+        AccountError::TransferNotPending { status } => refused("Transfer not pending")
+            .extension("transfer_status", serde_json::to_value(status).unwrap_or_default()),
+        AccountError::AmountExceedsHold { held, requested } => refused("Amount exceeds hold")
+            .extension("held", *held)
+            .extension("requested", *requested),
+        AccountError::HoldExpired { expires_at } => {
+            refused("Hold expired").extension("expires_at", expires_at.to_rfc3339())
+        }
+        AccountError::HoldNotExpired { expires_at } => {
+            refused("Hold not expired").extension("expires_at", expires_at.to_rfc3339())
+        }
+        AccountError::InvalidOwner => refused("Invalid owner"),
+        AccountError::InvalidReference => refused("Invalid reference"),
+        AccountError::InvalidReason => refused("Invalid reason"),
+        AccountError::InvalidOverdraftLimit => refused("Invalid overdraft limit"),
+        AccountError::InvalidExpiry { .. } => refused("Invalid expiry"),
+        AccountError::BalanceOverflow => refused("Balance overflow"),
+        AccountError::TransferToSelf => refused("Transfer to self"),
+    }
+}
+
+/// The 409 a client sees when the writer gave up on a stream that kept changing under it.
+fn conflict() -> Problem {
+    Problem::new(StatusCode::CONFLICT, "concurrency-conflict", "Too much contention")
+        .detail("The account changed too often while this command ran; retry it.")
+        .retry_after(1)
 }
 
 impl IntoResponse for ApiError {
@@ -48,12 +114,7 @@ impl IntoResponse for ApiError {
         let (problem, report) = match self {
             ApiError::Problem(p) => (p, None),
             ApiError::Command(CommandError::Rejected(e)) => (rejection(&e), None),
-            ApiError::Command(CommandError::ConflictRetriesExhausted) => (
-                Problem::new(StatusCode::CONFLICT, "concurrency-conflict", "Too much contention")
-                    .detail("The account changed too often while this command ran; retry it.")
-                    .retry_after(1),
-                None,
-            ),
+            ApiError::Command(CommandError::ConflictRetriesExhausted) => (conflict(), None),
             ApiError::Command(CommandError::IdempotencyKeyReused) => (
                 Problem::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -63,15 +124,12 @@ impl IntoResponse for ApiError {
                 .detail("This Idempotency-Key was already used for a different request; use a new key."),
                 None,
             ),
-            ApiError::Command(CommandError::Store(StoreError::Database(e)))
-                if matches!(
-                    e,
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-                ) =>
-            {
-                (Problem::unavailable(1), Some(e.to_string()))
-            }
-            ApiError::Command(other) => (Problem::internal(), Some(other.to_string())),
+            ApiError::Command(CommandError::Overloaded) => (
+                Problem::unavailable(1).detail("Too many commands are waiting; retry shortly."),
+                None,
+            ),
+            ApiError::Command(CommandError::Unavailable(cause)) => (Problem::unavailable(1), Some(cause)),
+            ApiError::Command(CommandError::Internal(cause)) => (Problem::internal(), Some(cause)),
         };
         let mut response = problem.into_response();
         if let Some(cause) = report {

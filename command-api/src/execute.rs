@@ -1,14 +1,13 @@
-//! Runs one command against one stream: load, decide, append, retry on conflict.
+//! What running a command means: its outcome, its errors, and how a stream's state is loaded.
+//! The running itself (batches, retries, cache) is in [`crate::writer`].
 
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
-use rand::Rng;
-use tally_domain::{Account, AccountCommand, AccountError, Metadata};
-use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
-use tally_event_store::{EventStore, NewEvent, READ_LIMIT_MAX, StoreError, StreamAppend, append_in};
-use tally_schemas::{UpcastError, decode_account_event};
+use tally_domain::{Account, AccountError, Transfer};
+use tally_event_store::idempotency::{IdempotencyKey, StoredResponse};
+use tally_event_store::{EventStore, READ_LIMIT_MAX, StoreError, StoredEvent, snapshot};
+use tally_schemas::{UpcastError, decode_account_event, decode_transfer_event};
 use uuid::Uuid;
 
 /// How many times a command is re-run after losing an optimistic-concurrency race before the
@@ -17,24 +16,46 @@ pub const CONFLICT_RETRIES_MAX: u32 = 16;
 /// Base of the jittered back-off between retries; attempt `n` waits up to `n * base`.
 pub const CONFLICT_BACKOFF_BASE: Duration = Duration::from_millis(2);
 
-/// Why a command did not produce events.
-#[derive(Debug, thiserror::Error)]
+/// Why a command did not produce events. Cloneable: one database failure can answer every
+/// command of a batch.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommandError {
     #[error(transparent)]
     Rejected(#[from] AccountError),
     #[error("gave up after {CONFLICT_RETRIES_MAX} concurrency conflicts")]
     ConflictRetriesExhausted,
-    #[error("stored event could not be decoded: {0}")]
-    Corrupt(#[from] UpcastError),
     #[error("the idempotency key was already used for a different request")]
     IdempotencyKeyReused,
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// The writer's queue is full: the client should back off (503 with Retry-After).
+    #[error("too many commands are waiting")]
+    Overloaded,
+    /// The event store cannot be reached, or the writer is stopping (503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A fault on our side: a stored event that does not decode, an unexpected database error.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            CommandError::Unavailable(e.to_string())
+        } else {
+            CommandError::Internal(e.to_string())
+        }
+    }
 }
 
 impl From<sqlx::Error> for CommandError {
     fn from(e: sqlx::Error) -> Self {
-        CommandError::Store(StoreError::Database(e))
+        StoreError::Database(e).into()
+    }
+}
+
+impl From<UpcastError> for CommandError {
+    fn from(e: UpcastError) -> Self {
+        CommandError::Internal(format!("stored event could not be decoded: {e}"))
     }
 }
 
@@ -52,106 +73,240 @@ pub enum Outcome {
     Replayed(StoredResponse),
 }
 
-/// The outcome of an accepted command.
-#[derive(Debug, Clone)]
-pub struct Executed {
-    /// The account state after the command.
-    pub account: Account,
+/// What kind of stream a stream id names; decides how its events decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Account,
+    Transfer,
+}
+
+impl StreamKind {
+    pub fn stream_type(self) -> &'static str {
+        match self {
+            StreamKind::Account => tally_domain::account::STREAM_TYPE,
+            StreamKind::Transfer => tally_domain::transfer::STREAM_TYPE,
+        }
+    }
+}
+
+/// A stream's folded state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    Account(Account),
+    Transfer(Transfer),
+}
+
+impl State {
+    fn empty(kind: StreamKind) -> Self {
+        match kind {
+            StreamKind::Account => State::Account(Account::default()),
+            StreamKind::Transfer => State::Transfer(Transfer::default()),
+        }
+    }
+
+    pub fn kind(&self) -> StreamKind {
+        match self {
+            State::Account(_) => StreamKind::Account,
+            State::Transfer(_) => StreamKind::Transfer,
+        }
+    }
+
+    /// Folds one stored event in.
+    fn apply_stored(&mut self, stored: &StoredEvent) -> Result<(), UpcastError> {
+        let version = stored.schema_version as u32;
+        match self {
+            State::Account(a) => a.apply(decode_account_event(&stored.event_type, version, &stored.payload)?),
+            State::Transfer(t) => t.apply(decode_transfer_event(&stored.event_type, version, &stored.payload)?),
+        }
+        Ok(())
+    }
+}
+
+/// A stream's state as the writer knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub state: State,
     pub version: i64,
+    /// Global position of the last event folded in (0 when it came from a snapshot alone).
+    pub position: i64,
+    /// Version of the stream's latest snapshot (0: none).
+    pub snapshot_version: i64,
+}
+
+impl Loaded {
+    pub fn account(&self) -> Option<&Account> {
+        match &self.state {
+            State::Account(a) => Some(a),
+            State::Transfer(_) => None,
+        }
+    }
+
+    pub fn transfer(&self) -> Option<&Transfer> {
+        match &self.state {
+            State::Transfer(t) => Some(t),
+            State::Account(_) => None,
+        }
+    }
+}
+
+/// Where one stream a command touched stands after it.
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub stream_id: Uuid,
+    pub state: State,
+    pub version: i64,
+    /// Global position of the stream's last event (0 if not known in memory).
     pub position: i64,
 }
 
-/// Folds the stream into its current state and version.
-pub async fn load_account(store: &EventStore, stream_id: Uuid) -> Result<(Account, i64), CommandError> {
-    let mut account = Account::default();
-    let mut version = 0;
-    loop {
-        let page = store.read_stream(stream_id, version, READ_LIMIT_MAX).await?;
-        let full = page.len() as i64 == READ_LIMIT_MAX;
-        for stored in page {
-            let event = decode_account_event(&stored.event_type, stored.schema_version as u32, &stored.payload)?;
-            account.apply(event);
-            version = stored.version;
+/// The outcome of an accepted command: every stream it touched, after it.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub streams: Vec<Touched>,
+}
+
+impl Executed {
+    pub fn stream(&self, stream_id: Uuid) -> &Touched {
+        self.streams
+            .iter()
+            .find(|t| t.stream_id == stream_id)
+            .expect("a command's response only asks for streams it touched")
+    }
+
+    /// The account `stream_id` after the command.
+    pub fn account(&self, stream_id: Uuid) -> (&Account, &Touched) {
+        let touched = self.stream(stream_id);
+        match &touched.state {
+            State::Account(a) => (a, touched),
+            State::Transfer(_) => unreachable!("{stream_id} is a transfer stream"),
         }
-        if !full {
-            return Ok((account, version));
+    }
+
+    /// The transfer `stream_id` after the command.
+    pub fn transfer(&self, stream_id: Uuid) -> (&Transfer, &Touched) {
+        let touched = self.stream(stream_id);
+        match &touched.state {
+            State::Transfer(t) => (t, touched),
+            State::Account(_) => unreachable!("{stream_id} is an account stream"),
         }
     }
 }
 
-/// Executes `command` on account `stream_id`, retrying internally on concurrency conflicts.
-///
-/// With an idempotency key, the key is claimed, the events appended and `respond`'s response
-/// stored in one transaction; a repeat of the same request gets that response back.
-pub async fn execute_account(
+/// Folds a stream into its current state: an account from its latest snapshot when there is
+/// a usable one, then the events after it.
+pub async fn load(store: &EventStore, stream_id: Uuid, kind: StreamKind) -> Result<Loaded, CommandError> {
+    let mut loaded = load_many(store, &[(stream_id, kind)]).await?;
+    loaded.pop().map(|(_, result)| result).expect("one result per stream")
+}
+
+/// [`load`] for an account stream.
+pub async fn load_account(store: &EventStore, stream_id: Uuid) -> Result<Loaded, CommandError> {
+    load(store, stream_id, StreamKind::Account).await
+}
+
+/// [`load`] for many streams in two round trips (snapshots, then the events after them),
+/// whatever their number. Each stream gets its own result: one that cannot be loaded (a
+/// client named a transfer as an account, a corrupt event) does not fail the others.
+pub async fn load_many(
     store: &EventStore,
-    stream_id: Uuid,
-    command: AccountCommand,
-    metadata: &Metadata,
-    idempotency: Option<&Idempotency>,
-    respond: impl Fn(&Executed) -> StoredResponse,
-) -> Result<Outcome, CommandError> {
-    let metadata_json = serde_json::to_string(metadata).expect("metadata always serializes");
-    for attempt in 0..=CONFLICT_RETRIES_MAX {
-        // Load and decide before the transaction's first write. The first write assigns its
-        // xid, and the global feed orders by xid: a transaction that got its xid before an
-        // append it then read on top of would be read *before* that append (versions out of
-        // order). The store refuses such an append as a conflict too; this keeps it rare.
-        let (mut account, version) = load_account(store, stream_id).await?;
-        let sink = EventSink::default();
-        let decided = account.handle(command.clone(), &(), &sink).await;
-        let mut tx = store.pool().begin().await?;
-        if let Some(idem) = idempotency {
-            match idempotency::claim(&mut tx, &idem.key, &idem.request_hash).await? {
-                Claim::Claimed => {}
-                Claim::Replay(stored) => return Ok(Outcome::Replayed(stored)),
-                Claim::Mismatch => return Err(CommandError::IdempotencyKeyReused),
-            }
-        }
-        // A refusal drops `tx`, which rolls back and releases the key for a later retry.
-        decided?;
-        let events = sink
-            .collect()
-            .await
-            .into_iter()
-            .map(|event| NewEvent {
-                event_id: Uuid::now_v7(),
-                event_type: event.type_name().to_owned(),
-                schema_version: event.schema_version() as i32,
-                payload: event.to_payload(),
-                metadata: metadata_json.clone(),
-            })
-            .collect();
-        let append = StreamAppend {
-            stream_type: tally_domain::account::STREAM_TYPE.to_owned(),
-            stream_id,
-            expected_version: version,
-            events,
+    streams: &[(Uuid, StreamKind)],
+) -> Result<Vec<(Uuid, Result<Loaded, CommandError>)>, CommandError> {
+    let accounts: Vec<Uuid> = streams
+        .iter()
+        .filter(|(_, kind)| *kind == StreamKind::Account)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut snapshots = snapshot::load_many(store.pool(), &accounts).await?;
+    let mut loaded: Vec<(Uuid, Result<Loaded, CommandError>)> = streams
+        .iter()
+        .map(|(id, kind)| (*id, Ok(from_snapshot(*id, *kind, snapshots.remove(id)))))
+        .collect();
+    let after: Vec<(Uuid, i64)> = loaded
+        .iter()
+        .map(|(id, l)| (*id, l.as_ref().map_or(0, |l| l.version)))
+        .collect();
+    let events = store.read_streams(&after, READ_LIMIT_MAX).await?;
+    let mut read: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
+    for stored in &events {
+        *read.entry(stored.stream_id).or_default() += 1;
+        let Some((_, result)) = loaded.iter_mut().find(|(id, _)| *id == stored.stream_id) else {
+            continue;
         };
-        match append_in(&mut tx, vec![append]).await {
-            Ok(appended) => {
-                let a = &appended[0];
-                let executed = Executed {
-                    account,
-                    version: a.version,
-                    position: a.position,
-                };
-                let response = respond(&executed);
-                if let Some(idem) = idempotency {
-                    idempotency::complete(&mut tx, &idem.key, &response).await?;
-                }
-                tx.commit().await?;
-                return Ok(Outcome::Fresh(response));
-            }
-            Err(StoreError::Conflict { .. }) => {
-                drop(tx);
-                let ceiling = CONFLICT_BACKOFF_BASE * (attempt + 1);
-                let wait = rand::rng().random_range(Duration::ZERO..=ceiling);
-                tracing::debug!(%stream_id, attempt, ?wait, "version conflict; retrying");
-                tokio::time::sleep(wait).await;
-            }
-            Err(other) => return Err(other.into()),
+        if let Ok(state) = result
+            && let Err(error) = fold(stored, state)
+        {
+            *result = Err(error);
         }
     }
-    Err(CommandError::ConflictRetriesExhausted)
+    // A stream longer than one page: page on.
+    for (id, result) in &mut loaded {
+        if read.get(id).copied().unwrap_or(0) == READ_LIMIT_MAX
+            && let Ok(state) = result
+            && let Err(error) = catch_up(store, *id, state).await
+        {
+            *result = Err(error);
+        }
+    }
+    Ok(loaded)
+}
+
+/// The starting point of a load: a usable snapshot, or the empty state.
+fn from_snapshot(stream_id: Uuid, kind: StreamKind, snapshot: Option<snapshot::Snapshot>) -> Loaded {
+    let empty = Loaded {
+        state: State::empty(kind),
+        version: 0,
+        position: 0,
+        snapshot_version: 0,
+    };
+    let Some(snap) = snapshot else {
+        return empty;
+    };
+    if snap.stream_type != kind.stream_type() || snap.state_version != Account::SNAPSHOT_VERSION as i32 {
+        // An old shape: replay instead, and the next snapshot replaces it.
+        return empty;
+    }
+    match serde_json::from_value::<Account>(snap.state) {
+        Ok(account) => Loaded {
+            state: State::Account(account),
+            version: snap.version,
+            position: 0,
+            snapshot_version: snap.version,
+        },
+        Err(error) => {
+            tracing::warn!(%stream_id, %error, "ignoring an unreadable snapshot");
+            empty
+        }
+    }
+}
+
+/// Folds one stored event into `loaded`.
+fn fold(stored: &StoredEvent, loaded: &mut Loaded) -> Result<(), CommandError> {
+    if stored.stream_type != loaded.state.kind().stream_type() {
+        // A client named, say, a transfer id where an account id belongs: for this kind of
+        // stream, there is nothing there.
+        return Err(CommandError::Rejected(match loaded.state.kind() {
+            StreamKind::Account => AccountError::AccountNotFound {
+                account_id: stored.stream_id,
+            },
+            StreamKind::Transfer => AccountError::TransferNotFound,
+        }));
+    }
+    loaded.state.apply_stored(stored)?;
+    loaded.version = stored.version;
+    loaded.position = stored.position;
+    Ok(())
+}
+
+/// Folds in the events appended to the stream after `loaded.version` (by anyone).
+pub async fn catch_up(store: &EventStore, stream_id: Uuid, loaded: &mut Loaded) -> Result<(), CommandError> {
+    loop {
+        let page = store.read_stream(stream_id, loaded.version, READ_LIMIT_MAX).await?;
+        let full = page.len() as i64 == READ_LIMIT_MAX;
+        for stored in &page {
+            fold(stored, loaded)?;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
 }

@@ -2,18 +2,25 @@
 //! state of their stream, and appends the resulting events with optimistic concurrency.
 //!
 //! Path of a command: [`routes`] parses the body into domain types (400/413/415/422 on bad
-//! input) → [`execute`] loads the stream, asks the aggregate, appends, and retries internally
-//! on a version conflict → the response carries the new version and a consistency token.
+//! input) → [`writer`] queues it; a batch of commands (group commit) is decided against the
+//! cached state of their streams and appended in one transaction, retrying internally on a
+//! version conflict → the response carries the new version and a consistency token.
 //! Every error becomes a problem+json in one place, [`error`].
 
+pub mod command;
 pub mod error;
 pub mod execute;
+pub mod expiry;
+pub mod openapi;
 pub mod routes;
+pub mod transfers;
+pub mod writer;
 
 use std::future::Future;
 use std::net::SocketAddr;
 
 use tally_event_store::EventStore;
+use writer::{Writer, WriterConfig};
 
 /// Configuration of the `tally-command-api` binary (flags or `TALLY_*` variables).
 #[derive(Debug, Clone, clap::Parser)]
@@ -37,6 +44,45 @@ pub struct Config {
     /// so a retry is safe however late it comes.
     #[arg(long, env = "TALLY_IDEMPOTENCY_RETENTION_DAYS")]
     pub idempotency_retention_days: Option<u32>,
+    /// Most commands committed in one transaction (group commit); 1 turns it off.
+    #[arg(long, env = "TALLY_GROUP_COMMIT_MAX", default_value_t = WriterConfig::default().batch_max,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=writer::BATCH_MAX_LIMIT as u64))]
+    pub group_commit_max: usize,
+    /// Transactions running at once.
+    #[arg(long, env = "TALLY_GROUP_COMMIT_LANES", default_value_t = WriterConfig::default().lanes,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub group_commit_lanes: usize,
+    /// Microseconds a free lane waits for more commands before committing a small batch.
+    #[arg(long, env = "TALLY_GROUP_COMMIT_WAIT_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub group_commit_wait_us: u64,
+    /// Commands that may wait for the writer; beyond it, 503 with Retry-After.
+    #[arg(long, env = "TALLY_COMMAND_QUEUE_MAX", default_value_t = WriterConfig::default().queue_max)]
+    pub command_queue_max: usize,
+    /// Streams whose state is kept in memory.
+    #[arg(long, env = "TALLY_AGGREGATE_CACHE_MAX", default_value_t = WriterConfig::default().cache_streams_max)]
+    pub aggregate_cache_max: u64,
+    /// How often pending transfers past their deadline are expired, in milliseconds.
+    #[arg(long, env = "TALLY_EXPIRY_INTERVAL_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub expiry_interval_ms: u64,
+    /// Write a snapshot of a stream every this many events.
+    #[arg(long, env = "TALLY_SNAPSHOT_EVERY", default_value_t = WriterConfig::default().snapshot_every,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub snapshot_every: i64,
+}
+
+impl Config {
+    pub fn writer(&self) -> WriterConfig {
+        WriterConfig {
+            batch_max: self.group_commit_max,
+            lanes: self.group_commit_lanes,
+            linger: std::time::Duration::from_micros(self.group_commit_wait_us),
+            queue_max: self.command_queue_max,
+            cache_streams_max: self.aggregate_cache_max,
+            snapshot_every: self.snapshot_every,
+        }
+    }
 }
 
 /// How often expired idempotency keys are pruned, when a retention is configured.
@@ -60,6 +106,8 @@ pub async fn prune_idempotency_keys(store: EventStore, retention: std::time::Dur
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub store: EventStore,
+    /// Every command is run through it.
+    pub writer: Writer,
 }
 
 /// Serves the command API on `listener` until `shutdown` resolves, then drains in-flight

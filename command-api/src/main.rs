@@ -1,6 +1,10 @@
 use clap::Parser;
+use tally_command_api::writer::Writer;
 use tally_command_api::{AppState, Config};
 use tally_event_store::EventStore;
+
+/// Longest wait, after the last request, for queued commands to commit on shutdown.
+const WRITER_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -9,9 +13,27 @@ async fn main() -> anyhow::Result<()> {
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "command API listening");
-    let state = AppState {
-        store: EventStore::new(pool),
-    };
+    let store = EventStore::new(pool);
+    let (writer, drained) = Writer::spawn(store.clone(), config.writer());
+    if let Some(days) = config.idempotency_retention_days {
+        let retention = std::time::Duration::from_secs(u64::from(days) * 86_400);
+        tokio::spawn(tally_command_api::prune_idempotency_keys(store.clone(), retention));
+    }
+    let expiry_interval = std::time::Duration::from_millis(config.expiry_interval_ms);
+    let expiry = tokio::spawn(tally_command_api::expiry::run(
+        store.clone(),
+        writer.clone(),
+        expiry_interval,
+    ));
+    let state = AppState { store, writer };
     tally_command_api::run(listener, state, tally_service::shutdown::signal()).await?;
+    // The worker holds a writer handle too; stop it so the writer can drain and end.
+    expiry.abort();
+    let _ = expiry.await;
+    // Every handler has returned, so every clone of the writer is gone: it finishes what it
+    // has queued and stops.
+    if tokio::time::timeout(WRITER_DRAIN_MAX, drained).await.is_err() {
+        tracing::warn!("the writer did not drain in time");
+    }
     Ok(())
 }

@@ -1,4 +1,7 @@
 //! HTTP routes of the command API. Bodies are parsed into domain types here, at the edge.
+//!
+//! Each handler carries its `#[utoipa::path]` annotation (statuses, problem codes, headers),
+//! from which [`crate::openapi`] builds the document served at `GET /openapi.json`.
 
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -6,15 +9,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, middleware};
 use serde::{Deserialize, Serialize};
-use tally_domain::{AccountCommand, AmountMinor, Currency, Metadata};
+use tally_domain::{Account, AccountCommand, AmountMinor, Currency, Metadata};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse, request_hash};
 use tally_service::token::ConsistencyToken;
 use tally_service::{Json, Problem};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::command::Command;
 use crate::error::ApiError;
-use crate::execute::{Executed, Idempotency, Outcome, execute_account};
+use crate::execute::{Executed, Idempotency, Outcome, Touched};
 
 /// The request header carrying a client's idempotency key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -31,8 +36,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts", post(open_account))
         .route("/v1/accounts/{id}/deposits", post(deposit))
         .route("/v1/accounts/{id}/withdrawals", post(withdraw))
+        .route("/v1/accounts/{id}/freeze", post(freeze))
+        .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
+        .route("/v1/accounts/{id}/close", post(close))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
+        .merge(crate::transfers::routes())
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
@@ -40,7 +50,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn ready(State(state): State<AppState>) -> Response {
+/// `GET /ready`: 200 when the event store answers, else 503 (a load balancer stops routing here).
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "ops",
+    summary = "Readiness: the event store answers",
+    responses(
+        (status = 200, description = "The event store is reachable.", body = String, content_type = "text/plain"),
+        (status = 503, description = "`unavailable`: the event store is unreachable.", body = Problem,
+         content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(state.store.pool()).await {
         Ok(_) => "ready".into_response(),
         Err(_) => Problem::unavailable(1)
@@ -49,50 +71,86 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `POST /v1/accounts`
-#[derive(Debug, Deserialize, Serialize)]
+/// The body of `POST /v1/accounts`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAccountRequest {
+    /// Who owns the account (1 to 200 characters).
+    #[schema(example = "Ada")]
     pub owner: String,
+    /// ISO 4217 code; the account holds only this currency.
+    #[schema(example = "EUR")]
     pub currency: String,
     /// Minor units the account may go below zero; default 0.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub overdraft_limit: i64,
     /// A client-chosen id (UUID); a new UUIDv7 when absent.
     #[serde(default)]
     pub account_id: Option<Uuid>,
 }
 
-/// `POST /v1/accounts/{id}/deposits` and `/withdrawals`
-#[derive(Debug, Deserialize, Serialize)]
+/// The body of `POST /v1/accounts/{id}/deposits` and `/withdrawals`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostingRequest {
-    /// Integer minor units, > 0.
+    /// Integer minor units (cents for EUR), > 0.
+    #[schema(minimum = 1, example = 1000)]
     pub amount: i64,
+    /// Free text for the statement (at most 200 characters).
     #[serde(default)]
+    #[schema(example = "salary")]
     pub reference: String,
 }
 
+/// The body of `POST /v1/accounts/{id}/freeze`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    /// Why, for auditors (1 to 200 characters); stored in the `AccountFrozen` event.
+    #[schema(example = "suspected fraud")]
+    pub reason: String,
+}
+
+/// The body of `POST /v1/accounts/{id}/unfreeze` and `/close`: nothing to say but the command
+/// itself. Still a JSON object, so every command has one shape on the wire, unknown fields are
+/// refused like everywhere else, and an optional field can be added later without breaking
+/// clients.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[schema(description = "The body of `POST /v1/accounts/{id}/unfreeze` and `/close`: the empty object `{}`.")]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
 /// Every accepted account command answers with where the stream now stands.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AccountCommandResponse {
     pub account_id: Uuid,
+    /// The account stream's version after the command (1 after opening).
     pub version: i64,
+    /// Global log position of the command's last event.
     pub position: i64,
+    #[schema(example = "EUR")]
     pub currency: String,
+    /// `open`, `frozen` or `closed`.
+    #[schema(example = "open")]
+    pub status: String,
+    /// Minor units on the account.
     pub balance: i64,
+    /// Minor units reserved by pending transfers.
+    pub held: i64,
+    /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub available: i64,
     /// Pass as `X-Consistency-Token` to a read to see at least this write.
     pub consistency_token: String,
 }
 
-fn parse_currency(text: &str) -> Result<Currency, Problem> {
+pub(crate) fn parse_currency(text: &str) -> Result<Currency, Problem> {
     text.parse().map_err(|e: tally_domain::MoneyError| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-currency", "Invalid currency").detail(e.to_string())
     })
 }
 
-fn parse_amount(amount: i64) -> Result<AmountMinor, Problem> {
+pub(crate) fn parse_amount(amount: i64) -> Result<AmountMinor, Problem> {
     AmountMinor::new(amount).map_err(|e| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "Invalid amount").detail(e.to_string())
     })
@@ -122,8 +180,28 @@ fn idempotency(headers: &HeaderMap, path: &str, body: &impl Serialize) -> Result
     }))
 }
 
+/// The idempotency key a money-moving command must carry: without one, a client that retries
+/// after a timeout could move the money twice.
+pub(crate) fn required_idempotency(
+    headers: &HeaderMap,
+    path: &str,
+    body: &impl Serialize,
+) -> Result<Idempotency, Problem> {
+    idempotency(headers, path, body)?.ok_or_else(|| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency-key-required",
+            "Idempotency-Key required",
+        )
+        .detail(
+            "Money-moving commands need an Idempotency-Key header (1 to 255 visible ASCII characters, \
+             e.g. a UUID); retry with the same key to get the first response back.",
+        )
+    })
+}
+
 /// Metadata from the request: correlation id and trace context when the client sent them.
-fn metadata(headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata {
+pub(crate) fn metadata(headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let correlation_id = header("x-correlation-id")
         .filter(|v| v.len() <= CORRELATION_ID_LEN_MAX)
@@ -139,30 +217,52 @@ fn metadata(headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata 
     }
 }
 
+impl AccountCommandResponse {
+    /// Where account `touched` stands after a command.
+    pub fn new(account: &Account, touched: &Touched) -> Self {
+        let token = ConsistencyToken {
+            stream_id: touched.stream_id,
+            version: touched.version,
+        };
+        Self {
+            account_id: touched.stream_id,
+            version: touched.version,
+            position: touched.position,
+            currency: account.currency.map(String::from).unwrap_or_default(),
+            status: account.status.as_str().to_owned(),
+            balance: account.balance,
+            held: account.held,
+            available: account.available(),
+            consistency_token: token.to_string(),
+        }
+    }
+}
+
 /// The body every accepted account command answers with.
 fn accepted(account_id: Uuid, executed: &Executed) -> StoredResponse {
-    let token = ConsistencyToken {
-        stream_id: account_id,
-        version: executed.version,
-    };
-    let body = AccountCommandResponse {
-        account_id,
-        version: executed.version,
-        position: executed.position,
-        currency: executed.account.currency.map(String::from).unwrap_or_default(),
-        balance: executed.account.balance,
-        available: executed.account.available(),
-        consistency_token: token.to_string(),
-    };
+    let (account, touched) = executed.account(account_id);
     StoredResponse {
         status: StatusCode::CREATED.as_u16(),
-        body: serde_json::to_value(body).expect("responses always serialize"),
+        body: serde_json::to_value(AccountCommandResponse::new(account, touched)).expect("responses always serialize"),
     }
+}
+
+/// Runs an account command through the writer; an accepted one answers with [`accepted`].
+async fn run(
+    state: &AppState,
+    account_id: Uuid,
+    command: AccountCommand,
+    metadata: &Metadata,
+    idempotency: Option<Idempotency>,
+) -> Result<Outcome, ApiError> {
+    let respond = move |executed: &Executed| accepted(account_id, executed);
+    let command = Command::Account { account_id, command };
+    Ok(state.writer.execute(command, metadata, idempotency, respond).await?)
 }
 
 /// Sends a fresh or replayed response, with its consistency token (and `Location` for a new
 /// account) as headers.
-fn respond(outcome: Outcome, location: bool) -> Response {
+pub(crate) fn respond(outcome: Outcome, location: bool) -> Response {
     let (stored, replayed) = match outcome {
         Outcome::Fresh(r) => (r, false),
         Outcome::Replayed(r) => (r, true),
@@ -178,8 +278,16 @@ fn respond(outcome: Outcome, location: bool) -> Response {
         .get("account_id")
         .and_then(|t| t.as_str())
         .map(str::to_owned);
+    let problem = status.is_client_error() || status.is_server_error();
     let mut response = (status, axum::Json(stored.body)).into_response();
     let headers = response.headers_mut();
+    if problem {
+        // A stored refusal, replayed.
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+    }
     if let Some(value) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
         headers.insert("x-consistency-token", value);
     }
@@ -193,7 +301,31 @@ fn respond(outcome: Outcome, location: bool) -> Response {
     response
 }
 
-async fn open_account(
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    summary = "Open an account",
+    params(("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
+    request_body = OpenAccountRequest,
+    responses(
+        (status = 201, description = "Opened.", body = AccountCommandResponse, headers(
+            ("Location" = String, description = "`/v1/accounts/{id}` of the new account."),
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "`account-exists`: the `account_id` is taken; `concurrency-conflict`.",
+         body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`invalid-body`, `invalid-currency`, `invalid-owner`, \
+            `invalid-overdraft-limit`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn open_account(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
@@ -209,19 +341,35 @@ async fn open_account(
         currency,
         overdraft_limit: body.overdraft_limit,
     };
-    let outcome = execute_account(
-        &state.store,
-        account_id,
-        command,
-        &metadata,
-        idempotency.as_ref(),
-        |e| accepted(account_id, e),
-    )
-    .await?;
+    let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, true))
 }
 
-async fn deposit(
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/deposits",
+    tag = "accounts",
+    summary = "Deposit money from outside the ledger",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
+    request_body = PostingRequest,
+    responses(
+        (status = 201, description = "Deposited.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST_KEYED, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`invalid-body`, `invalid-amount`, `invalid-reference`, \
+            `balance-overflow`, `account-closed`, `idempotency-key-reused`. A frozen account accepts deposits.",
+         body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn deposit(
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
@@ -234,7 +382,31 @@ async fn deposit(
     .await
 }
 
-async fn withdraw(
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/withdrawals",
+    tag = "accounts",
+    summary = "Withdraw money out of the ledger",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
+    request_body = PostingRequest,
+    responses(
+        (status = 201, description = "Withdrawn.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST_KEYED, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`insufficient-funds` (with `available` and `requested`), \
+            `account-frozen`, `account-closed`, `invalid-body`, `invalid-amount`, `invalid-reference`, \
+            `balance-overflow`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn withdraw(
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
@@ -257,17 +429,156 @@ async fn posting(
     command: impl FnOnce(AmountMinor, String) -> AccountCommand,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
-    let idempotency = idempotency(&headers, path, &body)?;
-    let metadata = metadata(&headers, idempotency.as_ref());
+    let idempotency = required_idempotency(&headers, path, &body)?;
+    let metadata = metadata(&headers, Some(&idempotency));
     let command = command(parse_amount(body.amount)?, body.reference);
-    let outcome = execute_account(
-        &state.store,
-        account_id,
-        command,
-        &metadata,
-        idempotency.as_ref(),
-        |e| accepted(account_id, e),
-    )
-    .await?;
+    let outcome = run(&state, account_id, command, &metadata, Some(idempotency)).await?;
     Ok(respond(outcome, false))
 }
+
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/freeze",
+    tag = "accounts",
+    summary = "Freeze an account: it refuses debits until unfrozen but still accepts credits",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
+    request_body = FreezeRequest,
+    responses(
+        (status = 201, description = "Frozen.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`account-frozen` (already frozen), `account-closed`, `invalid-reason`, \
+            `invalid-body`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn freeze(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Json(body): Json<FreezeRequest>,
+) -> Result<Response, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    let idempotency = idempotency(&headers, uri.path(), &body)?;
+    let metadata = metadata(&headers, idempotency.as_ref());
+    let command = AccountCommand::Freeze { reason: body.reason };
+    let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
+    Ok(respond(outcome, false))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/unfreeze",
+    tag = "accounts",
+    summary = "Unfreeze a frozen account: debits are accepted again",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
+    request_body = EmptyRequest,
+    responses(
+        (status = 201, description = "Unfrozen.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`account-not-frozen`, `account-closed`, `invalid-body`, \
+            `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn unfreeze(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Json(body): Json<EmptyRequest>,
+) -> Result<Response, ApiError> {
+    bare_command(state, &id, uri.path(), headers, body, AccountCommand::Unfreeze).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/close",
+    tag = "accounts",
+    summary = "Close an account at a zero balance with no holds; final",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
+    request_body = EmptyRequest,
+    responses(
+        (status = 201, description = "Closed.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`balance-not-zero` (with `balance`), `holds-outstanding` (with `held`), \
+            `account-closed`, `invalid-body`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn close(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Json(body): Json<EmptyRequest>,
+) -> Result<Response, ApiError> {
+    bare_command(state, &id, uri.path(), headers, body, AccountCommand::Close).await
+}
+
+/// Unfreeze and close carry nothing but the command itself; their key stays optional (they
+/// move no money, and repeating one is refused by the account's rules anyway).
+async fn bare_command(
+    state: AppState,
+    id: &str,
+    path: &str,
+    headers: HeaderMap,
+    body: EmptyRequest,
+    command: AccountCommand,
+) -> Result<Response, ApiError> {
+    let account_id = parse_account_id(id)?;
+    let idempotency = idempotency(&headers, path, &body)?;
+    let metadata = metadata(&headers, idempotency.as_ref());
+    let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
+    Ok(respond(outcome, false))
+}
+
+// Texts shared by the handlers' OpenAPI annotations (and available to other route modules),
+// so one wording serves every route.
+
+/// Content type of every error response.
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
+const ACCOUNT_ID: &str = "The account's id (a UUID).";
+pub(crate) const IDEMPOTENCY_KEY_REQUIRED: &str = "Required: 1 to 255 visible ASCII characters unique to this \
+    operation (e.g. a UUID). A retry with the same key and request returns the first response \
+    (`Idempotent-Replayed: true`) and takes effect once; the same key with another request is \
+    `422 idempotency-key-reused`.";
+pub(crate) const IDEMPOTENCY_KEY_OPTIONAL: &str = "Optional: 1 to 255 visible ASCII characters unique to this \
+    operation. A retry with the same key and request returns the first response (`Idempotent-Replayed: true`) \
+    and takes effect once; the same key with another request is `422 idempotency-key-reused`.";
+pub(crate) const BAD_REQUEST: &str = "`malformed-json`, `invalid-idempotency-key`.";
+pub(crate) const BAD_REQUEST_KEYED: &str = "`idempotency-key-required`: no Idempotency-Key header; \
+    `invalid-idempotency-key`; `malformed-json`.";
+const NOT_FOUND: &str = "`account-not-found`: no account with this id.";
+pub(crate) const CONFLICT: &str = "`concurrency-conflict`: the account kept changing while the server retried; \
+    retry after `Retry-After` seconds.";
+pub(crate) const PAYLOAD_TOO_LARGE: &str = "`payload-too-large`: the body is over 16 KiB.";
+pub(crate) const UNSUPPORTED_MEDIA_TYPE: &str = "`unsupported-media-type`: send `Content-Type: application/json`.";
+pub(crate) const INTERNAL: &str =
+    "`internal`: a fault on the server's side; the body says nothing internal, the cause is logged.";
+pub(crate) const UNAVAILABLE: &str = "`unavailable`: the event store is unreachable or too many commands are \
+    waiting; retry after `Retry-After` seconds.";

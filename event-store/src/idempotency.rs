@@ -64,32 +64,8 @@ pub async fn claim(
     key: &IdempotencyKey,
     hash: &[u8; 32],
 ) -> Result<Claim, sqlx::Error> {
-    // The placeholder response is never visible to others: `complete` overwrites it before
-    // the transaction commits, and a rollback removes the row.
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
-         VALUES ($1, $2, 0, 'null') ON CONFLICT (key) DO NOTHING",
-    )
-    .bind(key.as_str())
-    .bind(hash.as_slice())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(Claim::Claimed);
-    }
-    let (stored_hash, status, body): (Vec<u8>, i16, serde_json::Value) =
-        sqlx::query_as("SELECT request_hash, response_status, response_body FROM idempotency_keys WHERE key = $1")
-            .bind(key.as_str())
-            .fetch_one(&mut **tx)
-            .await?;
-    if stored_hash != hash.as_slice() {
-        return Ok(Claim::Mismatch);
-    }
-    Ok(Claim::Replay(StoredResponse {
-        status: u16::try_from(status).unwrap_or(500),
-        body,
-    }))
+    let mut claims = claim_many(tx, &[(key, hash)]).await?;
+    Ok(claims.pop().expect("one claim per request"))
 }
 
 /// Stores the response of a claimed key. Call in the claiming transaction, before commit.
@@ -98,12 +74,102 @@ pub async fn complete(
     key: &IdempotencyKey,
     response: &StoredResponse,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE idempotency_keys SET response_status = $2, response_body = $3 WHERE key = $1")
-        .bind(key.as_str())
-        .bind(response.status as i16)
-        .bind(&response.body)
+    complete_many(tx, &[(key, response)]).await
+}
+
+/// Claims many keys in one round trip: the batched form of [`claim`] for group commit.
+/// Returns one [`Claim`] per request, in order. The keys must be distinct.
+///
+/// Keys are inserted in sorted order, so two transactions claiming overlapping key sets
+/// block on each other instead of deadlocking.
+pub async fn claim_many(
+    tx: &mut Transaction<'_, Postgres>,
+    requests: &[(&IdempotencyKey, &[u8; 32])],
+) -> Result<Vec<Claim>, sqlx::Error> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&str> = requests.iter().map(|(k, _)| k.as_str()).collect();
+    let hashes: Vec<&[u8]> = requests.iter().map(|(_, h)| h.as_slice()).collect();
+    let claimed: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
+         SELECT t.key, t.hash, 0, 'null' FROM UNNEST($1::text[], $2::bytea[]) AS t(key, hash) ORDER BY t.key \
+         ON CONFLICT (key) DO NOTHING RETURNING key",
+    )
+    .bind(&keys)
+    .bind(&hashes)
+    .fetch_all(&mut **tx)
+    .await?;
+    let claimed: std::collections::HashSet<String> = claimed.into_iter().collect();
+    let taken: Vec<&str> = keys.iter().copied().filter(|k| !claimed.contains(*k)).collect();
+    let mut stored = std::collections::HashMap::new();
+    if !taken.is_empty() {
+        let rows: Vec<(String, Vec<u8>, i16, serde_json::Value)> = sqlx::query_as(
+            "SELECT key, request_hash, response_status, response_body FROM idempotency_keys WHERE key = ANY($1)",
+        )
+        .bind(&taken)
+        .fetch_all(&mut **tx)
+        .await?;
+        stored.extend(
+            rows.into_iter()
+                .map(|(key, hash, status, body)| (key, (hash, status, body))),
+        );
+    }
+    Ok(requests
+        .iter()
+        .map(|(key, hash)| {
+            if claimed.contains(key.as_str()) {
+                return Claim::Claimed;
+            }
+            match stored.get(key.as_str()) {
+                Some((stored_hash, status, body)) if stored_hash.as_slice() == hash.as_slice() => {
+                    Claim::Replay(StoredResponse {
+                        status: u16::try_from(*status).unwrap_or(500),
+                        body: body.clone(),
+                    })
+                }
+                // A different request, or (pruned between the two statements) gone: never
+                // run a request twice on a guess.
+                _ => Claim::Mismatch,
+            }
+        })
+        .collect())
+}
+
+/// Gives back keys claimed in `tx` whose commands were refused, so a later retry of the same
+/// request runs again (a refusal is not a stored outcome).
+pub async fn release_many(tx: &mut Transaction<'_, Postgres>, keys: &[&IdempotencyKey]) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = ANY($1)")
+        .bind(&keys)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Stores the responses of many claimed keys in one round trip: the batched [`complete`].
+pub async fn complete_many(
+    tx: &mut Transaction<'_, Postgres>,
+    responses: &[(&IdempotencyKey, &StoredResponse)],
+) -> Result<(), sqlx::Error> {
+    if responses.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = responses.iter().map(|(k, _)| k.as_str()).collect();
+    let statuses: Vec<i16> = responses.iter().map(|(_, r)| r.status as i16).collect();
+    let bodies: Vec<String> = responses.iter().map(|(_, r)| r.body.to_string()).collect();
+    sqlx::query(
+        "UPDATE idempotency_keys AS k SET response_status = t.status, response_body = t.body::json \
+         FROM UNNEST($1::text[], $2::smallint[], $3::text[]) AS t(key, status, body) WHERE k.key = t.key",
+    )
+    .bind(&keys)
+    .bind(&statuses)
+    .bind(&bodies)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod hash;
 pub mod idempotency;
 pub mod partition;
 pub mod relay;
+pub mod snapshot;
 pub mod verify;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -64,6 +65,27 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
+impl StoreError {
+    /// A failure that says nothing about the request and goes away if it is simply tried again:
+    /// a deadlock or serialization failure between concurrent transactions.
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Database(sqlx::Error::Database(db)) = self else {
+            return false;
+        };
+        matches!(db.code().as_deref(), Some("40P01" | "40001"))
+    }
+
+    /// The database could not be reached or the connection broke (retry later: 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+            )
+        )
+    }
+}
+
 /// An event to be appended.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -92,6 +114,14 @@ pub struct Appended {
     /// The stream's version after the append.
     pub version: i64,
     /// Global position of the stream's last appended event.
+    pub position: i64,
+}
+
+/// Where one appended event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AppendedEvent {
+    pub stream_id: Uuid,
+    pub version: i64,
     pub position: i64,
 }
 
@@ -213,6 +243,30 @@ impl EventStore {
         Ok(rows.iter().map(stored_event).collect::<Result<_, _>>()?)
     }
 
+    /// Reads the events of many streams in one round trip: for each `(stream, after_version)`,
+    /// up to `limit_each` events with `version > after_version`, in `(stream, version)` order.
+    /// A stream that returns `limit_each` events may have more: page on with [`Self::read_stream`].
+    pub async fn read_streams(&self, streams: &[(Uuid, i64)], limit_each: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
+        let after: Vec<i64> = streams.iter().map(|(_, v)| *v).collect();
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM UNNEST($1::uuid[], $2::bigint[]) AS s(sid, after_version) \
+             CROSS JOIN LATERAL (SELECT * FROM events WHERE stream_id = s.sid AND version > s.after_version \
+                                 ORDER BY version LIMIT $3) e \
+             ORDER BY stream_id, version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&ids)
+            .bind(&after)
+            .bind(limit_each.clamp(1, READ_LIMIT_MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(stored_event).collect::<Result<_, _>>()?)
+    }
+
     /// Reads up to `limit` events after `after`, in commit order, **gap-safely**.
     ///
     /// Only events written by transactions older than the oldest transaction still running
@@ -238,11 +292,36 @@ impl EventStore {
 }
 
 /// Appends inside a caller's transaction (the command API stores idempotency records in the
-/// same transaction).
+/// same transaction). Returns where each stream now stands.
 pub async fn append_in(
     tx: &mut Transaction<'_, Postgres>,
-    mut appends: Vec<StreamAppend>,
+    appends: Vec<StreamAppend>,
 ) -> Result<Vec<Appended>, StoreError> {
+    let events = append_events_in(tx, appends).await?;
+    let mut appended: Vec<Appended> = Vec::new();
+    for event in events {
+        match appended.iter_mut().find(|a| a.stream_id == event.stream_id) {
+            Some(a) if a.version < event.version => {
+                a.version = event.version;
+                a.position = event.position;
+            }
+            Some(_) => {}
+            None => appended.push(Appended {
+                stream_id: event.stream_id,
+                version: event.version,
+                position: event.position,
+            }),
+        }
+    }
+    Ok(appended)
+}
+
+/// Like [`append_in`], but returns the version and position of every event, for a caller
+/// that packed several commands into one append (group commit) and answers each of them.
+pub async fn append_events_in(
+    tx: &mut Transaction<'_, Postgres>,
+    mut appends: Vec<StreamAppend>,
+) -> Result<Vec<AppendedEvent>, StoreError> {
     let total: usize = appends.iter().map(|a| a.events.len()).sum();
     if total == 0 || total > APPEND_EVENTS_MAX {
         return Err(StoreError::InvalidAppend(format!(
@@ -305,24 +384,17 @@ pub async fn append_in(
     .await
     .map_err(|e| conflict_or_database(e, &appends))?;
 
-    let mut appended: Vec<Appended> = Vec::with_capacity(appends.len());
-    for row in rows {
-        let stream_id: Uuid = row.try_get("stream_id")?;
-        let version: i64 = row.try_get("version")?;
-        let position: i64 = row.try_get("position")?;
-        match appended.iter_mut().find(|a| a.stream_id == stream_id) {
-            Some(a) if a.version < version => {
-                a.version = version;
-                a.position = position;
-            }
-            Some(_) => {}
-            None => appended.push(Appended {
-                stream_id,
-                version,
-                position,
-            }),
-        }
-    }
+    let mut appended = rows
+        .iter()
+        .map(|row| {
+            Ok(AppendedEvent {
+                stream_id: row.try_get("stream_id")?,
+                version: row.try_get("version")?,
+                position: row.try_get("position")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    appended.sort_by_key(|e| (e.stream_id, e.version));
     Ok(appended)
 }
 
@@ -364,15 +436,28 @@ fn conflict_or_database(error: sqlx::Error, appends: &[StreamAppend]) -> StoreEr
         && db.code().as_deref() == Some("23505")
         && db.constraint() == Some("events_pkey")
     {
-        // The message does not say which stream lost; report the first, the caller
-        // reloads all of them anyway.
-        let first = &appends[0];
+        // The detail names the key that already exists: `Key (stream_id, version)=(<uuid>, 7)
+        // already exists.` Report that stream, so a caller holding several can reload just it.
+        let detail = db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail());
+        let lost = detail
+            .and_then(conflicting_stream)
+            .and_then(|id| appends.iter().find(|a| a.stream_id == id))
+            .unwrap_or(&appends[0]);
         return StoreError::Conflict {
-            stream_id: first.stream_id,
-            expected: first.expected_version,
+            stream_id: lost.stream_id,
+            expected: lost.expected_version,
         };
     }
     StoreError::Database(error)
+}
+
+/// The stream id in a unique-violation detail of `events_pkey`.
+fn conflicting_stream(detail: &str) -> Option<Uuid> {
+    let start = detail.find(")=(")? + 3;
+    let end = start + detail[start..].find(',')?;
+    Uuid::try_parse(detail[start..end].trim()).ok()
 }
 
 /// Column arrays for the UNNEST insert.
@@ -417,5 +502,19 @@ impl Columns {
         self.metadata.push(event.metadata.clone());
         self.prev_hash.push(prev_hash);
         self.hash.push(hash.to_vec());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_primary_key_violation_names_the_stream_that_lost() {
+        let id = Uuid::now_v7();
+        let detail = format!("Key (stream_id, version)=({id}, 7) already exists.");
+        assert_eq!(conflicting_stream(&detail), Some(id));
+        assert_eq!(conflicting_stream("Key (stream_id)=(nope) already exists."), None);
+        assert_eq!(conflicting_stream("something else"), None);
     }
 }

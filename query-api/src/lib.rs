@@ -3,6 +3,7 @@
 //! Instances share nothing, so more of them can be added behind a load balancer at will.
 //! Reads go to the replica pool; the primary is used only when no replica URL is configured.
 
+pub mod openapi;
 pub mod routes;
 
 use std::future::Future;

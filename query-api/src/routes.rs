@@ -1,4 +1,5 @@
-//! HTTP routes of the query API.
+//! HTTP routes of the query API. Each handler carries its `#[utoipa::path]` annotation, from
+//! which [`crate::openapi`] builds the document served at `GET /openapi.json`.
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -9,6 +10,7 @@ use serde::Serialize;
 use sqlx::Row;
 use tally_service::Problem;
 use tally_service::errors::ErrorReport;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -16,6 +18,7 @@ use crate::AppState;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/accounts/{id}", get(get_account))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
         .fallback(tally_service::problem::fallback)
@@ -24,7 +27,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn ready(State(state): State<AppState>) -> Response {
+/// `GET /ready`: 200 when the read database answers, else 503.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "ops",
+    summary = "Readiness: the read database answers",
+    responses(
+        (status = 200, description = "The read database is reachable.", body = String, content_type = "text/plain"),
+        (status = 503, description = "`unavailable`: the read database is unreachable.", body = Problem,
+         content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.reads).await {
         Ok(_) => "ready".into_response(),
         Err(_) => Problem::unavailable(1)
@@ -33,15 +48,26 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/accounts/{id}`
-#[derive(Debug, Serialize)]
+/// Content type of every error response.
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An account as its read model shows it (`GET /v1/accounts/{id}`).
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AccountView {
     pub account_id: Uuid,
+    #[schema(example = "Ada")]
     pub owner: String,
+    /// ISO 4217 code.
+    #[schema(example = "EUR")]
     pub currency: String,
+    /// Minor units on the account.
     pub balance: i64,
+    /// Minor units reserved by pending transfers (holds).
     pub held: i64,
+    /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub available: i64,
+    /// `open`, `frozen` or `closed`.
+    #[schema(example = "open")]
     pub status: String,
     /// The account stream version this view reflects.
     pub version: i64,
@@ -56,7 +82,21 @@ fn unavailable(error: &sqlx::Error) -> Response {
     response
 }
 
-async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}",
+    tag = "accounts",
+    summary = "An account's balance and status, as projected from its events",
+    params(("id" = Uuid, Path, description = "The account's id (a UUID).")),
+    responses(
+        (status = 200, description = "The account as of `version`.", body = AccountView),
+        (status = 404, description = "`account-not-found`: no account with this id (or the projection has not \
+            reached it yet).", body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = "`unavailable`: the read database is unreachable; retry after \
+            `Retry-After` seconds.", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let Ok(account_id) = Uuid::try_parse(&id) else {
         return Problem::not_found("account-not-found", "No account with this id.").into_response();
     };

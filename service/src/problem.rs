@@ -9,17 +9,33 @@ pub const PROBLEM_TYPE_BASE: &str = "https://tally.dev/problems/";
 
 /// A problem detail. `type` is stable per refusal so clients can branch on it; `detail` is for
 /// humans. 5xx problems never carry internals: use [`Problem::internal`].
-#[derive(Debug, Clone, Serialize)]
+///
+/// It is also the `Problem` schema of both OpenAPI documents (served as
+/// `application/problem+json`), so the field docs below are written for API clients.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(description = "An RFC 9457 problem detail. `type` is stable per kind of refusal \
+                   (`https://tally.dev/problems/<code>`): branch on it, not on `title` or `detail`. \
+                   Extension members carry the numbers behind a refusal (e.g. `available` and \
+                   `requested` on insufficient-funds).")]
 pub struct Problem {
+    /// `https://tally.dev/problems/<code>`, one stable code per kind of refusal.
     #[serde(rename = "type")]
+    #[schema(format = "uri", example = "https://tally.dev/problems/insufficient-funds")]
     pub type_uri: String,
+    /// A short summary of the kind of problem, for humans.
+    #[schema(example = "Insufficient funds")]
     pub title: String,
+    /// The HTTP status code, repeated.
+    #[schema(example = 422)]
     pub status: u16,
+    /// What went wrong in this occurrence, for humans.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, example = "insufficient funds: 700 available, 800 requested")]
     pub detail: Option<String>,
     /// Extension members (RFC 9457 §3.2), e.g. `available` on insufficient funds.
     #[serde(flatten, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extensions: serde_json::Map<String, serde_json::Value>,
+    /// Sent as the `Retry-After` header, not in the body.
     #[serde(skip)]
     pub retry_after_s: Option<u64>,
 }
@@ -101,6 +117,13 @@ pub async fn method_not_allowed() -> Problem {
 }
 
 /// `GET /health`: the process is alive and serving (dependencies are `/ready`'s business).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "ops",
+    summary = "Liveness: the process is alive and serving",
+    responses((status = 200, description = "The process is alive.", body = String, content_type = "text/plain"))
+)]
 pub async fn health() -> &'static str {
     "ok"
 }

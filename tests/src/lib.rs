@@ -293,6 +293,21 @@ pub async fn wait_ready(base: &str, proc: &Proc) {
     }
 }
 
+/// A command API alone on `db` (no relay, projector or query API), with extra `env`; ready
+/// when this returns. Returns its base URL and process.
+pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (String, Proc) {
+    let port = free_port();
+    let mut all = vec![
+        ("TALLY_DATABASE_URL", db.url.clone()),
+        ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
+    ];
+    all.extend(env.iter().cloned());
+    let proc = Proc::spawn("tally-command-api", &all);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&base, &proc).await;
+    (base, proc)
+}
+
 /// Every Tally service for one test, on its own database and NATS stream.
 #[derive(Debug)]
 pub struct Stack {

@@ -3,7 +3,7 @@
 //! - `up`: the whole stack on this machine (Postgres primary + replica and NATS from the
 //!   installed binaries, then every Tally service), until Ctrl-C.
 //! - `test`: the same ephemeral services, then the whole workspace test suite.
-//! - `schemas`: rewrites the checked-in JSON Schemas from the code.
+//! - `schemas`: rewrites the checked-in JSON Schemas and OpenAPI documents from the code.
 
 mod stack;
 
@@ -30,7 +30,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Write schemas/events/*.json from the code.
+    /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
     Schemas,
 }
 
@@ -78,6 +78,23 @@ fn write_schemas() -> anyhow::Result<()> {
     for (file, schema) in tally_schemas::current_event_schemas() {
         let path = dir.join(&file);
         std::fs::write(&path, tally_schemas::render(&schema)).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let documents = [
+        (
+            tally_command_api::openapi::checked_in_path(),
+            tally_command_api::openapi::render(),
+        ),
+        (
+            tally_query_api::openapi::checked_in_path(),
+            tally_query_api::openapi::render(),
+        ),
+    ];
+    for (path, text) in documents {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -159,6 +159,8 @@ async fn seed(client: &reqwest::Client, command: &str) -> anyhow::Result<Vec<Str
         let id = opened["account_id"].as_str().context("no account_id")?.to_owned();
         client
             .post(format!("{command}/v1/accounts/{id}/deposits"))
+            // Deposits require a key; one per account, so the seed deposit happens once.
+            .header("Idempotency-Key", format!("seed-{id}"))
             .json(&serde_json::json!({ "amount": amount, "reference": "seed" }))
             .send()
             .await?
@@ -326,8 +328,10 @@ fn print_banner(
 
   ID=$(curl -s -X POST {command}/v1/accounts -H 'content-type: application/json' \
         -d '{{"owner":"Ada","currency":"EUR"}}' | sed -E 's/.*"account_id":"([^"]+)".*/\1/')
-  curl -s -X POST {command}/v1/accounts/$ID/deposits -H 'content-type: application/json' -d '{{"amount":1000,"reference":"salary"}}'
-  curl -s -X POST {command}/v1/accounts/$ID/withdrawals -H 'content-type: application/json' -d '{{"amount":300,"reference":"rent"}}'
+  curl -s -X POST {command}/v1/accounts/$ID/deposits -H 'content-type: application/json' \
+       -H "Idempotency-Key: salary-$ID" -d '{{"amount":1000,"reference":"salary"}}'
+  curl -s -X POST {command}/v1/accounts/$ID/withdrawals -H 'content-type: application/json' \
+       -H "Idempotency-Key: rent-$ID" -d '{{"amount":300,"reference":"rent"}}'
   curl -s {q}/v1/accounts/$ID
 
 Ctrl-C stops everything."#

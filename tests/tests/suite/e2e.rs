@@ -7,10 +7,17 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_tests::{Stack, eventually};
 
+/// POSTs `body` with a fresh `Idempotency-Key`, as a careful client does (money-moving
+/// commands require one).
 async fn post(client: &reqwest::Client, url: &str, body: Value) -> (StatusCode, Value) {
-    let response = client.post(url).json(&body).send().await.unwrap();
+    let response = keyed(client.post(url)).json(&body).send().await.unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The request with a fresh, unique `Idempotency-Key`.
+fn keyed(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    request.header("Idempotency-Key", uuid::Uuid::now_v7().to_string())
 }
 
 #[tokio::test]
@@ -89,32 +96,31 @@ async fn refused_and_malformed_commands_get_problem_details_with_the_right_statu
     let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (
             "overdraw",
-            client.post(&withdrawals).json(&json!({"amount": 1})),
+            keyed(client.post(&withdrawals)).json(&json!({"amount": 1})),
             StatusCode::UNPROCESSABLE_ENTITY,
             "insufficient-funds",
         ),
         (
             "zero amount",
-            client.post(&withdrawals).json(&json!({"amount": 0})),
+            keyed(client.post(&withdrawals)).json(&json!({"amount": 0})),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-amount",
         ),
         (
             "fractional amount",
-            client.post(&withdrawals).json(&json!({"amount": 1.5})),
+            keyed(client.post(&withdrawals)).json(&json!({"amount": 1.5})),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "unknown field",
-            client.post(&withdrawals).json(&json!({"amount": 1, "extra": true})),
+            keyed(client.post(&withdrawals)).json(&json!({"amount": 1, "extra": true})),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "malformed JSON",
-            client
-                .post(&withdrawals)
+            keyed(client.post(&withdrawals))
                 .header("content-type", "application/json")
                 .body("{\"amount\":"),
             StatusCode::BAD_REQUEST,
@@ -122,14 +128,13 @@ async fn refused_and_malformed_commands_get_problem_details_with_the_right_statu
         ),
         (
             "no content type",
-            client.post(&withdrawals).body("{\"amount\":1}"),
+            keyed(client.post(&withdrawals)).body("{\"amount\":1}"),
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported-media-type",
         ),
         (
             "huge body",
-            unpooled
-                .post(&withdrawals)
+            keyed(unpooled.post(&withdrawals))
                 .header("content-type", "application/json")
                 .body(format!("{{\"reference\":\"{}\"}}", "x".repeat(100_000))),
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -137,21 +142,18 @@ async fn refused_and_malformed_commands_get_problem_details_with_the_right_statu
         ),
         (
             "unknown account",
-            client
-                .post(format!(
-                    "{}/v1/accounts/{}/deposits",
-                    stack.command,
-                    uuid::Uuid::now_v7()
-                ))
-                .json(&json!({"amount": 1})),
+            keyed(client.post(format!(
+                "{}/v1/accounts/{}/deposits",
+                stack.command,
+                uuid::Uuid::now_v7()
+            )))
+            .json(&json!({"amount": 1})),
             StatusCode::NOT_FOUND,
             "account-not-found",
         ),
         (
             "not a uuid",
-            client
-                .post(format!("{}/v1/accounts/nope/deposits", stack.command))
-                .json(&json!({"amount": 1})),
+            keyed(client.post(format!("{}/v1/accounts/nope/deposits", stack.command))).json(&json!({"amount": 1})),
             StatusCode::NOT_FOUND,
             "account-not-found",
         ),

@@ -120,7 +120,9 @@ async fn concurrent_requests_with_one_key_produce_exactly_one_effect() {
 }
 
 #[tokio::test]
-async fn a_refused_command_does_not_use_up_its_key() {
+async fn a_refused_command_is_refused_again_on_retry_even_after_the_state_changed() {
+    // A client that saw "insufficient funds" may have moved on (paid another way, under a new
+    // key); a late retry of the old request must not move the money after all.
     let stack = Stack::start().await;
     let client = reqwest::Client::new();
     let id = open(&client, &stack).await;
@@ -138,12 +140,11 @@ async fn a_refused_command_does_not_use_up_its_key() {
     let retried = post_with_key(&client, &withdrawals, &key, json!({"amount": 500})).await;
 
     assert_eq!(refused.0, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(retried.0, StatusCode::CREATED, "{}", retried.2);
-    assert!(
-        !retried.1,
-        "nothing was stored for the refused attempt, so this one ran"
-    );
-    assert_eq!(retried.2["balance"], 500);
+    assert_eq!(refused.2["type"], "https://tally.dev/problems/insufficient-funds");
+    assert_eq!(retried.0, StatusCode::UNPROCESSABLE_ENTITY, "{}", retried.2);
+    assert!(retried.1, "the stored refusal is replayed");
+    assert_eq!(retried.2, refused.2, "exactly the first answer");
+    assert_eq!(event_count(&stack, &id).await, 2, "opened + the deposit; no withdrawal");
 }
 
 #[tokio::test]
@@ -159,4 +160,44 @@ async fn a_malformed_idempotency_key_is_a_400_problem() {
         assert_eq!(body["type"], "https://tally.dev/problems/invalid-idempotency-key");
     }
     assert_eq!(event_count(&stack, &id).await, 1);
+}
+
+#[tokio::test]
+async fn a_deposit_or_withdrawal_without_a_key_is_a_400_problem_and_changes_nothing() {
+    let stack = Stack::start().await;
+    let client = reqwest::Client::new();
+    let id = open(&client, &stack).await;
+    post_with_key(
+        &client,
+        &format!("{}/v1/accounts/{id}/deposits", stack.command),
+        &Uuid::now_v7().to_string(),
+        json!({"amount": 1000}),
+    )
+    .await;
+
+    for route in ["deposits", "withdrawals"] {
+        let response = client
+            .post(format!("{}/v1/accounts/{id}/{route}", stack.command))
+            .json(&json!({"amount": 100}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{route}");
+        assert_eq!(
+            response.headers().get("content-type").unwrap(),
+            "application/problem+json",
+            "{route}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(
+            problem["type"], "https://tally.dev/problems/idempotency-key-required",
+            "{route}: {problem}"
+        );
+        assert_eq!(problem["status"], 400);
+        assert!(
+            problem["detail"].as_str().unwrap().contains("Idempotency-Key"),
+            "the detail says how to send one: {problem}"
+        );
+    }
+    assert_eq!(event_count(&stack, &id).await, 2, "opened + the keyed deposit only");
 }

@@ -5,5 +5,8 @@ mod audit;
 mod e2e;
 mod event_store;
 mod idempotency;
+mod lifecycle;
 mod relay;
 mod schemas;
+mod transfers;
+mod writer;

@@ -34,12 +34,14 @@ async fn an_account_stored_as_v1_is_upcast_by_the_command_path_and_the_projector
 
     let deposit = client
         .post(format!("{}/v1/accounts/{id}/deposits", stack.command))
+        .header("Idempotency-Key", Uuid::now_v7().to_string())
         .json(&json!({"amount": 500}))
         .send()
         .await
         .unwrap();
     let overdraw = client
         .post(format!("{}/v1/accounts/{id}/withdrawals", stack.command))
+        .header("Idempotency-Key", Uuid::now_v7().to_string())
         .json(&json!({"amount": 600}))
         .send()
         .await

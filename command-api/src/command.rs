@@ -1,0 +1,154 @@
+//! The commands the writer runs: which streams each touches, and how each is decided. Pure:
+//! deciding reads states that were loaded before and returns events; it does no IO.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tally_domain::{
+    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, Transfer, TransferCommand, TransferDecision,
+    TransferEvent, ledger,
+};
+use tally_event_store::NewEvent;
+use uuid::Uuid;
+
+use crate::execute::{Loaded, State, StreamKind};
+
+/// A command for the writer.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// A command on one account (open, deposit, withdraw, freeze, unfreeze, close).
+    Account { account_id: Uuid, command: AccountCommand },
+    /// An immediate or pending transfer: both accounts and the transfer's own stream.
+    Transfer(TransferCommand),
+    /// Post a pending transfer (all of the hold, or `amount` of it). `from` and `to` are the
+    /// transfer's, read from its stream before (they never change once it exists).
+    Post {
+        transfer_id: Uuid,
+        from: Uuid,
+        to: Uuid,
+        amount: Option<AmountMinor>,
+    },
+    /// Release a pending transfer's hold at a client's request.
+    Void { transfer_id: Uuid, from: Uuid },
+    /// Release a pending transfer's hold past its deadline (the expiry worker).
+    Expire { transfer_id: Uuid, from: Uuid },
+}
+
+impl Command {
+    /// Every stream the command reads or may append to.
+    pub fn streams(&self) -> Vec<(Uuid, StreamKind)> {
+        use StreamKind::{Account, Transfer};
+        match self {
+            Command::Account { account_id, .. } => vec![(*account_id, Account)],
+            Command::Transfer(t) => vec![(t.from, Account), (t.to, Account), (t.transfer_id, Transfer)],
+            Command::Post {
+                transfer_id, from, to, ..
+            } => vec![(*from, Account), (*to, Account), (*transfer_id, Transfer)],
+            Command::Void { transfer_id, from } | Command::Expire { transfer_id, from } => {
+                vec![(*from, Account), (*transfer_id, Transfer)]
+            }
+        }
+    }
+}
+
+/// New events for one stream.
+#[derive(Debug, Clone)]
+pub enum Events {
+    Account(Vec<AccountEvent>),
+    Transfer(Vec<TransferEvent>),
+}
+
+impl Events {
+    fn is_empty(&self) -> bool {
+        match self {
+            Events::Account(e) => e.is_empty(),
+            Events::Transfer(e) => e.is_empty(),
+        }
+    }
+
+    /// Folds the events into `loaded` and returns them as rows to append.
+    pub fn record(self, loaded: &mut Loaded, metadata: &str) -> Vec<NewEvent> {
+        let row = |event_type: &str, schema_version: u32, payload: String| NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.to_owned(),
+            schema_version: schema_version as i32,
+            payload,
+            metadata: metadata.to_owned(),
+        };
+        let rows: Vec<NewEvent> = match (self, &mut loaded.state) {
+            (Events::Account(events), State::Account(account)) => events
+                .into_iter()
+                .map(|e| {
+                    let new = row(e.type_name(), e.schema_version(), e.to_payload());
+                    cqrs_es::Aggregate::apply(account, e);
+                    new
+                })
+                .collect(),
+            (Events::Transfer(events), State::Transfer(transfer)) => events
+                .into_iter()
+                .map(|e| {
+                    let new = row(e.type_name(), e.schema_version(), e.to_payload());
+                    transfer.apply(e);
+                    new
+                })
+                .collect(),
+            _ => unreachable!("events are only decided for streams of their own kind"),
+        };
+        loaded.version += rows.len() as i64;
+        rows
+    }
+}
+
+/// Decides `command` at `now` on `states`, which hold every stream of [`Command::streams`].
+/// Returns the events per stream (streams without events are left out).
+pub fn decide(
+    command: &Command,
+    states: &HashMap<Uuid, Loaded>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(Uuid, Events)>, AccountError> {
+    let account = |id: &Uuid| -> &Account { states[id].account().expect("loaded as an account stream") };
+    let transfer = |id: &Uuid| -> &Transfer { states[id].transfer().expect("loaded as a transfer stream") };
+    // (decision, source, destination if it gets events, transfer stream)
+    let (decision, from, to, transfer_id): (TransferDecision, Uuid, Option<Uuid>, Uuid) = match command {
+        Command::Account { account_id, command } => {
+            let events = account(account_id).decide(command.clone())?;
+            return Ok(vec![(*account_id, Events::Account(events))]);
+        }
+        Command::Transfer(t) => (
+            ledger::decide_transfer(t, account(&t.from), account(&t.to), transfer(&t.transfer_id), now)?,
+            t.from,
+            Some(t.to),
+            t.transfer_id,
+        ),
+        Command::Post {
+            transfer_id,
+            from,
+            to,
+            amount,
+        } => (
+            ledger::decide_post(transfer(transfer_id), account(from), account(to), *amount, now)?,
+            *from,
+            Some(*to),
+            *transfer_id,
+        ),
+        Command::Void { transfer_id, from } => (
+            ledger::decide_void(transfer(transfer_id), account(from), now)?,
+            *from,
+            None,
+            *transfer_id,
+        ),
+        Command::Expire { transfer_id, from } => (
+            ledger::decide_expire(transfer(transfer_id), account(from), now)?,
+            *from,
+            None,
+            *transfer_id,
+        ),
+    };
+    let mut out = vec![(from, Events::Account(decision.from_events))];
+    if let Some(to) = to {
+        out.push((to, Events::Account(decision.to_events)));
+    }
+    out.push((transfer_id, Events::Transfer(decision.transfer_events)));
+    out.retain(|(_, events)| !events.is_empty());
+    Ok(out)
+}

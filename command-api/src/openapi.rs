@@ -1,0 +1,147 @@
+//! The command API's OpenAPI document, built by utoipa from the handlers' `#[utoipa::path]`
+//! annotations and the request/response types' `ToSchema` derives, so it cannot describe a
+//! route the code does not serve. It is served at `GET /openapi.json` and checked in as
+//! `schemas/openapi/command-api.json` (`cargo xtask schemas` rewrites it); a unit test fails
+//! when the two differ, so a change to the API shows up in review as a change to that file.
+
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use tally_service::Problem;
+use utoipa::OpenApi;
+
+use crate::routes::{AccountCommandResponse, EmptyRequest, FreezeRequest, OpenAccountRequest, PostingRequest};
+
+/// The routes and schemas of the account commands and the ops endpoints.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tally command API",
+        description = "Commands on the Tally ledger. Money is an integer number of minor units with an \
+                       ISO 4217 currency. Every error is an RFC 9457 `application/problem+json` whose \
+                       `type` is `https://tally.dev/problems/<code>`, stable per kind of refusal."
+    ),
+    paths(
+        crate::routes::open_account,
+        crate::routes::deposit,
+        crate::routes::withdraw,
+        crate::routes::freeze,
+        crate::routes::unfreeze,
+        crate::routes::close,
+        tally_service::problem::health,
+        crate::routes::ready,
+    ),
+    components(schemas(
+        OpenAccountRequest,
+        PostingRequest,
+        FreezeRequest,
+        EmptyRequest,
+        AccountCommandResponse,
+        Problem
+    )),
+    tags(
+        (name = "accounts", description = "Open accounts and move money in and out of them."),
+        (name = "ops", description = "Liveness and readiness probes."),
+    )
+)]
+struct AccountsApi;
+
+/// The whole document of the command API: the account routes plus every other route group.
+///
+/// To add a route group (e.g. transfers): annotate its handlers with `#[utoipa::path]`, derive
+/// `OpenApi` on a struct next to them listing those paths and their schemas (say
+/// `crate::transfers::TransfersApi`), chain `.merge_from(crate::transfers::TransfersApi::openapi())`
+/// below, then run `cargo xtask schemas` to update the checked-in file.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut document = AccountsApi::openapi();
+    document.merge(crate::transfers::TransfersApi::openapi());
+    document
+}
+
+/// The document as checked in and served: pretty-printed, with a trailing newline.
+pub fn render() -> String {
+    let mut text = document()
+        .to_pretty_json()
+        .expect("an OpenAPI document always serializes");
+    text.push('\n');
+    text
+}
+
+/// Where the rendered document is checked in.
+pub fn checked_in_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate lives inside the workspace")
+        .join("schemas/openapi/command-api.json")
+}
+
+/// Rendered once: the document is fixed at compile time.
+static RENDERED: LazyLock<String> = LazyLock::new(render);
+
+/// `GET /openapi.json`
+pub(crate) async fn serve() -> Response {
+    let mut response = RENDERED.as_str().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_served_document_matches_the_checked_in_file() {
+        let response = serve().await;
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let served = String::from_utf8(body.to_vec()).unwrap();
+        let path = checked_in_path();
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            served == checked_in,
+            "{} differs from the document the command API serves; run `cargo xtask schemas` and \
+             review the change",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn every_command_route_is_documented_with_its_problems() {
+        let document = document();
+        for path in [
+            "/v1/accounts",
+            "/v1/accounts/{id}/deposits",
+            "/v1/accounts/{id}/withdrawals",
+            "/v1/accounts/{id}/freeze",
+            "/v1/accounts/{id}/unfreeze",
+            "/v1/accounts/{id}/close",
+            "/v1/transfers",
+            "/v1/transfers/{id}/post",
+            "/v1/transfers/{id}/void",
+        ] {
+            let item = document
+                .paths
+                .paths
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is missing"));
+            let post = item.post.as_ref().unwrap_or_else(|| panic!("{path} has no POST"));
+            for status in ["400", "413", "415", "422", "500", "503"] {
+                let response = post
+                    .responses
+                    .responses
+                    .get(status)
+                    .unwrap_or_else(|| panic!("{path} does not document {status}"));
+                let utoipa::openapi::RefOr::T(response) = response else {
+                    panic!("{path} {status} is a reference")
+                };
+                assert!(
+                    response.content.contains_key("application/problem+json"),
+                    "{path} {status} is not a problem+json"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,700 @@
+//! The writer: group commit, per-stream serialization and the aggregate cache.
+//!
+//! Every command goes through one [`Writer`]. Its dispatcher task keeps a queue of commands and
+//! runs up to `lanes` batches at once, each batch in **one transaction** (group commit):
+//!
+//! - A stream is in at most one running batch, and its commands are taken in arrival order, so
+//!   commands to one stream are serialized in this process and a hot account sees no version
+//!   conflicts from its own writers. Several commands for the same stream may share a batch:
+//!   they are decided one after the other on the state the previous one left, and appended
+//!   together as one multi-event append.
+//! - The state and version of each stream are kept in memory between batches (a bounded cache),
+//!   so a command does not replay the stream. A stream the cache does not hold is loaded from
+//!   its latest snapshot plus the events after it; snapshots are written every
+//!   `snapshot_every` events.
+//! - One command never fails its neighbours: a refused command simply adds no events (its
+//!   refusal is stored under its idempotency key, so a retry gets the same answer), a version conflict (another process wrote the stream)
+//!   reloads that stream and re-runs the batch, and an unexpected database error re-runs each
+//!   command of the batch alone so only the command that causes it fails.
+//!
+//! The cache is only an optimisation: the store still checks every expected version, so a
+//! stale entry (another command-api instance wrote the stream) costs one conflict and a reload,
+//! never a wrong write.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tally_domain::{Account, AccountError, Metadata};
+use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
+use tally_event_store::snapshot::{self, Snapshot};
+use tally_event_store::{EventStore, StoreError, StreamAppend, append_events_in};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::command::{Command, decide};
+use crate::error::stored_refusal;
+use crate::execute::{
+    CONFLICT_BACKOFF_BASE, CONFLICT_RETRIES_MAX, CommandError, Executed, Idempotency, Loaded, Outcome, State,
+    StreamKind, Touched, catch_up, load_many,
+};
+
+/// Tuning of the writer (flags or `TALLY_GROUP_COMMIT_*` variables on the binary).
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Most commands in one transaction. 1 turns group commit off (one transaction per
+    /// command); streams are still serialized and cached.
+    pub batch_max: usize,
+    /// Batches (transactions) running at once.
+    pub lanes: usize,
+    /// How long a free lane waits for more commands before committing a small batch. Zero:
+    /// commit at once; batches then form from whatever arrived while the lanes were busy.
+    pub linger: Duration,
+    /// Commands waiting beyond this are refused with 503 (back-pressure, not an unbounded queue).
+    pub queue_max: usize,
+    /// Streams kept in memory.
+    pub cache_streams_max: u64,
+    /// A snapshot is written when a stream has grown this many events past its last one.
+    pub snapshot_every: i64,
+}
+
+/// Largest accepted `batch_max`: a batch's events must fit one append
+/// ([`tally_event_store::APPEND_EVENTS_MAX`]) even when every command writes two events.
+pub const BATCH_MAX_LIMIT: usize = tally_event_store::APPEND_EVENTS_MAX / 2;
+/// How far down the queue the dispatcher looks for commands whose streams are free.
+const SCAN_MAX: usize = 4_096;
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            batch_max: 256,
+            lanes: 4,
+            linger: Duration::ZERO,
+            queue_max: 10_000,
+            cache_streams_max: 100_000,
+            snapshot_every: 1_000,
+        }
+    }
+}
+
+type Respond = Box<dyn Fn(&Executed) -> StoredResponse + Send + Sync>;
+
+/// One command waiting for, or in, a batch.
+struct Job {
+    command: Command,
+    /// The streams `command` touches, each once.
+    streams: Vec<(Uuid, StreamKind)>,
+    /// The exact metadata JSON stored with its events.
+    metadata: String,
+    idempotency: Option<Idempotency>,
+    respond: Respond,
+    reply: oneshot::Sender<Result<Outcome, CommandError>>,
+    /// Version conflicts this command has run into.
+    conflicts: u32,
+    /// Run in a batch of its own (after a batch failed for a reason not tied to one command).
+    solo: bool,
+    enqueued: Instant,
+}
+
+impl Job {
+    fn touches(&self, stream: Uuid) -> bool {
+        self.streams.iter().any(|(s, _)| *s == stream)
+    }
+
+    fn key(&self) -> Option<&str> {
+        self.idempotency.as_ref().map(|i| i.key.as_str())
+    }
+
+    fn answer(self, result: Result<Outcome, CommandError>) {
+        // The client may have gone away; the command's effect stands either way.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The handle handlers use to run commands. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the dispatcher. It ends once every `Writer` clone is dropped and the queued
+    /// commands are done; await the returned handle to drain on shutdown.
+    pub fn spawn(store: EventStore, mut config: WriterConfig) -> (Self, tokio::task::JoinHandle<()>) {
+        config.batch_max = config.batch_max.clamp(1, BATCH_MAX_LIMIT);
+        config.lanes = config.lanes.max(1);
+        config.queue_max = config.queue_max.max(1);
+        let (jobs, queue) = mpsc::channel(config.queue_max);
+        let dispatcher = Dispatcher {
+            cache: moka::sync::Cache::new(config.cache_streams_max),
+            store,
+            config,
+            queue,
+            pending: VecDeque::new(),
+            busy_streams: HashSet::new(),
+            busy_keys: HashSet::new(),
+            lanes: JoinSet::new(),
+            claims: HashMap::new(),
+            closed: false,
+        };
+        (Self { jobs }, tokio::spawn(dispatcher.run()))
+    }
+
+    /// Runs `command`. `respond` builds the response stored under the idempotency key (and
+    /// returned) from the command's result.
+    pub async fn execute(
+        &self,
+        command: Command,
+        metadata: &Metadata,
+        idempotency: Option<Idempotency>,
+        respond: impl Fn(&Executed) -> StoredResponse + Send + Sync + 'static,
+    ) -> Result<Outcome, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let mut streams = command.streams();
+        streams.sort_unstable_by_key(|(s, _)| *s);
+        streams.dedup_by_key(|(s, _)| *s);
+        let job = Job {
+            streams,
+            command,
+            metadata: serde_json::to_string(metadata).expect("metadata always serializes"),
+            idempotency,
+            respond: Box::new(respond),
+            reply,
+            conflicts: 0,
+            solo: false,
+            enqueued: Instant::now(),
+        };
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => CommandError::Unavailable("the writer has stopped".into()),
+        })?;
+        answer
+            .await
+            .map_err(|_| CommandError::Internal("the writer dropped the command".into()))?
+    }
+}
+
+/// What a lane hands back to the dispatcher.
+struct Finished {
+    /// Current state of streams the batch touched; streams missing here are reloaded next time.
+    states: Vec<(Uuid, Loaded)>,
+    /// Commands to run again (after a conflict or a split), in arrival order.
+    retry: Vec<Job>,
+}
+
+struct Dispatcher {
+    store: EventStore,
+    config: WriterConfig,
+    queue: mpsc::Receiver<Job>,
+    pending: VecDeque<Job>,
+    busy_streams: HashSet<Uuid>,
+    busy_keys: HashSet<String>,
+    cache: moka::sync::Cache<Uuid, Loaded>,
+    lanes: JoinSet<Finished>,
+    /// The streams and keys each running lane holds, to free them even if it panics.
+    claims: HashMap<tokio::task::Id, (Vec<Uuid>, Vec<String>)>,
+    closed: bool,
+}
+
+impl Dispatcher {
+    async fn run(mut self) {
+        loop {
+            self.dispatch();
+            if self.closed && self.pending.is_empty() && self.lanes.is_empty() {
+                return;
+            }
+            let linger = self.linger_until();
+            tokio::select! {
+                job = self.queue.recv(), if !self.closed && self.pending.len() < self.config.queue_max => match job {
+                    Some(job) => {
+                        self.pending.push_back(job);
+                        while self.pending.len() < self.config.queue_max {
+                            let Ok(job) = self.queue.try_recv() else { break };
+                            self.pending.push_back(job);
+                        }
+                    }
+                    None => self.closed = true,
+                },
+                Some(done) = self.lanes.join_next_with_id(), if !self.lanes.is_empty() => self.finish(done),
+                () = sleep_until(linger), if linger.is_some() => {}
+                else => {
+                    // Unreachable by construction (a queued command always has a lane running
+                    // or starting); fail loudly rather than hang the callers.
+                    tracing::error!(pending = self.pending.len(), "writer stalled; failing queued commands");
+                    for job in self.pending.drain(..) {
+                        job.answer(Err(CommandError::Internal("the writer stalled".into())));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// While lanes are free and the queue holds a small batch younger than `linger`, wait for
+    /// more: returns until when.
+    fn linger_until(&self) -> Option<Instant> {
+        if self.config.linger.is_zero() || self.lanes.len() >= self.config.lanes {
+            return None;
+        }
+        let oldest = self.pending.front()?;
+        let until = oldest.enqueued + self.config.linger;
+        (self.pending.len() < self.config.batch_max && Instant::now() < until).then_some(until)
+    }
+
+    /// Starts batches while lanes are free and queued commands have free streams.
+    fn dispatch(&mut self) {
+        while self.lanes.len() < self.config.lanes && !self.pending.is_empty() && self.linger_until().is_none() {
+            let batch = self.take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let mut streams: Vec<Uuid> = batch.iter().flat_map(|j| j.streams.iter().map(|(s, _)| *s)).collect();
+            streams.sort_unstable();
+            streams.dedup();
+            let keys: Vec<String> = batch.iter().filter_map(|j| j.key().map(str::to_owned)).collect();
+            self.busy_streams.extend(&streams);
+            self.busy_keys.extend(keys.iter().cloned());
+            // The lane owns the cached state while it runs; it hands back the new one.
+            let states = streams
+                .iter()
+                .filter_map(|s| self.cache.remove(s).map(|loaded| (*s, loaded)))
+                .collect();
+            let lane = run_batch(self.store.clone(), batch, states, self.config.snapshot_every);
+            let id = self.lanes.spawn(lane).id();
+            self.claims.insert(id, (streams, keys));
+        }
+    }
+
+    /// The next batch: queued commands in arrival order whose streams and keys are free. A
+    /// command skipped because its stream is busy blocks the later commands of that stream,
+    /// so each stream's commands stay in order.
+    fn take_batch(&mut self) -> Vec<Job> {
+        let mut batch: Vec<Job> = Vec::new();
+        let mut blocked: HashSet<Uuid> = HashSet::new();
+        let mut keys: HashSet<String> = HashSet::new();
+        let mut i = 0;
+        while i < self.pending.len().min(SCAN_MAX) && batch.len() < self.config.batch_max {
+            let job = &self.pending[i];
+            let stream_free = job
+                .streams
+                .iter()
+                .all(|(s, _)| !self.busy_streams.contains(s) && !blocked.contains(s));
+            let key_free = job
+                .key()
+                .is_none_or(|k| !self.busy_keys.contains(k) && !keys.contains(k));
+            let fits = !job.solo || batch.is_empty();
+            if stream_free && key_free && fits {
+                let job = self.pending.remove(i).expect("index is in range");
+                if let Some(k) = job.key() {
+                    keys.insert(k.to_owned());
+                }
+                let solo = job.solo;
+                batch.push(job);
+                if solo {
+                    break;
+                }
+            } else {
+                blocked.extend(job.streams.iter().map(|(s, _)| *s));
+                i += 1;
+            }
+        }
+        batch
+    }
+
+    fn finish(&mut self, done: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some((streams, keys)) = self.claims.remove(&id) {
+            for s in &streams {
+                self.busy_streams.remove(s);
+            }
+            for k in &keys {
+                self.busy_keys.remove(k);
+            }
+        }
+        match done {
+            Ok((_, finished)) => {
+                for (stream, loaded) in finished.states {
+                    self.cache.insert(stream, loaded);
+                }
+                for job in finished.retry.into_iter().rev() {
+                    self.pending.push_front(job);
+                }
+            }
+            // The lane's commands were dropped with it (their callers get an error) and its
+            // streams left the cache, so they are reloaded from the store.
+            Err(error) => tracing::error!(%error, "a writer lane panicked"),
+        }
+    }
+}
+
+async fn sleep_until(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one command came to inside a batch.
+enum Verdict {
+    Replayed(StoredResponse),
+    KeyReused,
+    Rejected(AccountError),
+    /// Accepted: its streams after it; positions are known after the insert.
+    Accepted(Vec<Touched>),
+}
+
+/// Runs one batch: loads what the cache lacked, commits, answers every command.
+async fn run_batch(
+    store: EventStore,
+    mut jobs: Vec<Job>,
+    mut states: HashMap<Uuid, Loaded>,
+    snapshot_every: i64,
+) -> Finished {
+    let mut streams: Vec<(Uuid, StreamKind)> = jobs.iter().flat_map(|j| j.streams.iter().copied()).collect();
+    streams.sort_unstable_by_key(|(s, _)| *s);
+    streams.dedup_by_key(|(s, _)| *s);
+    let cached: HashSet<Uuid> = states.keys().copied().collect();
+    // A cached state of the wrong kind (a client named a transfer id as an account, or the
+    // reverse) is reloaded, which refuses it.
+    let missing: Vec<(Uuid, StreamKind)> = streams
+        .into_iter()
+        .filter(|(stream, kind)| !states.get(stream).is_some_and(|l| l.state.kind() == *kind))
+        .collect();
+    match load_many(&store, &missing).await {
+        Ok(results) => {
+            for (stream, result) in results {
+                match result {
+                    Ok(loaded) => {
+                        states.insert(stream, loaded);
+                    }
+                    Err(error) => jobs = fail_stream(jobs, stream, &error),
+                }
+            }
+        }
+        Err(error) => {
+            for (stream, _) in &missing {
+                jobs = fail_stream(jobs, *stream, &error);
+            }
+        }
+    }
+
+    // An acceptance is checked by the store (expected version); a refusal is not. So a refusal
+    // must rest on current state, and a cached state may be behind another instance's writes:
+    // catch those streams up before deciding for real.
+    let dry_run = decide_batch(&jobs, &states, jobs.iter().map(|_| None).collect(), Utc::now());
+    let mut doubtful: Vec<Uuid> = jobs
+        .iter()
+        .zip(&dry_run.verdicts)
+        .filter(|(_, verdict)| matches!(verdict, Some(Verdict::Rejected(_))))
+        .flat_map(|(job, _)| job.streams.iter().map(|(s, _)| *s))
+        .filter(|s| cached.contains(s))
+        .collect();
+    drop(dry_run);
+    doubtful.sort_unstable();
+    doubtful.dedup();
+    for stream in doubtful {
+        let loaded = states.get_mut(&stream).expect("loaded above");
+        if let Err(error) = catch_up(&store, stream, loaded).await {
+            states.remove(&stream);
+            jobs = fail_stream(jobs, stream, &error);
+        }
+    }
+    if jobs.is_empty() {
+        return Finished {
+            states: states.into_iter().collect(),
+            retry: Vec::new(),
+        };
+    }
+
+    match commit(&store, &jobs, &states).await {
+        Ok(committed) => {
+            for (job, result) in jobs.into_iter().zip(committed.results) {
+                job.answer(result);
+            }
+            let mut states = committed.states;
+            for (stream, loaded) in &mut states {
+                if loaded.version - loaded.snapshot_version >= snapshot_every {
+                    save_snapshot(&store, *stream, loaded);
+                    loaded.snapshot_version = loaded.version;
+                }
+            }
+            Finished {
+                states,
+                retry: Vec::new(),
+            }
+        }
+        Err(error) if error.is_transient() => {
+            // A deadlock with another process's transaction, or similar: nothing to blame on a
+            // command; run the batch again (each try counts, so this too is bounded).
+            let mut retry = Vec::with_capacity(jobs.len());
+            for mut job in jobs {
+                job.conflicts += 1;
+                if job.conflicts > CONFLICT_RETRIES_MAX {
+                    job.answer(Err(CommandError::ConflictRetriesExhausted));
+                } else {
+                    retry.push(job);
+                }
+            }
+            tracing::debug!(%error, "transient database error; re-running the batch");
+            Finished {
+                states: states.into_iter().collect(),
+                retry,
+            }
+        }
+        Err(StoreError::Conflict { stream_id, .. }) => {
+            // Another process wrote `stream_id` (or a transaction ordering hazard, see
+            // `previous_hash`): reload it, run the batch again; only its commands count a try.
+            states.remove(&stream_id);
+            let mut retry = Vec::with_capacity(jobs.len());
+            let mut worst = 0;
+            for mut job in jobs {
+                if job.touches(stream_id) {
+                    job.conflicts += 1;
+                    worst = worst.max(job.conflicts);
+                    if job.conflicts > CONFLICT_RETRIES_MAX {
+                        job.answer(Err(CommandError::ConflictRetriesExhausted));
+                        continue;
+                    }
+                }
+                retry.push(job);
+            }
+            let ceiling = CONFLICT_BACKOFF_BASE * worst;
+            let wait = rand::rng().random_range(Duration::ZERO..=ceiling);
+            tracing::debug!(%stream_id, conflicts = worst, ?wait, "version conflict; re-running the batch");
+            tokio::time::sleep(wait).await;
+            Finished {
+                states: states.into_iter().collect(),
+                retry,
+            }
+        }
+        Err(error) => {
+            let error = CommandError::from(error);
+            // The commit may have happened before the connection broke: trust nothing cached.
+            if jobs.len() == 1 || matches!(error, CommandError::Unavailable(_)) {
+                for job in jobs {
+                    job.answer(Err(error.clone()));
+                }
+                return Finished {
+                    states: Vec::new(),
+                    retry: Vec::new(),
+                };
+            }
+            // Something in the batch upset the database: re-run each command alone, so only the
+            // one that causes it fails.
+            tracing::warn!(%error, commands = jobs.len(), "batch failed; re-running its commands one by one");
+            Finished {
+                states: Vec::new(),
+                retry: jobs
+                    .into_iter()
+                    .map(|mut j| {
+                        j.solo = true;
+                        j
+                    })
+                    .collect(),
+            }
+        }
+    }
+}
+
+/// Answers the commands of `stream` with `error`; returns the others.
+fn fail_stream(jobs: Vec<Job>, stream: Uuid, error: &CommandError) -> Vec<Job> {
+    let (failed, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.touches(stream));
+    for job in failed {
+        job.answer(Err(error.clone()));
+    }
+    rest
+}
+
+/// A committed batch: one result per command, in order, and the new state of its streams.
+struct Committed {
+    results: Vec<Result<Outcome, CommandError>>,
+    states: Vec<(Uuid, Loaded)>,
+}
+
+/// One transaction for the whole batch: claim keys, decide each command in order, append all
+/// events with one statement, store responses, commit.
+async fn commit(store: &EventStore, jobs: &[Job], states: &HashMap<Uuid, Loaded>) -> Result<Committed, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let mut verdicts: Vec<Option<Verdict>> = jobs.iter().map(|_| None).collect();
+
+    let keyed: Vec<(usize, &Idempotency)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| j.idempotency.as_ref().map(|idem| (i, idem)))
+        .collect();
+    let requests: Vec<(&IdempotencyKey, &[u8; 32])> = keyed.iter().map(|(_, i)| (&i.key, &i.request_hash)).collect();
+    let claims = idempotency::claim_many(&mut tx, &requests).await?;
+    for ((i, _), claim) in keyed.iter().zip(claims) {
+        verdicts[*i] = match claim {
+            Claim::Claimed => None,
+            Claim::Replay(stored) => Some(Verdict::Replayed(stored)),
+            Claim::Mismatch => Some(Verdict::KeyReused),
+        };
+    }
+
+    let Decided {
+        mut working,
+        appends,
+        verdicts,
+        released,
+    } = decide_batch(jobs, states, verdicts, Utc::now());
+    idempotency::release_many(&mut tx, &released).await?;
+
+    let appends: Vec<StreamAppend> = appends.into_values().collect();
+    let positions: HashMap<(Uuid, i64), i64> = if appends.is_empty() {
+        HashMap::new()
+    } else {
+        append_events_in(&mut tx, appends)
+            .await?
+            .into_iter()
+            .map(|e| ((e.stream_id, e.version), e.position))
+            .collect()
+    };
+    // The position of a stream at a version: appended now, or where it stood before the batch.
+    let position_at = |stream: Uuid, version: i64| {
+        positions
+            .get(&(stream, version))
+            .copied()
+            .or_else(|| states.get(&stream).filter(|l| l.version == version).map(|l| l.position))
+            .unwrap_or(0)
+    };
+    for (stream, loaded) in working.iter_mut() {
+        loaded.position = position_at(*stream, loaded.version);
+    }
+
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut responses: Vec<(&IdempotencyKey, StoredResponse)> = Vec::new();
+    for (job, verdict) in jobs.iter().zip(verdicts) {
+        let result = match verdict.expect("every command has a verdict") {
+            Verdict::Replayed(stored) => Ok(Outcome::Replayed(stored)),
+            Verdict::KeyReused => Err(CommandError::IdempotencyKeyReused),
+            Verdict::Rejected(refusal) => {
+                if let Some(idem) = &job.idempotency
+                    && refusal != AccountError::StaleState
+                {
+                    responses.push((&idem.key, stored_refusal(&refusal)));
+                }
+                Err(CommandError::Rejected(refusal))
+            }
+            Verdict::Accepted(mut streams) => {
+                for touched in &mut streams {
+                    touched.position = position_at(touched.stream_id, touched.version);
+                }
+                let response = (job.respond)(&Executed { streams });
+                if let Some(idem) = &job.idempotency {
+                    responses.push((&idem.key, response.clone()));
+                }
+                Ok(Outcome::Fresh(response))
+            }
+        };
+        results.push(result);
+    }
+    let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(k, r)| (*k, r)).collect();
+    idempotency::complete_many(&mut tx, &responses).await?;
+    tx.commit().await?;
+    Ok(Committed {
+        results,
+        states: working.into_iter().collect(),
+    })
+}
+
+/// A batch decided on copies of its streams' states.
+struct Decided<'a> {
+    working: HashMap<Uuid, Loaded>,
+    appends: BTreeMap<Uuid, StreamAppend>,
+    /// One per command; `None` in, `Some` out.
+    verdicts: Vec<Option<Verdict>>,
+    /// Keys of commands refused on stale state, to give back.
+    released: Vec<&'a IdempotencyKey>,
+}
+
+/// Decides the commands without a verdict yet in arrival order, each on the state the
+/// previous one left. Pure: no IO.
+fn decide_batch<'a>(
+    jobs: &'a [Job],
+    states: &HashMap<Uuid, Loaded>,
+    mut verdicts: Vec<Option<Verdict>>,
+    now: DateTime<Utc>,
+) -> Decided<'a> {
+    let mut working: HashMap<Uuid, Loaded> = states.clone();
+    let mut appends: BTreeMap<Uuid, StreamAppend> = BTreeMap::new();
+    let mut released: Vec<&IdempotencyKey> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if verdicts[i].is_some() {
+            continue;
+        }
+        let decided = match decide(&job.command, &working, now) {
+            Ok(decided) => decided,
+            Err(refusal) => {
+                // A refusal is an outcome, stored under the key like an acceptance, except
+                // for stale state, which a retry is meant to get past.
+                if refusal == AccountError::StaleState {
+                    released.extend(job.idempotency.as_ref().map(|i| &i.key));
+                }
+                verdicts[i] = Some(Verdict::Rejected(refusal));
+                continue;
+            }
+        };
+        for (stream, events) in decided {
+            let loaded = working
+                .get_mut(&stream)
+                .expect("every stream is loaded before deciding");
+            let append = appends.entry(stream).or_insert_with(|| StreamAppend {
+                stream_type: loaded.state.kind().stream_type().to_owned(),
+                stream_id: stream,
+                expected_version: loaded.version,
+                events: Vec::new(),
+            });
+            append.events.extend(events.record(loaded, &job.metadata));
+        }
+        let touched = job
+            .streams
+            .iter()
+            .map(|(stream, _)| {
+                let loaded = &working[stream];
+                Touched {
+                    stream_id: *stream,
+                    state: loaded.state.clone(),
+                    version: loaded.version,
+                    position: 0,
+                }
+            })
+            .collect();
+        verdicts[i] = Some(Verdict::Accepted(touched));
+    }
+    Decided {
+        working,
+        appends,
+        verdicts,
+        released,
+    }
+}
+
+/// Writes a snapshot in the background: it is a cache, so a failure only costs a longer load.
+fn save_snapshot(store: &EventStore, stream_id: Uuid, loaded: &Loaded) {
+    // Transfer streams stay a few events long; only accounts grow.
+    let State::Account(account) = &loaded.state else {
+        return;
+    };
+    let state = match serde_json::to_value(account) {
+        Ok(state) => state,
+        Err(error) => return tracing::warn!(%stream_id, %error, "account state does not serialize; no snapshot"),
+    };
+    let snapshot = Snapshot {
+        stream_type: tally_domain::account::STREAM_TYPE.to_owned(),
+        version: loaded.version,
+        state_version: Account::SNAPSHOT_VERSION as i32,
+        state,
+    };
+    let pool = store.pool().clone();
+    tokio::spawn(async move {
+        if let Err(error) = snapshot::save(&pool, stream_id, &snapshot).await {
+            tracing::warn!(%stream_id, %error, "saving a snapshot failed");
+        }
+    });
+}
