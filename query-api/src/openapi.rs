@@ -3,11 +3,10 @@
 //! and checked in as `schemas/openapi/query-api.json` (`cargo xtask schemas` rewrites it); a
 //! unit test fails when the two differ, so a change to the API shows up in review.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::LazyLock;
 
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tally_service::Problem;
 use utoipa::OpenApi;
 
@@ -40,21 +39,17 @@ pub fn document() -> utoipa::openapi::OpenApi {
     QueryApi::openapi()
 }
 
-/// The document as checked in and served: pretty-printed, with a trailing newline.
+/// The name of the checked-in document under `schemas/openapi/`.
+const FILE_NAME: &str = "query-api.json";
+
+/// The document as checked in and served.
 pub fn render() -> String {
-    let mut text = document()
-        .to_pretty_json()
-        .expect("an OpenAPI document always serializes");
-    text.push('\n');
-    text
+    tally_service::openapi::render(&document())
 }
 
 /// Where the rendered document is checked in.
 pub fn checked_in_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the crate lives inside the workspace")
-        .join("schemas/openapi/query-api.json")
+    tally_service::openapi::checked_in_path(FILE_NAME)
 }
 
 /// Rendered once: the document is fixed at compile time.
@@ -62,29 +57,15 @@ static RENDERED: LazyLock<String> = LazyLock::new(render);
 
 /// `GET /openapi.json`
 pub(crate) async fn serve() -> Response {
-    let mut response = RENDERED.as_str().into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    tally_service::openapi::serve(RENDERED.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_served_document_matches_the_checked_in_file() {
-        let response = serve().await;
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-        let served = String::from_utf8(body.to_vec()).unwrap();
-        let path = checked_in_path();
-        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            served == checked_in,
-            "{} differs from the document the query API serves; run `cargo xtask schemas` and \
-             review the change",
-            path.display()
-        );
+    #[test]
+    fn the_served_document_matches_the_checked_in_file() {
+        tally_service::openapi::assert_matches_checked_in(&document(), FILE_NAME);
     }
 }

@@ -13,7 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use cqrs_es::Aggregate;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
 use sqlx::PgPool;
+use tally_domain::Account;
+use tally_event_store::READ_LIMIT_MAX;
 use uuid::Uuid;
 
 /// The shared servers a test process uses.
@@ -139,6 +144,48 @@ impl TestDb {
 
     pub fn store(&self) -> tally_event_store::EventStore {
         tally_event_store::EventStore::new(self.pool.clone())
+    }
+
+    /// How many events `stream` holds (up to `READ_LIMIT_MAX`).
+    pub async fn event_count(&self, stream: Uuid) -> usize {
+        self.store()
+            .read_stream(stream, 0, READ_LIMIT_MAX)
+            .await
+            .expect("reading the stream")
+            .len()
+    }
+
+    /// Replays a whole account stream (up to `READ_LIMIT_MAX` events) without snapshots: the
+    /// reference the writer's state is checked against. Returns the account and its version.
+    pub async fn replay_account(&self, stream: Uuid) -> (Account, i64) {
+        let mut account = Account::default();
+        let mut version = 0;
+        for stored in self.read_whole_stream(stream).await {
+            let event =
+                tally_schemas::decode_account_event(&stored.event_type, stored.schema_version as u32, &stored.payload)
+                    .expect("a stored account event decodes");
+            account.apply(event);
+            version = stored.version;
+        }
+        (account, version)
+    }
+
+    /// Every event of `stream`, however long it is.
+    pub async fn read_whole_stream(&self, stream: Uuid) -> Vec<tally_event_store::StoredEvent> {
+        let mut events = Vec::new();
+        loop {
+            let after = events.last().map_or(0, |e: &tally_event_store::StoredEvent| e.version);
+            let page = self
+                .store()
+                .read_stream(stream, after, READ_LIMIT_MAX)
+                .await
+                .expect("reading the stream");
+            let done = (page.len() as i64) < READ_LIMIT_MAX;
+            events.extend(page);
+            if done {
+                return events;
+            }
+        }
     }
 }
 
@@ -294,8 +341,8 @@ pub async fn wait_ready(base: &str, proc: &Proc) {
 }
 
 /// A command API alone on `db` (no relay, projector or query API), with extra `env`; ready
-/// when this returns. Returns its base URL and process.
-pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (String, Proc) {
+/// when this returns. Returns a client of it and its process.
+pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (Api, Proc) {
     let port = free_port();
     let mut all = vec![
         ("TALLY_DATABASE_URL", db.url.clone()),
@@ -305,7 +352,98 @@ pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (String
     let proc = Proc::spawn("tally-command-api", &all);
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&base, &proc).await;
-    (base, proc)
+    (Api::new(&base), proc)
+}
+
+/// A response from the command API: status, body (`null` when it is not JSON), and whether it
+/// was marked `Idempotent-Replayed: true`.
+pub type Reply = (StatusCode, Value, bool);
+
+/// One client's view of a command API at `base`.
+#[derive(Debug, Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            base: base.to_owned(),
+        }
+    }
+
+    /// POSTs `body` to `{base}{path}`, under the `Idempotency-Key` `key` when given. Checks on
+    /// the way that every refusal is a problem. The request is built before this returns, so
+    /// the future borrows none of the arguments (requests can be built in a loop and awaited
+    /// together).
+    pub fn post(&self, path: &str, key: Option<&str>, body: &Value) -> impl Future<Output = Reply> + use<> {
+        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let path = path.to_owned();
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            if !status.is_success() {
+                assert_eq!(
+                    response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+                    Some("application/problem+json"),
+                    "{path}: every refusal is a problem"
+                );
+            }
+            let replayed = response
+                .headers()
+                .get("idempotent-replayed")
+                .is_some_and(|v| v == "true");
+            (status, response.json().await.unwrap_or(Value::Null), replayed)
+        }
+    }
+
+    /// POSTs `body` under a fresh, unique `Idempotency-Key`, as a careful client does
+    /// (money-moving commands require one).
+    pub fn post_keyed(&self, path: &str, body: &Value) -> impl Future<Output = Reply> + use<> {
+        self.post(path, Some(&Uuid::now_v7().to_string()), body)
+    }
+
+    /// `POST /v1/transfers` under a fresh key.
+    pub fn transfer(&self, body: Value) -> impl Future<Output = Reply> + use<> {
+        self.post_keyed("/v1/transfers", &body)
+    }
+
+    /// Opens an account for Ada in `currency` and checks that it starts open and empty.
+    pub async fn open(&self, currency: &str) -> Uuid {
+        let (status, body, _) = self
+            .post("/v1/accounts", None, &json!({"owner": "Ada", "currency": currency}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["status"], "open");
+        assert_eq!(body["held"], 0);
+        body["account_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Opens an account and deposits `funds` into it.
+    pub async fn funded(&self, currency: &str, funds: i64) -> Uuid {
+        let id = self.open(currency).await;
+        if funds > 0 {
+            let (status, body, _) = self
+                .post_keyed(&format!("/v1/accounts/{id}/deposits"), &json!({"amount": funds}))
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        id
+    }
+}
+
+/// The code of a problem body: its `type` without the `https://tally.dev/problems/` prefix, or
+/// `""` when it has none.
+pub fn problem_code(body: &Value) -> &str {
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("https://tally.dev/problems/"))
+        .unwrap_or("")
 }
 
 /// Every Tally service for one test, on its own database and NATS stream.

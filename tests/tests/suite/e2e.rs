@@ -5,15 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tally_tests::{Stack, eventually};
-
-/// POSTs `body` with a fresh `Idempotency-Key`, as a careful client does (money-moving
-/// commands require one).
-async fn post(client: &reqwest::Client, url: &str, body: Value) -> (StatusCode, Value) {
-    let response = keyed(client.post(url)).json(&body).send().await.unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
+use tally_tests::{Api, Stack, eventually, problem_code};
 
 /// The request with a fresh, unique `Idempotency-Key`.
 fn keyed(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -24,31 +16,29 @@ fn keyed(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
 async fn an_account_opened_and_moved_through_the_command_api_shows_its_balance_on_the_query_api() {
     let stack = Stack::start().await;
     let client = reqwest::Client::new();
+    let api = Api::new(&stack.command);
 
-    let (status, opened) = post(
-        &client,
-        &format!("{}/v1/accounts", stack.command),
-        json!({"owner": "Ada", "currency": "EUR"}),
-    )
-    .await;
+    let (status, opened, _) = api
+        .post_keyed("/v1/accounts", &json!({"owner": "Ada", "currency": "EUR"}))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{opened}");
     assert_eq!(opened["version"], 1);
     let id = opened["account_id"].as_str().unwrap().to_owned();
 
-    let (status, deposited) = post(
-        &client,
-        &format!("{}/v1/accounts/{id}/deposits", stack.command),
-        json!({"amount": 1000, "reference": "salary"}),
-    )
-    .await;
+    let (status, deposited, _) = api
+        .post_keyed(
+            &format!("/v1/accounts/{id}/deposits"),
+            &json!({"amount": 1000, "reference": "salary"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{deposited}");
     assert_eq!(deposited["version"], 2);
-    let (status, withdrawn) = post(
-        &client,
-        &format!("{}/v1/accounts/{id}/withdrawals", stack.command),
-        json!({"amount": 300, "reference": "rent"}),
-    )
-    .await;
+    let (status, withdrawn, _) = api
+        .post_keyed(
+            &format!("/v1/accounts/{id}/withdrawals"),
+            &json!({"amount": 300, "reference": "rent"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{withdrawn}");
     assert_eq!(withdrawn["version"], 3);
     assert_eq!(withdrawn["balance"], 700);
@@ -81,13 +71,7 @@ async fn an_account_opened_and_moved_through_the_command_api_shows_its_balance_o
 async fn refused_and_malformed_commands_get_problem_details_with_the_right_status() {
     let stack = Stack::start().await;
     let client = reqwest::Client::new();
-    let (_, opened) = post(
-        &client,
-        &format!("{}/v1/accounts", stack.command),
-        json!({"owner": "Ada", "currency": "EUR"}),
-    )
-    .await;
-    let id = opened["account_id"].as_str().unwrap().to_owned();
+    let id = Api::new(&stack.command).open("EUR").await;
     let withdrawals = format!("{}/v1/accounts/{id}/withdrawals", stack.command);
     // The server answers 413 without reading the rest of a huge body and closes the
     // connection; a pooled connection would then fail the *next* case, so that one gets its own.
@@ -183,16 +167,12 @@ async fn refused_and_malformed_commands_get_problem_details_with_the_right_statu
             "{name}"
         );
         let body: Value = response.json().await.unwrap();
-        assert_eq!(
-            body["type"],
-            format!("https://tally.dev/problems/{code}"),
-            "{name}: {body}"
-        );
+        assert_eq!(problem_code(&body), code, "{name}: {body}");
         assert_eq!(body["status"], status.as_u16(), "{name}");
     }
 
     // Nothing refused was written: the stream still holds only the opening.
-    let events = stack.db.store().read_stream(id.parse().unwrap(), 0, 100).await.unwrap();
+    let events = stack.db.store().read_stream(id, 0, 100).await.unwrap();
     assert_eq!(events.len(), 1);
 
     let response = client

@@ -3,118 +3,61 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tally_tests::{Stack, TestDb, command_api};
+use tally_tests::{Api, Reply, Stack, TestDb, command_api, problem_code};
 use uuid::Uuid;
 
-/// POSTs `body` to `{base}/v1/accounts/{id}/{action}`, under `key` when given.
-async fn post(
-    client: &reqwest::Client,
-    base: &str,
-    id: &str,
-    action: &str,
-    key: Option<&str>,
-    body: Value,
-) -> (StatusCode, Value) {
-    let mut request = client.post(format!("{base}/v1/accounts/{id}/{action}")).json(&body);
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    if !status.is_success() {
-        assert_eq!(
-            response.headers().get("content-type").and_then(|v| v.to_str().ok()),
-            Some("application/problem+json"),
-            "{action}: every refusal is a problem"
-        );
-    }
-    (status, response.json().await.unwrap_or(Value::Null))
+/// POSTs `body` to `/v1/accounts/{id}/{action}`, under `key` when given.
+async fn post(api: &Api, id: Uuid, action: &str, key: Option<&str>, body: Value) -> Reply {
+    api.post(&format!("/v1/accounts/{id}/{action}"), key, &body).await
 }
 
 /// A deposit or withdrawal, each under a fresh key (money-moving commands require one).
-async fn post_money(client: &reqwest::Client, base: &str, id: &str, action: &str, amount: i64) -> (StatusCode, Value) {
-    let key = Uuid::now_v7().to_string();
-    post(client, base, id, action, Some(&key), json!({"amount": amount})).await
-}
-
-async fn open(client: &reqwest::Client, base: &str) -> String {
-    let response = client
-        .post(format!("{base}/v1/accounts"))
-        .json(&json!({"owner": "Ada", "currency": "EUR"}))
-        .send()
+async fn post_money(api: &Api, id: Uuid, action: &str, amount: i64) -> Reply {
+    api.post_keyed(&format!("/v1/accounts/{id}/{action}"), &json!({"amount": amount}))
         .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], "open");
-    assert_eq!(body["held"], 0);
-    body["account_id"].as_str().unwrap().to_owned()
 }
 
 /// Asserts a refusal with `status` and problem `code`.
 #[track_caller]
-fn assert_refused(result: &(StatusCode, Value), status: StatusCode, code: &str) {
+fn assert_refused(result: &Reply, status: StatusCode, code: &str) {
     assert_eq!(result.0, status, "{}", result.1);
-    assert_eq!(
-        result.1["type"],
-        format!("https://tally.dev/problems/{code}"),
-        "{}",
-        result.1
-    );
+    assert_eq!(problem_code(&result.1), code, "{}", result.1);
     assert_eq!(result.1["status"], status.as_u16());
-}
-
-async fn event_count(db: &TestDb, id: &str) -> usize {
-    db.store()
-        .read_stream(id.parse().unwrap(), 0, 1000)
-        .await
-        .unwrap()
-        .len()
 }
 
 #[tokio::test]
 async fn a_frozen_account_refuses_withdrawals_but_accepts_deposits_until_it_is_unfrozen() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
-    let client = reqwest::Client::new();
-    let id = open(&client, &base).await;
-    assert_eq!(
-        post_money(&client, &base, &id, "deposits", 1000).await.0,
-        StatusCode::CREATED
-    );
+    let (api, _proc) = command_api(&db, &[]).await;
+    let id = api.open("EUR").await;
+    assert_eq!(post_money(&api, id, "deposits", 1000).await.0, StatusCode::CREATED);
 
     let freeze_key = Uuid::now_v7().to_string();
-    let frozen = post(
-        &client,
-        &base,
-        &id,
-        "freeze",
-        Some(&freeze_key),
-        json!({"reason": "suspected fraud"}),
-    )
-    .await;
+    let freeze = || {
+        post(
+            &api,
+            id,
+            "freeze",
+            Some(&freeze_key),
+            json!({"reason": "suspected fraud"}),
+        )
+    };
+    let frozen = freeze().await;
     assert_eq!(frozen.0, StatusCode::CREATED, "{}", frozen.1);
     assert_eq!(frozen.1["status"], "frozen");
     assert_eq!(frozen.1["balance"], 1000);
     assert_eq!(frozen.1["version"], 3);
-    let retried = post(
-        &client,
-        &base,
-        &id,
-        "freeze",
-        Some(&freeze_key),
-        json!({"reason": "suspected fraud"}),
-    )
-    .await;
+    let retried = freeze().await;
     assert_eq!(
-        retried, frozen,
+        (retried.0, &retried.1),
+        (frozen.0, &frozen.1),
         "a retried freeze under its key gets the first response"
     );
 
-    let refused = post_money(&client, &base, &id, "withdrawals", 100).await;
+    let refused = post_money(&api, id, "withdrawals", 100).await;
     assert_refused(&refused, StatusCode::UNPROCESSABLE_ENTITY, "account-frozen");
-    assert_eq!(refused.1["account_id"], id.as_str());
-    let deposited = post_money(&client, &base, &id, "deposits", 500).await;
+    assert_eq!(refused.1["account_id"], id.to_string());
+    let deposited = post_money(&api, id, "deposits", 500).await;
     assert_eq!(
         deposited.0,
         StatusCode::CREATED,
@@ -123,167 +66,152 @@ async fn a_frozen_account_refuses_withdrawals_but_accepts_deposits_until_it_is_u
     );
     assert_eq!(deposited.1["balance"], 1500);
     assert_eq!(deposited.1["status"], "frozen");
-    let again = post(&client, &base, &id, "freeze", None, json!({"reason": "twice"})).await;
+    let again = post(&api, id, "freeze", None, json!({"reason": "twice"})).await;
     assert_refused(&again, StatusCode::UNPROCESSABLE_ENTITY, "account-frozen");
 
-    let unfrozen = post(&client, &base, &id, "unfreeze", None, json!({})).await;
+    let unfrozen = post(&api, id, "unfreeze", None, json!({})).await;
     assert_eq!(unfrozen.0, StatusCode::CREATED, "{}", unfrozen.1);
     assert_eq!(unfrozen.1["status"], "open");
-    let withdrawn = post_money(&client, &base, &id, "withdrawals", 100).await;
+    let withdrawn = post_money(&api, id, "withdrawals", 100).await;
     assert_eq!(withdrawn.0, StatusCode::CREATED, "{}", withdrawn.1);
     assert_eq!(withdrawn.1["balance"], 1400);
     assert_eq!(withdrawn.1["available"], 1400);
-    let not_frozen = post(&client, &base, &id, "unfreeze", None, json!({})).await;
+    let not_frozen = post(&api, id, "unfreeze", None, json!({})).await;
     assert_refused(&not_frozen, StatusCode::UNPROCESSABLE_ENTITY, "account-not-frozen");
 
     // Opened, deposit, frozen, deposit, unfrozen, withdrawal: the refusals and the replay
     // wrote nothing.
-    assert_eq!(event_count(&db, &id).await, 6);
+    assert_eq!(db.event_count(id).await, 6);
 }
 
 #[tokio::test]
 async fn an_account_closes_only_at_zero_and_then_refuses_every_command() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
-    let client = reqwest::Client::new();
-    let id = open(&client, &base).await;
-    assert_eq!(
-        post_money(&client, &base, &id, "deposits", 250).await.0,
-        StatusCode::CREATED
-    );
+    let (api, _proc) = command_api(&db, &[]).await;
+    let id = api.open("EUR").await;
+    assert_eq!(post_money(&api, id, "deposits", 250).await.0, StatusCode::CREATED);
 
-    let refused = post(&client, &base, &id, "close", None, json!({})).await;
+    let refused = post(&api, id, "close", None, json!({})).await;
     assert_refused(&refused, StatusCode::UNPROCESSABLE_ENTITY, "balance-not-zero");
     assert_eq!(refused.1["balance"], 250);
 
-    assert_eq!(
-        post_money(&client, &base, &id, "withdrawals", 250).await.0,
-        StatusCode::CREATED
-    );
-    let closed = post(&client, &base, &id, "close", None, json!({})).await;
+    assert_eq!(post_money(&api, id, "withdrawals", 250).await.0, StatusCode::CREATED);
+    let closed = post(&api, id, "close", None, json!({})).await;
     assert_eq!(closed.0, StatusCode::CREATED, "{}", closed.1);
     assert_eq!(closed.1["status"], "closed");
     assert_eq!(closed.1["balance"], 0);
 
     let after = [
-        post_money(&client, &base, &id, "deposits", 1).await,
-        post_money(&client, &base, &id, "withdrawals", 1).await,
-        post(&client, &base, &id, "freeze", None, json!({"reason": "late"})).await,
-        post(&client, &base, &id, "unfreeze", None, json!({})).await,
-        post(&client, &base, &id, "close", None, json!({})).await,
+        post_money(&api, id, "deposits", 1).await,
+        post_money(&api, id, "withdrawals", 1).await,
+        post(&api, id, "freeze", None, json!({"reason": "late"})).await,
+        post(&api, id, "unfreeze", None, json!({})).await,
+        post(&api, id, "close", None, json!({})).await,
     ];
     for result in &after {
         assert_refused(result, StatusCode::UNPROCESSABLE_ENTITY, "account-closed");
     }
-    let reopened = client
-        .post(format!("{base}/v1/accounts"))
-        .json(&json!({"owner": "Ada", "currency": "EUR", "account_id": id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        reopened.status(),
-        StatusCode::CONFLICT,
-        "a closed account's id stays taken"
-    );
+    let reopened = api
+        .post(
+            "/v1/accounts",
+            None,
+            &json!({"owner": "Ada", "currency": "EUR", "account_id": id}),
+        )
+        .await;
+    assert_eq!(reopened.0, StatusCode::CONFLICT, "a closed account's id stays taken");
 
     // Opened, deposit, withdrawal, closed.
-    assert_eq!(event_count(&db, &id).await, 4);
+    assert_eq!(db.event_count(id).await, 4);
 }
 
 #[tokio::test]
 async fn life_cycle_commands_with_bad_bodies_or_unknown_accounts_are_problems_that_change_nothing() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
+    let (api, _proc) = command_api(&db, &[]).await;
+    let id = api.open("EUR").await;
+    let unknown = Uuid::now_v7();
     let client = reqwest::Client::new();
-    let id = open(&client, &base).await;
-    let unknown = Uuid::now_v7().to_string();
 
     let cases = [
         (
             "freeze",
-            &id,
+            id,
             json!({"reason": "r", "extra": 1}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "freeze",
-            &id,
+            id,
             json!({}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "freeze",
-            &id,
+            id,
             json!({"reason": "  "}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-reason",
         ),
         (
             "freeze",
-            &id,
+            id,
             json!({"reason": "r".repeat(201)}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-reason",
         ),
         (
             "unfreeze",
-            &id,
+            id,
             json!({"please": true}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "close",
-            &id,
+            id,
             json!({"force": true}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
         ),
         (
             "freeze",
-            &unknown,
+            unknown,
             json!({"reason": "r"}),
             StatusCode::NOT_FOUND,
             "account-not-found",
         ),
         (
             "unfreeze",
-            &unknown,
+            unknown,
             json!({}),
             StatusCode::NOT_FOUND,
             "account-not-found",
         ),
-        ("close", &unknown, json!({}), StatusCode::NOT_FOUND, "account-not-found"),
+        ("close", unknown, json!({}), StatusCode::NOT_FOUND, "account-not-found"),
     ];
     for (action, account, body, status, code) in cases {
-        let result = post(&client, &base, account, action, None, body.clone()).await;
+        let result = post(&api, account, action, None, body.clone()).await;
         assert_eq!(result.0, status, "{action} {body}: {}", result.1);
-        assert_eq!(
-            result.1["type"],
-            format!("https://tally.dev/problems/{code}"),
-            "{action} {body}: {}",
-            result.1
-        );
+        assert_eq!(problem_code(&result.1), code, "{action} {body}: {}", result.1);
     }
     let no_body = client
-        .post(format!("{base}/v1/accounts/{id}/close"))
+        .post(format!("{}/v1/accounts/{id}/close", api.base))
         .header("content-type", "application/json")
         .send()
         .await
         .unwrap();
     assert_eq!(no_body.status(), StatusCode::BAD_REQUEST, "close needs `{{}}`");
     let not_json = client
-        .post(format!("{base}/v1/accounts/{id}/close"))
+        .post(format!("{}/v1/accounts/{id}/close", api.base))
         .body("{}")
         .send()
         .await
         .unwrap();
     assert_eq!(not_json.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    assert_eq!(event_count(&db, &id).await, 1, "only the opening");
+    assert_eq!(db.event_count(id).await, 1, "only the opening");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_event_store::{NewEvent, StreamAppend};
-use tally_tests::{Stack, eventually};
+use tally_tests::{Api, Stack, eventually};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -32,28 +32,20 @@ async fn an_account_stored_as_v1_is_upcast_by_the_command_path_and_the_projector
         .await
         .unwrap();
 
-    let deposit = client
-        .post(format!("{}/v1/accounts/{id}/deposits", stack.command))
-        .header("Idempotency-Key", Uuid::now_v7().to_string())
-        .json(&json!({"amount": 500}))
-        .send()
-        .await
-        .unwrap();
-    let overdraw = client
-        .post(format!("{}/v1/accounts/{id}/withdrawals", stack.command))
-        .header("Idempotency-Key", Uuid::now_v7().to_string())
-        .json(&json!({"amount": 600}))
-        .send()
-        .await
-        .unwrap();
+    let api = Api::new(&stack.command);
+    let (deposit, _, _) = api
+        .post_keyed(&format!("/v1/accounts/{id}/deposits"), &json!({"amount": 500}))
+        .await;
+    let (overdraw, problem, _) = api
+        .post_keyed(&format!("/v1/accounts/{id}/withdrawals"), &json!({"amount": 600}))
+        .await;
 
-    assert_eq!(deposit.status(), StatusCode::CREATED);
+    assert_eq!(deposit, StatusCode::CREATED);
     assert_eq!(
-        overdraw.status(),
+        overdraw,
         StatusCode::UNPROCESSABLE_ENTITY,
         "v1 accounts have no overdraft"
     );
-    let problem: Value = overdraw.json().await.unwrap();
     assert_eq!(problem["available"], 500);
     let view = eventually(Duration::from_secs(20), "the projector to apply the v1 event", || {
         let client = client.clone();

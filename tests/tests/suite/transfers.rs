@@ -7,78 +7,14 @@ use std::time::Duration;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use tally_tests::{TestDb, command_api, eventually};
+use serde_json::json;
+use tally_tests::{TestDb, command_api, eventually, problem_code};
 use uuid::Uuid;
-
-/// One client's view of the command API.
-#[derive(Clone)]
-struct Api {
-    client: reqwest::Client,
-    base: String,
-}
-
-/// A response: status, body, replayed?
-type Reply = (StatusCode, Value, bool);
-
-impl Api {
-    fn new(base: &str) -> Self {
-        Self {
-            client: reqwest::Client::new(),
-            base: base.to_owned(),
-        }
-    }
-
-    async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Reply {
-        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let replayed = response.headers().contains_key("idempotent-replayed");
-        (status, response.json().await.unwrap_or(Value::Null), replayed)
-    }
-
-    /// Opens an account and deposits `funds` into it.
-    async fn funded(&self, currency: &str, funds: i64) -> Uuid {
-        let (status, body, _) = self
-            .post("/v1/accounts", None, &json!({"owner": "t", "currency": currency}))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let id: Uuid = body["account_id"].as_str().unwrap().parse().unwrap();
-        if funds > 0 {
-            let key = Uuid::now_v7().to_string();
-            let (status, body, _) = self
-                .post(
-                    &format!("/v1/accounts/{id}/deposits"),
-                    Some(&key),
-                    &json!({"amount": funds}),
-                )
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{body}");
-        }
-        id
-    }
-
-    async fn transfer(&self, body: Value) -> Reply {
-        self.post("/v1/transfers", Some(&Uuid::now_v7().to_string()), &body)
-            .await
-    }
-}
-
-fn problem_type(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("https://tally.dev/problems/"))
-        .unwrap_or("")
-}
 
 #[tokio::test]
 async fn an_immediate_transfer_books_both_legs_in_one_transaction() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
-    let api = Api::new(&base);
+    let (api, _proc) = command_api(&db, &[]).await;
     let (a, b) = (api.funded("EUR", 1_000).await, api.funded("EUR", 0).await);
     let key = "transfer-once";
     let body = json!({"from": a, "to": b, "amount": 300, "currency": "EUR", "mode": "immediate", "reference": "rent"});
@@ -113,8 +49,7 @@ async fn an_immediate_transfer_books_both_legs_in_one_transaction() {
 #[tokio::test]
 async fn each_refused_transfer_says_why_and_moves_nothing() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
-    let api = Api::new(&base);
+    let (api, _proc) = command_api(&db, &[]).await;
     let (a, b, usd) = (
         api.funded("EUR", 100).await,
         api.funded("EUR", 0).await,
@@ -157,11 +92,11 @@ async fn each_refused_transfer_says_why_and_moves_nothing() {
     ];
     for (body, status, kind) in cases {
         let (got, problem, _) = api.transfer(body.clone()).await;
-        assert_eq!((got, problem_type(&problem)), (status, kind), "{body} → {problem}");
+        assert_eq!((got, problem_code(&problem)), (status, kind), "{body} → {problem}");
     }
     let (status, problem, _) = api.post("/v1/transfers", None, &t(a, b, 10, "EUR")).await;
     assert_eq!(
-        (status, problem_type(&problem)),
+        (status, problem_code(&problem)),
         (StatusCode::BAD_REQUEST, "idempotency-key-required")
     );
 
@@ -170,7 +105,7 @@ async fn each_refused_transfer_says_why_and_moves_nothing() {
     assert_eq!(api.transfer(with_id.clone()).await.0, StatusCode::CREATED);
     let (status, problem, _) = api.transfer(with_id).await;
     assert_eq!(
-        (status, problem_type(&problem)),
+        (status, problem_code(&problem)),
         (StatusCode::CONFLICT, "transfer-exists")
     );
 
@@ -185,8 +120,7 @@ async fn each_refused_transfer_says_why_and_moves_nothing() {
 #[tokio::test]
 async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
     let db = TestDb::new().await;
-    let (base, _api) = command_api(&db, &[]).await;
-    let api = Api::new(&base);
+    let (api, _proc) = command_api(&db, &[]).await;
     let (a, b) = (api.funded("EUR", 1_000).await, api.funded("EUR", 0).await);
 
     let (status, pending, _) = api
@@ -207,14 +141,13 @@ async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
         .transfer(json!({"from": a, "to": b, "amount": 601, "currency": "EUR", "mode": "immediate"}))
         .await;
     assert_eq!(
-        (status, problem_type(&refused)),
+        (status, problem_code(&refused)),
         (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"),
         "held money is not available"
     );
 
-    let key = Uuid::now_v7().to_string();
     let (status, posted, _) = api
-        .post(&format!("/v1/transfers/{id}/post"), Some(&key), &json!({"amount": 250}))
+        .post_keyed(&format!("/v1/transfers/{id}/post"), &json!({"amount": 250}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{posted}");
     assert_eq!(posted["status"], "posted");
@@ -224,12 +157,9 @@ async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
         (&json!(750), &json!(0))
     );
     assert_eq!(posted["to"]["balance"], 250);
-    let key = Uuid::now_v7().to_string();
-    let (status, again, _) = api
-        .post(&format!("/v1/transfers/{id}/void"), Some(&key), &json!({}))
-        .await;
+    let (status, again, _) = api.post_keyed(&format!("/v1/transfers/{id}/void"), &json!({})).await;
     assert_eq!(
-        (status, problem_type(&again)),
+        (status, problem_code(&again)),
         (StatusCode::UNPROCESSABLE_ENTITY, "transfer-not-pending")
     );
 
@@ -237,10 +167,7 @@ async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
         .transfer(json!({"from": a, "to": b, "amount": 100, "currency": "EUR", "mode": "pending"}))
         .await;
     let id = second["transfer_id"].as_str().unwrap();
-    let key = Uuid::now_v7().to_string();
-    let (status, voided, _) = api
-        .post(&format!("/v1/transfers/{id}/void"), Some(&key), &json!({}))
-        .await;
+    let (status, voided, _) = api.post_keyed(&format!("/v1/transfers/{id}/void"), &json!({})).await;
     assert_eq!(status, StatusCode::CREATED, "{voided}");
     assert_eq!(voided["status"], "voided");
     assert_eq!(
@@ -248,13 +175,12 @@ async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
         (&json!(750), &json!(0))
     );
 
-    let key = Uuid::now_v7().to_string();
     let missing = Uuid::now_v7();
     let (status, problem, _) = api
-        .post(&format!("/v1/transfers/{missing}/post"), Some(&key), &json!({}))
+        .post_keyed(&format!("/v1/transfers/{missing}/post"), &json!({}))
         .await;
     assert_eq!(
-        (status, problem_type(&problem)),
+        (status, problem_code(&problem)),
         (StatusCode::NOT_FOUND, "transfer-not-found")
     );
 }
@@ -263,9 +189,8 @@ async fn a_pending_transfer_holds_funds_until_posted_or_voided() {
 async fn two_expiry_workers_release_an_overdue_hold_exactly_once() {
     let db = TestDb::new().await;
     let fast = [("TALLY_EXPIRY_INTERVAL_MS", "50".to_owned())];
-    let (base, _one) = command_api(&db, &fast).await;
+    let (api, _one) = command_api(&db, &fast).await;
     let (_, _two) = command_api(&db, &fast).await;
-    let api = Api::new(&base);
     let (a, b) = (api.funded("EUR", 500).await, api.funded("EUR", 0).await);
     let mut ids = Vec::new();
     for _ in 0..5 {
@@ -305,13 +230,8 @@ async fn two_expiry_workers_release_an_overdue_hold_exactly_once() {
         .filter(|e| e.event_type == "HoldReleased")
         .count();
     assert_eq!(releases, 5, "each hold released exactly once");
-    let key = Uuid::now_v7().to_string();
     let (status, body, _) = api
-        .post(
-            &format!("/v1/accounts/{a}/withdrawals"),
-            Some(&key),
-            &json!({"amount": 500}),
-        )
+        .post_keyed(&format!("/v1/accounts/{a}/withdrawals"), &json!({"amount": 500}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "all funds are available again: {body}");
 }
@@ -335,8 +255,7 @@ async fn sixty_four_clients_moving_money_at_random_conserve_it_exactly() {
     const TRANSFERS: usize = 10_000;
     const FUNDS: i64 = 1_000;
     let db = TestDb::new().await;
-    let (base, api_proc) = command_api(&db, &[("TALLY_EXPIRY_INTERVAL_MS", "100".to_owned())]).await;
-    let api = Api::new(&base);
+    let (api, api_proc) = command_api(&db, &[("TALLY_EXPIRY_INTERVAL_MS", "100".to_owned())]).await;
     let mut accounts = Vec::new();
     for _ in 0..ACCOUNTS {
         accounts.push(api.funded("EUR", FUNDS).await);
@@ -380,7 +299,7 @@ async fn sixty_four_clients_moving_money_at_random_conserve_it_exactly() {
                             .push(first.1["transfer_id"].as_str().unwrap().to_owned());
                     }
                     StatusCode::UNPROCESSABLE_ENTITY => {
-                        let kind = problem_type(&first.1);
+                        let kind = problem_code(&first.1);
                         assert!(
                             ["insufficient-funds", "transfer-to-self"].contains(&kind),
                             "unexpected refusal {}",
@@ -399,11 +318,8 @@ async fn sixty_four_clients_moving_money_at_random_conserve_it_exactly() {
                     } else {
                         ("void", json!({}))
                     };
-                    let key = Uuid::now_v7().to_string();
-                    let (status, reply, _) = api
-                        .post(&format!("/v1/transfers/{id}/{action}"), Some(&key), &body)
-                        .await;
-                    match (status, problem_type(&reply)) {
+                    let (status, reply, _) = api.post_keyed(&format!("/v1/transfers/{id}/{action}"), &body).await;
+                    match (status, problem_code(&reply)) {
                         (StatusCode::CREATED, _) if action == "post" => ledger.posted += 1,
                         (StatusCode::CREATED, _) => ledger.voided += 1,
                         // The worker expired it first, or (post) its deadline has passed.

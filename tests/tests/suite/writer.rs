@@ -3,83 +3,56 @@
 
 use std::collections::HashSet;
 
-use cqrs_es::Aggregate;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_command_api::execute::load_account;
-use tally_domain::Account;
 use tally_tests::{TestDb, command_api};
 use uuid::Uuid;
 
-async fn open(client: &reqwest::Client, base: &str) -> Uuid {
-    let response = client
-        .post(format!("{base}/v1/accounts"))
-        .json(&json!({"owner": "Ada", "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.unwrap();
-    body["account_id"].as_str().unwrap().parse().unwrap()
-}
-
-/// POSTs `body` to `{base}/v1/accounts/{id}/{action}` under `key`, or a fresh unique key when
-/// `None` (deposits and withdrawals require one); returns status, body and whether it was a
-/// replay.
-async fn post(
-    client: &reqwest::Client,
-    base: &str,
-    id: Uuid,
-    action: &str,
-    key: Option<&str>,
-    body: Value,
-) -> (StatusCode, Value, bool) {
-    let key = key.map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
-    let request = client
-        .post(format!("{base}/v1/accounts/{id}/{action}"))
-        .header("Idempotency-Key", key)
-        .json(&body);
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    (status, response.json().await.unwrap_or(Value::Null), replayed)
-}
-
 /// The ids of the transactions that wrote `stream`'s events after `after_version`.
 async fn writing_transactions(db: &TestDb, stream: Uuid, after_version: i64) -> HashSet<i64> {
-    let events = db.store().read_stream(stream, after_version, 10_000).await.unwrap();
-    events.iter().map(|e| e.tx_id).collect()
+    let events = db.read_whole_stream(stream).await;
+    events
+        .iter()
+        .filter(|e| e.version > after_version)
+        .map(|e| e.tx_id)
+        .collect()
 }
 
-/// Replays a whole stream without snapshots: the reference the writer's state is checked against.
-async fn replayed(db: &TestDb, stream: Uuid) -> (Account, i64) {
-    let mut account = Account::default();
-    let events = db.store().read_stream(stream, 0, 10_000).await.unwrap();
-    for stored in &events {
-        let event =
-            tally_schemas::decode_account_event(&stored.event_type, stored.schema_version as u32, &stored.payload)
-                .unwrap();
-        account.apply(event);
-    }
-    (account, events.last().map_or(0, |e| e.version))
+/// One group-commit lane that waits up to half a second to fill a batch, so commands sent
+/// together share transactions.
+fn one_patient_lane() -> [(&'static str, String); 2] {
+    [
+        ("TALLY_GROUP_COMMIT_LANES", "1".into()),
+        ("TALLY_GROUP_COMMIT_WAIT_US", "500000".into()),
+    ]
 }
 
 #[tokio::test]
 async fn a_hot_account_under_64_concurrent_clients_sees_no_conflicts() {
     let db = TestDb::new().await;
-    let (base, api) = command_api(&db, &[]).await;
-    let client = reqwest::Client::new();
-    let id = open(&client, &base).await;
+    let (api, api_proc) = command_api(&db, &[]).await;
+    let id = api.open("EUR").await;
     const CLIENTS: usize = 64;
-    const EACH: usize = 15;
+    const FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
+    let until = std::time::Instant::now() + FOR;
     let clients = (0..CLIENTS).map(|c| {
-        let (client, base) = (client.clone(), base.clone());
+        let api = api.clone();
         tokio::spawn(async move {
             let mut statuses = Vec::new();
-            for i in 0..EACH {
+            for i in 0.. {
+                if std::time::Instant::now() >= until {
+                    break;
+                }
                 let key = format!("hot-{c}-{i}");
-                let (status, body, _) = post(&client, &base, id, "deposits", Some(&key), json!({"amount": 3})).await;
+                let (status, body, _) = api
+                    .post(
+                        &format!("/v1/accounts/{id}/deposits"),
+                        Some(&key),
+                        &json!({"amount": 3}),
+                    )
+                    .await;
                 statuses.push((status, body));
             }
             statuses
@@ -90,6 +63,7 @@ async fn a_hot_account_under_64_concurrent_clients_sees_no_conflicts() {
         .into_iter()
         .flat_map(|r| r.unwrap())
         .collect();
+    let sent = results.len();
 
     let refused: Vec<_> = results.iter().filter(|(s, _)| *s != StatusCode::CREATED).collect();
     assert!(
@@ -98,85 +72,51 @@ async fn a_hot_account_under_64_concurrent_clients_sees_no_conflicts() {
         refused.len(),
         results.len(),
         refused.first(),
-        api.log_tail()
+        api_proc.log_tail()
     );
-    let (account, version) = replayed(&db, id).await;
-    assert_eq!(
-        version,
-        1 + (CLIENTS * EACH) as i64,
-        "every command appended exactly one event"
-    );
-    assert_eq!(account.balance, 3 * (CLIENTS * EACH) as i64);
+    let (account, version) = db.replay_account(id).await;
+    assert_eq!(version, 1 + sent as i64, "every command appended exactly one event");
+    assert_eq!(account.balance, 3 * sent as i64);
     let versions: HashSet<i64> = results.iter().map(|(_, b)| b["version"].as_i64().unwrap()).collect();
-    assert_eq!(versions.len(), CLIENTS * EACH, "each command got its own version");
+    assert_eq!(versions.len(), sent, "each command got its own version");
     let transactions = writing_transactions(&db, id, 1).await;
     assert!(
-        transactions.len() < CLIENTS * EACH,
+        transactions.len() < sent,
         "commands that queue on one stream are appended together ({} transactions for {} commands)",
         transactions.len(),
-        CLIENTS * EACH
+        sent
     );
 }
 
 #[tokio::test]
 async fn commands_that_arrive_together_share_a_transaction_and_a_refusal_fails_no_neighbour() {
     let db = TestDb::new().await;
-    // One lane that waits up to half a second to fill a batch: everything below is sent at
-    // once, so it lands in one or two transactions.
-    let (base, api) = command_api(
-        &db,
-        &[
-            ("TALLY_GROUP_COMMIT_LANES", "1".into()),
-            ("TALLY_GROUP_COMMIT_WAIT_US", "500000".into()),
-        ],
-    )
-    .await;
-    let client = reqwest::Client::new();
+    // Everything below is sent at once, so it lands in one or two transactions.
+    let (api, api_proc) = command_api(&db, &one_patient_lane()).await;
     let mut accounts = Vec::new();
     for _ in 0..8 {
-        accounts.push(open(&client, &base).await);
+        accounts.push(api.open("EUR").await);
     }
     let key_used = "earlier-request";
-    let earlier = post(
-        &client,
-        &base,
-        accounts[0],
-        "deposits",
-        Some(key_used),
-        json!({"amount": 5}),
-    )
-    .await;
+    let first_deposits = format!("/v1/accounts/{}/deposits", accounts[0]);
+    let earlier = api.post(&first_deposits, Some(key_used), &json!({"amount": 5})).await;
     assert_eq!(earlier.0, StatusCode::CREATED);
 
     let deposits = accounts
         .iter()
-        .map(|id| post(&client, &base, *id, "deposits", None, json!({"amount": 100})));
+        .map(|id| api.post_keyed(&format!("/v1/accounts/{id}/deposits"), &json!({"amount": 100})));
     let overdrafts = accounts[..4]
         .iter()
-        .map(|id| post(&client, &base, *id, "withdrawals", None, json!({"amount": 1_000_000})));
+        .map(|id| api.post_keyed(&format!("/v1/accounts/{id}/withdrawals"), &json!({"amount": 1_000_000})));
     let (deposits, overdrafts, replay, reused) = tokio::join!(
         futures::future::join_all(deposits),
         futures::future::join_all(overdrafts),
-        post(
-            &client,
-            &base,
-            accounts[0],
-            "deposits",
-            Some(key_used),
-            json!({"amount": 5})
-        ),
-        post(
-            &client,
-            &base,
-            accounts[0],
-            "deposits",
-            Some(key_used),
-            json!({"amount": 6})
-        ),
+        api.post(&first_deposits, Some(key_used), &json!({"amount": 5})),
+        api.post(&first_deposits, Some(key_used), &json!({"amount": 6})),
     );
 
     for (status, body, _) in &deposits {
-        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}", api.log_tail());
+        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}", api_proc.log_tail());
     }
     for (status, body, _) in &overdrafts {
         assert_eq!(*status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -190,7 +130,7 @@ async fn commands_that_arrive_together_share_a_transaction_and_a_refusal_fails_n
 
     let mut transactions = HashSet::new();
     for id in &accounts {
-        let (account, _) = replayed(&db, *id).await;
+        let (account, _) = db.replay_account(*id).await;
         let expected = if *id == accounts[0] { 105 } else { 100 };
         assert_eq!(
             account.balance, expected,
@@ -220,47 +160,31 @@ async fn a_command_the_database_rejects_fails_alone() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let (base, api) = command_api(
-        &db,
-        &[
-            ("TALLY_GROUP_COMMIT_LANES", "1".into()),
-            ("TALLY_GROUP_COMMIT_WAIT_US", "500000".into()),
-        ],
-    )
-    .await;
-    let client = reqwest::Client::new();
+    let (api, api_proc) = command_api(&db, &one_patient_lane()).await;
     let mut accounts = Vec::new();
     for _ in 0..6 {
-        accounts.push(open(&client, &base).await);
+        accounts.push(api.open("EUR").await);
     }
 
     let healthy = accounts.iter().map(|id| {
-        post(
-            &client,
-            &base,
-            *id,
-            "deposits",
-            None,
-            json!({"amount": 7, "reference": "fine"}),
+        api.post_keyed(
+            &format!("/v1/accounts/{id}/deposits"),
+            &json!({"amount": 7, "reference": "fine"}),
         )
     });
-    let poisoned = post(
-        &client,
-        &base,
-        accounts[0],
-        "deposits",
-        None,
-        json!({"amount": 7, "reference": "poison"}),
+    let poisoned = api.post_keyed(
+        &format!("/v1/accounts/{}/deposits", accounts[0]),
+        &json!({"amount": 7, "reference": "poison"}),
     );
     let (healthy, poisoned) = tokio::join!(futures::future::join_all(healthy), poisoned);
 
     assert_eq!(poisoned.0, StatusCode::INTERNAL_SERVER_ERROR, "{}", poisoned.1);
     assert_eq!(poisoned.1["type"], "https://tally.dev/problems/internal");
     for (status, body, _) in &healthy {
-        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}", api.log_tail());
+        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}", api_proc.log_tail());
     }
     for id in &accounts {
-        assert_eq!(replayed(&db, *id).await.0.balance, 7);
+        assert_eq!(db.replay_account(*id).await.0.balance, 7);
     }
 }
 
@@ -269,19 +193,22 @@ async fn two_command_apis_on_one_account_reload_instead_of_failing() {
     let db = TestDb::new().await;
     let (a, api_a) = command_api(&db, &[]).await;
     let (b, api_b) = command_api(&db, &[]).await;
-    let client = reqwest::Client::new();
-    let id = open(&client, &a).await;
+    let id = a.open("EUR").await;
+    let (deposits, withdrawals) = (
+        format!("/v1/accounts/{id}/deposits"),
+        format!("/v1/accounts/{id}/withdrawals"),
+    );
 
     // A caches the account; B then moves it on behind A's back.
     assert_eq!(
-        post(&client, &a, id, "deposits", None, json!({"amount": 100})).await.0,
+        a.post_keyed(&deposits, &json!({"amount": 100})).await.0,
         StatusCode::CREATED
     );
     assert_eq!(
-        post(&client, &b, id, "deposits", None, json!({"amount": 200})).await.0,
+        b.post_keyed(&deposits, &json!({"amount": 200})).await.0,
         StatusCode::CREATED
     );
-    let (status, body, _) = post(&client, &a, id, "withdrawals", None, json!({"amount": 250})).await;
+    let (status, body, _) = a.post_keyed(&withdrawals, &json!({"amount": 250})).await;
     assert_eq!(
         status,
         StatusCode::CREATED,
@@ -292,10 +219,8 @@ async fn two_command_apis_on_one_account_reload_instead_of_failing() {
 
     // Both instances hammering the same account: every command lands once, none is refused.
     let requests = (0..48).map(|i| {
-        let base = if i % 2 == 0 { &a } else { &b };
-        let key = format!("both-{i}");
-        let client = client.clone();
-        async move { post(&client, base, id, "deposits", Some(&key), json!({"amount": 1})).await }
+        let api = if i % 2 == 0 { &a } else { &b };
+        api.post(&deposits, Some(&format!("both-{i}")), &json!({"amount": 1}))
     });
     let results = futures::future::join_all(requests).await;
     for (status, body, _) in &results {
@@ -307,7 +232,7 @@ async fn two_command_apis_on_one_account_reload_instead_of_failing() {
             api_b.log_tail()
         );
     }
-    let (account, version) = replayed(&db, id).await;
+    let (account, version) = db.replay_account(id).await;
     assert_eq!(account.balance, 50 + 48);
     assert_eq!(version, 4 + 48);
 }
@@ -315,12 +240,13 @@ async fn two_command_apis_on_one_account_reload_instead_of_failing() {
 #[tokio::test]
 async fn a_long_stream_is_loaded_from_its_snapshot_and_a_stale_shape_is_replayed() {
     let db = TestDb::new().await;
-    let (base, api) = command_api(&db, &[("TALLY_SNAPSHOT_EVERY", "10".into())]).await;
-    let client = reqwest::Client::new();
-    let id = open(&client, &base).await;
+    let (api, api_proc) = command_api(&db, &[("TALLY_SNAPSHOT_EVERY", "10".into())]).await;
+    let id = api.open("EUR").await;
     for _ in 0..25 {
-        let (status, body, _) = post(&client, &base, id, "deposits", None, json!({"amount": 2})).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}\n{}", api.log_tail());
+        let (status, body, _) = api
+            .post_keyed(&format!("/v1/accounts/{id}/deposits"), &json!({"amount": 2}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}\n{}", api_proc.log_tail());
     }
     let snapshot_version = tally_tests::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
         let snapshot = tally_event_store::snapshot::load(&db.pool, id).await.unwrap()?;
@@ -328,7 +254,7 @@ async fn a_long_stream_is_loaded_from_its_snapshot_and_a_stale_shape_is_replayed
     })
     .await;
 
-    let (reference, version) = replayed(&db, id).await;
+    let (reference, version) = db.replay_account(id).await;
     let loaded = load_account(&db.store(), id).await.unwrap();
     assert_eq!(
         loaded.snapshot_version, snapshot_version,
