@@ -336,8 +336,8 @@ pub async fn append_events_in(
     // Postgres keeps microseconds; truncate first so the hashed text equals what is read back.
     let recorded_at = Utc::now().trunc_subsecs(6);
     let mut cols = Columns::with_capacity(total);
-    for append in &appends {
-        let mut prev_hash = previous_hash(tx, append).await?;
+    let previous = previous_hashes(tx, &appends).await?;
+    for (append, mut prev_hash) in appends.iter().zip(previous) {
         for (i, event) in append.events.iter().enumerate() {
             let version = append.expected_version + 1 + i as i64;
             let hash = event_hash(&hash::HashInput {
@@ -398,36 +398,53 @@ pub async fn append_events_in(
     Ok(appended)
 }
 
-/// The hash of the event at `expected_version`, which also proves the stream is exactly there
+/// For each append (sorted by stream), the hash of the event at its `expected_version`, read
+/// in one round trip for all of them. Finding that event proves the stream is exactly there
 /// *or behind*; being behind is caught by the primary key when inserting. A stream that is not
 /// even at `expected_version` is a conflict too (the caller's state is from the future).
-async fn previous_hash(
+async fn previous_hashes(
     tx: &mut Transaction<'_, Postgres>,
-    append: &StreamAppend,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    if append.expected_version < 0 {
+    appends: &[StreamAppend],
+) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    if appends.iter().any(|a| a.expected_version < 0) {
         return Err(StoreError::InvalidAppend("expected version must be >= 0".into()));
     }
-    if append.expected_version == 0 {
-        return Ok(None);
-    }
+    let (ids, versions): (Vec<Uuid>, Vec<i64>) = appends
+        .iter()
+        .filter(|a| a.expected_version > 0)
+        .map(|a| (a.stream_id, a.expected_version))
+        .unzip();
     // `ordered`: the predecessor's transaction is older than ours. If it is not (we took our
     // xid before it appended, then read on top of it), the commit-order feed would return our
     // event before its predecessor; refuse, and the caller's retry runs in a newer transaction.
-    let found: Option<(Vec<u8>, bool)> = sqlx::query_as(
-        "SELECT hash, tx_id < pg_current_xact_id() AS ordered FROM events WHERE stream_id = $1 AND version = $2",
-    )
-    .bind(append.stream_id)
-    .bind(append.expected_version)
-    .fetch_optional(&mut **tx)
-    .await?;
-    match found {
-        Some((hash, true)) => Ok(Some(hash)),
-        _ => Err(StoreError::Conflict {
-            stream_id: append.stream_id,
-            expected: append.expected_version,
-        }),
-    }
+    let found: Vec<(Uuid, Vec<u8>, bool)> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(
+            "SELECT e.stream_id, e.hash, e.tx_id < pg_current_xact_id() AS ordered \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS p(sid, version) \
+             JOIN events e ON e.stream_id = p.sid AND e.version = p.version",
+        )
+        .bind(&ids)
+        .bind(&versions)
+        .fetch_all(&mut **tx)
+        .await?
+    };
+    appends
+        .iter()
+        .map(|append| {
+            if append.expected_version == 0 {
+                return Ok(None);
+            }
+            match found.iter().find(|(id, _, _)| *id == append.stream_id) {
+                Some((_, hash, true)) => Ok(Some(hash.clone())),
+                _ => Err(StoreError::Conflict {
+                    stream_id: append.stream_id,
+                    expected: append.expected_version,
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Translates a unique violation on `(stream_id, version)` into a typed conflict.
