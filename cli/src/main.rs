@@ -1,7 +1,11 @@
 //! `tally`: operate and audit a Tally deployment.
 //!
+//! `tally load` generates HTTP load against a command API (see `load.rs`).
+//!
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
 //! when it could not read the log (clap also uses 2 for a malformed command line).
+
+mod load;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -37,6 +41,8 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Generate load against a command API and measure throughput and latency.
+    Load(load::LoadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +80,13 @@ async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { stream },
         } => audit_verify(&cli.database_url, stream).await,
+        Command::Load(args) => match load::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

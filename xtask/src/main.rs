@@ -3,8 +3,10 @@
 //! - `up`: the whole stack on this machine (Postgres primary + replica and NATS from the
 //!   installed binaries, then every Tally service), until Ctrl-C.
 //! - `test`: the same ephemeral services, then the whole workspace test suite.
+//! - `bench`: the write-path benchmark (limits vs Tally, same run), see BENCHMARKS.md.
 //! - `schemas`: rewrites the checked-in JSON Schemas and OpenAPI documents from the code.
 
+mod bench;
 mod stack;
 
 use std::path::PathBuf;
@@ -30,6 +32,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the write path against its limits (release build, durable Postgres, NATS).
+    Bench(bench::BenchArgs),
     /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
     Schemas,
 }
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Up(args) => stack::up(args),
         Task::Test { args } => stack::test(&args),
+        Task::Bench(args) => bench::bench(args),
         Task::Schemas => write_schemas(),
     }
 }

@@ -1,0 +1,140 @@
+//! `tally-bench`: the measurements of `cargo xtask bench`, one per invocation, each printing
+//! one JSON object on stdout. Built in release mode so the measuring side is never the
+//! bottleneck; xtask starts the servers and services and collects the results.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tally_bench::nats::PublishPlan;
+use tally_bench::raw::RawInsert;
+use tally_bench::runner::closed_loop;
+use tally_bench::store::StoreAppend;
+use tally_bench::{Measurement, Window};
+use tally_event_store::EventStore;
+use tally_event_store::partition::{self, Topology};
+
+#[derive(Debug, Parser)]
+#[command(name = "tally-bench", about = "Benchmark measurements for `cargo xtask bench`")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The Postgres limit: single-row INSERT transactions into a copy of `events`.
+    RawAppend(AppendArgs),
+    /// Single-event appends through `EventStore::append`.
+    StoreAppend(AppendArgs),
+    /// Writes a backlog of events for the relay scenario.
+    Preload {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long)]
+        events: u64,
+    },
+    /// The JetStream limit: pipelined publishes with `Nats-Msg-Id`.
+    NatsPublish {
+        #[arg(long, env = "TALLY_NATS_URL")]
+        nats_url: String,
+        #[arg(long)]
+        messages: u64,
+        #[arg(long)]
+        message_bytes: usize,
+        #[arg(long, default_value_t = 1_024)]
+        in_flight_max: usize,
+        /// A stream of its own: deleted and created fresh, deleted again at the end.
+        #[arg(long, default_value = "BENCH_RAW")]
+        stream: String,
+        #[arg(long, default_value = "bench.raw")]
+        subject_prefix: String,
+        #[arg(long, default_value_t = partition::PARTITIONS_DEFAULT)]
+        partitions: u32,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AppendArgs {
+    #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Concurrent writers, each with its own connection and its own streams.
+    #[arg(long)]
+    writers: usize,
+    /// Measured window, in milliseconds.
+    #[arg(long)]
+    duration_ms: u64,
+    /// Unrecorded warm-up before the window, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    warmup_ms: u64,
+}
+
+impl AppendArgs {
+    fn window(&self) -> Window {
+        Window {
+            warmup: Duration::from_millis(self.warmup_ms),
+            measure: Duration::from_millis(self.duration_ms),
+        }
+    }
+
+    /// One pooled connection per writer, so writers never wait for each other's connections.
+    fn store(&self) -> anyhow::Result<EventStore> {
+        anyhow::ensure!(self.writers > 0, "--writers must be at least 1");
+        let connections = u32::try_from(self.writers)?;
+        Ok(EventStore::new(tally_event_store::connect(
+            &self.database_url,
+            connections,
+        )?))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::RawAppend(args) => {
+            let store = args.store()?;
+            tally_bench::raw::ensure_table(store.pool()).await?;
+            let writers = (0..args.writers)
+                .map(|_| RawInsert::new(store.pool().clone()))
+                .collect();
+            print(&closed_loop(writers, args.window()).await?)
+        }
+        Command::StoreAppend(args) => {
+            let store = args.store()?;
+            let writers = (0..args.writers).map(|_| StoreAppend::new(store.clone())).collect();
+            print(&closed_loop(writers, args.window()).await?)
+        }
+        Command::Preload { database_url, events } => {
+            let store = EventStore::new(tally_event_store::connect(&database_url, 1)?);
+            print(&tally_bench::preload::preload(&store, events).await?)
+        }
+        Command::NatsPublish {
+            nats_url,
+            messages,
+            message_bytes,
+            in_flight_max,
+            stream,
+            subject_prefix,
+            partitions,
+        } => {
+            let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+            let plan = PublishPlan {
+                messages,
+                message_bytes,
+                in_flight_max,
+                topology: Topology {
+                    stream_name: stream,
+                    subject_prefix,
+                    partitions,
+                },
+            };
+            let measured: Measurement = tally_bench::nats::publish_limit(&js, &plan).await?;
+            print(&measured)
+        }
+    }
+}
+
+fn print(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! `tally load`: an HTTP load generator for the command API, usable against any deployment.
+//!
+//! - **Closed loop** (default): `--connections` clients, each sending its next request as soon
+//!   as the previous one is answered. Measures how fast the server goes flat out.
+//! - **Open loop** (`--rate R`): requests fall due on a fixed schedule, R per second, whatever
+//!   the server does, and latency is measured from when a request was *due*, not when it was
+//!   sent. A server that stalls is charged for the queue it builds, so latency is not hidden
+//!   by coordinated omission. `--connections` bounds the requests in flight.
+//!
+//! Scenarios: `deposits` posts `{"amount":1}` to accounts picked uniformly at random from
+//! `--accounts` pre-opened ones; `hot-account` posts every deposit to one account; `transfers`
+//! funds the `--accounts` accounts once, then moves 1 between two of them picked at random
+//! (an immediate transfer: both legs and the transfer record in one transaction). Every
+//! request carries a unique `Idempotency-Key`. Connections are kept alive. Latencies go into
+//! HdrHistograms; non-2xx answers are counted by status; the generator reports its own CPU
+//! time so a reader can tell it was not the bottleneck.
+
+mod progress;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use self::progress::{Live, Progress};
+use self::stats::{LoadReport, Measured, Outcome, Recorder, RunShape};
+
+/// How long one request may take before it counts as a `timeout`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent requests while opening the accounts, before any measurement.
+const OPEN_ACCOUNTS_CONCURRENCY: usize = 32;
+/// In open loop, how long after the window the backlog of due requests may still be sent;
+/// requests still unsent then are reported as `not-sent`.
+const OPEN_LOOP_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// The deposit every request makes, in minor units.
+const DEPOSIT_BODY: &str = r#"{"amount":1}"#;
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Base URL of the command API.
+    #[arg(long, env = "TALLY_COMMAND_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, value_enum, default_value_t = Scenario::Deposits)]
+    scenario: Scenario,
+    /// Accounts the deposits are spread over (deposits scenario).
+    #[arg(long, default_value_t = 10_000)]
+    accounts: usize,
+    /// Ids of pre-opened accounts, one per line: used when the file exists, extended (and the
+    /// missing accounts opened) when it holds fewer than --accounts, written when absent.
+    #[arg(long, value_name = "PATH")]
+    accounts_file: Option<PathBuf>,
+    /// Concurrent keep-alive connections (open loop: the most requests in flight).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Measured time, e.g. 30s, 2m, 500ms.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Load before the measured time that is not recorded (connections, caches).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Open loop: requests per second on a fixed schedule. Without it: closed loop.
+    #[arg(long, value_name = "PER_SECOND")]
+    rate: Option<f64>,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Deposits spread uniformly over --accounts accounts.
+    Deposits,
+    /// Every deposit to one account: the worst case for optimistic concurrency.
+    HotAccount,
+    /// Immediate transfers of 1 between two of --accounts funded accounts, picked at random.
+    Transfers,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Deposits => "deposits",
+            Self::HotAccount => "hot-account",
+            Self::Transfers => "transfers",
+        }
+    }
+}
+
+/// Minor units deposited once into each account of the `transfers` scenario: enough that no
+/// run of 1-unit transfers drains one.
+const TRANSFER_FUNDING: i64 = 1_000_000_000;
+
+/// Runs the load described by `args` and prints its report.
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    check(&args)?;
+    let base = args.url.trim_end_matches('/').to_owned();
+    let accounts = match args.scenario {
+        Scenario::Deposits => prepare_accounts(&base, args.accounts, args.accounts_file.as_deref()).await?,
+        Scenario::HotAccount => open_accounts(&base, 1).await?,
+        Scenario::Transfers => {
+            let accounts = prepare_accounts(&base, args.accounts.max(2), args.accounts_file.as_deref()).await?;
+            fund_accounts(&base, &accounts).await?;
+            accounts
+        }
+    };
+    let target = Arc::new(Target::new(&base, &accounts, args.scenario));
+    let report = drive(&args, target).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(())
+}
+
+fn check(args: &LoadArgs) -> anyhow::Result<()> {
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if args.accounts == 0 {
+        bail!("--accounts must be at least 1");
+    }
+    if args.duration.is_zero() {
+        bail!("--duration must be longer than zero");
+    }
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    Ok(())
+}
+
+/// The accounts to deposit into: from `file` when it holds enough, the rest opened now.
+async fn prepare_accounts(base: &str, count: usize, file: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let mut ids = match file {
+        Some(path) if path.exists() => read_ids(path)?,
+        _ => Vec::new(),
+    };
+    if ids.len() < count {
+        ids.extend(open_accounts(base, count - ids.len()).await?);
+        if let Some(path) = file {
+            std::fs::write(path, ids.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    ids.truncate(count);
+    Ok(ids)
+}
+
+fn read_ids(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// Opens `count` EUR accounts owned by `bench` and returns their ids.
+async fn open_accounts(base: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    tracing::info!(count, "opening accounts");
+    let client = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
+    let url = format!("{base}/v1/accounts");
+    stream::iter(0..count)
+        .map(|_| open_account(&client, &url))
+        .buffer_unordered(OPEN_ACCOUNTS_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Deposits [`TRANSFER_FUNDING`] into each account, once: the key is derived from the account,
+/// so a second run with the same accounts file replays instead of depositing again.
+async fn fund_accounts(base: &str, accounts: &[String]) -> anyhow::Result<()> {
+    tracing::info!(count = accounts.len(), "funding accounts");
+    let client = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
+    let body = format!(r#"{{"amount":{TRANSFER_FUNDING},"reference":"bench funding"}}"#);
+    stream::iter(accounts)
+        .map(|id| {
+            let (client, body) = (&client, &body);
+            async move {
+                let url = format!("{base}/v1/accounts/{id}/deposits");
+                let response = client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header("idempotency-key", format!("bench-funding-{id}"))
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .with_context(|| format!("POST {url}"))?;
+                if !response.status().is_success() {
+                    bail!("POST {url} answered {}", response.status());
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(OPEN_ACCOUNTS_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+async fn open_account(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let response = client
+        .post(url)
+        .json(&serde_json::json!({ "owner": "bench", "currency": "EUR" }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!(
+            "POST {url} answered {status}: {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let body: serde_json::Value = response.json().await?;
+    let id = body["account_id"]
+        .as_str()
+        .context("the open-account response has no account_id")?;
+    Ok(id.to_owned())
+}
+
+/// What each request does.
+#[derive(Debug)]
+enum Target {
+    /// A deposit into one of these URLs, chosen uniformly at random.
+    Deposits { urls: Vec<String> },
+    /// A transfer between two of these accounts, chosen uniformly at random.
+    Transfers { url: String, accounts: Vec<String> },
+}
+
+impl Target {
+    fn new(base: &str, accounts: &[String], scenario: Scenario) -> Self {
+        match scenario {
+            Scenario::Deposits | Scenario::HotAccount => Self::Deposits {
+                urls: accounts
+                    .iter()
+                    .map(|id| format!("{base}/v1/accounts/{id}/deposits"))
+                    .collect(),
+            },
+            Scenario::Transfers => Self::Transfers {
+                url: format!("{base}/v1/transfers"),
+                accounts: accounts.to_vec(),
+            },
+        }
+    }
+
+    /// The URL and body of the next request.
+    fn next(&self) -> (&str, String) {
+        match self {
+            Self::Deposits { urls } => (&urls[rand::random_range(0..urls.len())], DEPOSIT_BODY.to_owned()),
+            Self::Transfers { url, accounts } => {
+                let from = rand::random_range(0..accounts.len());
+                // Any other account: shift by 1..len, wrapping.
+                let to = (from + rand::random_range(1..accounts.len())) % accounts.len();
+                let body = format!(
+                    r#"{{"from":"{}","to":"{}","amount":1,"currency":"EUR","mode":"immediate"}}"#,
+                    accounts[from], accounts[to]
+                );
+                (url, body)
+            }
+        }
+    }
+
+    /// Sends one request.
+    async fn send(&self, client: &reqwest::Client) -> Outcome {
+        let (url, body) = self.next();
+        let sent = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", Uuid::new_v4().to_string())
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            // The body must be read to the end for the connection to be reused.
+            Ok(response) => {
+                let status = response.status().as_u16();
+                match response.bytes().await {
+                    Ok(_) => Outcome::Status(status),
+                    Err(e) => Outcome::from_error(&e),
+                }
+            }
+            Err(e) => Outcome::from_error(&e),
+        }
+    }
+}
+
+/// When requests are due and which of them count.
+#[derive(Debug)]
+struct Schedule {
+    started: Instant,
+    measure_from: Instant,
+    until: Instant,
+    /// Open loop: seconds between two due times, and the next slot to hand out.
+    open: Option<(f64, AtomicU64)>,
+}
+
+impl Schedule {
+    fn new(args: &LoadArgs) -> Self {
+        let started = Instant::now();
+        let measure_from = started + args.warmup;
+        Self {
+            started,
+            measure_from,
+            until: measure_from + args.duration,
+            open: args.rate.map(|rate| (1.0 / rate, AtomicU64::new(0))),
+        }
+    }
+
+    /// When the caller's next request is due; `None` when the run is over for it.
+    fn next_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        match &self.open {
+            None => (now < self.until).then_some(now),
+            Some((interval_s, next)) => {
+                if now > self.until + OPEN_LOOP_DRAIN_MAX {
+                    return None;
+                }
+                let slot = next.fetch_add(1, Ordering::Relaxed);
+                let due = self.started + Duration::from_secs_f64(slot as f64 * interval_s);
+                (due < self.until).then_some(due)
+            }
+        }
+    }
+
+    /// Whether a request counts: closed loop by when it completed, open loop by when it was
+    /// due (so the backlog built during the window is charged to it, even if sent later).
+    fn counts(&self, due: Instant, done: Instant) -> bool {
+        match self.open {
+            None => done >= self.measure_from && done <= self.until,
+            Some(_) => due >= self.measure_from && due < self.until,
+        }
+    }
+
+    /// Open loop: requests due in the window that were never sent (the drain ran out).
+    fn not_sent(&self) -> u64 {
+        let Some((interval_s, next)) = &self.open else {
+            return 0;
+        };
+        let due_in_window = |t: Instant| ((t - self.started).as_secs_f64() / interval_s).ceil() as u64;
+        let handed_out = next.load(Ordering::Relaxed).max(due_in_window(self.measure_from));
+        due_in_window(self.until).saturating_sub(handed_out)
+    }
+}
+
+/// Runs the workers and the progress display, then merges what the workers recorded.
+async fn drive(args: &LoadArgs, target: Arc<Target>) -> anyhow::Result<LoadReport> {
+    let cpu_before = stats::cpu_time()?;
+    let schedule = Arc::new(Schedule::new(args));
+    let live = Arc::new(Live::default());
+    let progress = Progress::start(live.clone(), args.warmup, args.duration);
+    let mut workers = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .tcp_nodelay(true)
+            .timeout(REQUEST_TIMEOUT)
+            .build()?;
+        workers.push(tokio::spawn(work(
+            client,
+            target.clone(),
+            schedule.clone(),
+            live.clone(),
+        )));
+    }
+    let mut total = Recorder::default();
+    for worker in workers {
+        total.merge(&worker.await?);
+    }
+    progress.finish();
+    let shape = RunShape {
+        scenario: args.scenario.name(),
+        url: args.url.clone(),
+        connections: args.connections,
+        rate: args.rate,
+        warmup: args.warmup,
+        window: args.duration,
+    };
+    let measured = Measured {
+        total: &total,
+        not_sent: schedule.not_sent(),
+        cpu: stats::cpu_time()? - cpu_before,
+        wall: schedule.started.elapsed(),
+    };
+    Ok(LoadReport::new(&shape, measured))
+}
+
+async fn work(client: reqwest::Client, target: Arc<Target>, schedule: Arc<Schedule>, live: Arc<Live>) -> Recorder {
+    let mut recorder = Recorder::default();
+    while let Some(due) = schedule.next_due() {
+        tokio::time::sleep_until(due).await;
+        let outcome = target.send(&client).await;
+        let done = Instant::now();
+        live.count(outcome);
+        if schedule.counts(due, done) {
+            recorder.record(done - due, done - schedule.measure_from, outcome);
+        }
+    }
+    recorder
+}
+
+/// Parses `500ms`, `2.5s`, `30s`, `2m`; a bare number means seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, seconds_per_unit) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 30s or 2m"))?;
+    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_milliseconds_seconds_and_minutes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    fn schedule(rate: Option<f64>) -> Schedule {
+        let started = Instant::now();
+        Schedule {
+            started,
+            measure_from: started + Duration::from_secs(1),
+            until: started + Duration::from_secs(3),
+            open: rate.map(|r| (1.0 / r, AtomicU64::new(0))),
+        }
+    }
+
+    #[test]
+    fn open_loop_requests_fall_due_on_a_fixed_schedule_and_count_by_due_time() {
+        let s = schedule(Some(10.0));
+        let due: Vec<Instant> = (0..3).map(|_| s.next_due().unwrap()).collect();
+        assert_eq!(due[1] - due[0], Duration::from_millis(100));
+        assert_eq!(due[2] - due[1], Duration::from_millis(100));
+        // Due in the window but answered long after it: still counted, latency and all.
+        let late_due = s.started + Duration::from_millis(2_900);
+        assert!(s.counts(late_due, late_due + Duration::from_secs(5)));
+        // Due during the warm-up: not counted.
+        assert!(!s.counts(s.started, s.measure_from + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn open_loop_reports_the_window_requests_it_never_sent() {
+        let s = schedule(Some(10.0));
+        // 20 requests fall due in the 2 s window; slots 0 to 14 were handed out, 10 of them
+        // in the warm-up, so 15 of the window's requests never went out.
+        s.open.as_ref().unwrap().1.store(15, Ordering::Relaxed);
+        assert_eq!(s.not_sent(), 15);
+    }
+
+    #[test]
+    fn closed_loop_requests_count_when_they_complete_inside_the_window() {
+        let s = schedule(None);
+        assert!(s.counts(s.started, s.measure_from + Duration::from_millis(1)));
+        assert!(!s.counts(s.measure_from, s.until + Duration::from_millis(1)));
+    }
+}

@@ -1,0 +1,769 @@
+//! `cargo xtask bench`: the write-path benchmark of BENCHMARKS.md in one command.
+//!
+//! Builds the release binaries once, starts a durable Postgres (fsync on) and NATS under
+//! `target/bench/run/`, and for every selected scenario measures, back to back, its *limit*
+//! (the raw Postgres or JetStream work, no application) and *Tally* (the real code or
+//! services) at the same concurrency and for the same time. The limit is measured just before
+//! and just after Tally and the two are averaged, so a machine whose speed drifts during the
+//! run favours neither side; a large difference between them is reported. Prints the table and writes
+//! `target/bench/report.json`. Everything started here is stopped when the run ends, fails or
+//! is interrupted; service logs stay in `target/bench/logs/`.
+//!
+//! Measuring happens in release binaries (`tally-bench`, `tally load`); this debug-built task
+//! only starts processes, waits for them and collects their JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use tally_bench::preload::Preloaded;
+use tally_bench::report::{Report, ScenarioResult, describe_machine, timestamp_now};
+use tally_bench::{Bracket, Measurement, Window};
+use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_event_store::relay::RelayConfig;
+
+use crate::{cargo, target_dir};
+
+/// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
+const SCENARIOS: [&str; 12] = [
+    "append-1",
+    "append-16",
+    "append-64",
+    "deposits-1-solo",
+    "deposits-1",
+    "deposits-16-solo",
+    "deposits-16",
+    "deposits-64-solo",
+    "deposits-64",
+    "hot-account",
+    "transfers-64",
+    "relay",
+];
+/// Concurrent writers (appends) or connections (deposits) of the scaled scenarios.
+const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// Connections all depositing into the one account of `hot-account`.
+const HOT_ACCOUNT_CONNECTIONS: usize = 64;
+/// Connections of the `transfers-64` scenario.
+const TRANSFER_CONNECTIONS: usize = 64;
+/// Accounts the deposits spread over, opened once per run.
+const DEPOSIT_ACCOUNTS: usize = 10_000;
+/// Database of the append, deposit and hot-account scenarios.
+const DATABASE: &str = "tally_bench";
+/// Database of the relay scenario: its backlog must be the whole log.
+const RELAY_DATABASE: &str = "tally_bench_relay";
+/// The command API's switch for group commit; `1` turns it off (the `-solo` runs).
+const GROUP_COMMIT_ENV: &str = "TALLY_GROUP_COMMIT_MAX";
+/// How long a freshly started service has to answer `/ready`.
+const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A limit whose measurements before and after Tally differ by more than this share is
+/// reported as drifting: the machine's speed changed during the scenario.
+const LIMIT_DRIFT_WARN: f64 = 0.25;
+/// How long the relay may take to drain its backlog before the run fails.
+const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Run every scenario briefly: a smoke test, not a measurement to quote.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios: a name, or a prefix ending at a `-` (`deposits`,
+    /// `deposits-16`, `append`).
+    #[arg(long, num_args = 1.., value_name = "SCENARIO")]
+    only: Vec<String>,
+}
+
+/// How long and how much: the same for a scenario's limit and its Tally measurement.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    window: Window,
+    /// Events in the relay's backlog (and messages of its JetStream limit).
+    relay_events: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                window: Window {
+                    warmup: Duration::from_millis(500),
+                    measure: Duration::from_millis(2_500),
+                },
+                relay_events: 40_000,
+            }
+        } else {
+            Self {
+                window: Window {
+                    warmup: Duration::from_secs(3),
+                    measure: Duration::from_secs(20),
+                },
+                relay_events: 200_000,
+            }
+        }
+    }
+}
+
+/// The scenarios named by `only` (all when empty); an argument that names none is an error.
+fn select(only: &[String]) -> anyhow::Result<Vec<&'static str>> {
+    if only.is_empty() {
+        return Ok(SCENARIOS.to_vec());
+    }
+    let matches = |name: &str, arg: &str| name == arg || name.starts_with(&format!("{arg}-"));
+    if let Some(unknown) = only.iter().find(|arg| !SCENARIOS.iter().any(|name| matches(name, arg))) {
+        bail!(
+            "--only {unknown}: no such scenario; scenarios: {}",
+            SCENARIOS.join(", ")
+        );
+    }
+    Ok(SCENARIOS
+        .into_iter()
+        .filter(|name| only.iter().any(|arg| matches(name, arg)))
+        .collect())
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let selected = select(&args.only)?;
+    let plan = Plan::new(args.quick);
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "tally-command-api",
+        "-p",
+        "tally-cli",
+        "-p",
+        "tally-bench",
+    ])?;
+
+    let dirs = Dirs::prepare()?;
+    let started_at = timestamp_now();
+    let began = Instant::now();
+    println!(
+        "starting Postgres (durable: fsync on) and NATS JetStream under {}",
+        dirs.run.display()
+    );
+    let pg = Postgres::start(
+        &dirs.run.join("pg"),
+        PgOptions {
+            replica: false,
+            durable: true,
+        },
+    )?;
+    let nats = Nats::start(&dirs.run.join("nats"))?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let outcome = runtime.block_on(async {
+        let mut bench = Bench::new(&pg, &nats, plan, &dirs, started_at).await?;
+        let result = tokio::select! {
+            result = bench.run(&selected) => result,
+            () = interrupted() => Err(anyhow!("interrupted")),
+        };
+        result.map(|()| bench.report)
+    });
+    // Dropping the run above killed the services it had started; now the servers.
+    drop(runtime);
+    drop(nats);
+    pg.stop();
+    let _ = std::fs::remove_dir_all(&dirs.run);
+
+    let report = outcome?;
+    println!("\n{}", report.markdown_table());
+    println!(
+        "machine: {}\nreport:  {}\n{} scenarios in {:.0} s (build excluded)",
+        report.machine,
+        dirs.report().display(),
+        report.scenarios.len(),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Where a run keeps its things, all under `target/bench/`.
+struct Dirs {
+    /// `report.json`.
+    out: PathBuf,
+    /// The servers' data and the accounts file; deleted when the run ends.
+    run: PathBuf,
+    /// Service logs, kept for a post-mortem until the next run.
+    logs: PathBuf,
+}
+
+impl Dirs {
+    /// Clears what an earlier run left (servers' data, logs, report) and creates the log folder.
+    fn prepare() -> anyhow::Result<Self> {
+        let out = target_dir().join("bench");
+        let dirs = Self {
+            run: out.join("run"),
+            logs: out.join("logs"),
+            out,
+        };
+        for stale in [&dirs.run, &dirs.logs] {
+            // A run killed hard leaves these; its servers died with it (parent-death signal).
+            if stale.exists() {
+                std::fs::remove_dir_all(stale).with_context(|| format!("removing stale {}", stale.display()))?;
+            }
+        }
+        // An old report must not pass for this run's if this one fails early.
+        let _ = std::fs::remove_file(dirs.report());
+        std::fs::create_dir_all(&dirs.logs)?;
+        Ok(dirs)
+    }
+
+    fn report(&self) -> PathBuf {
+        self.out.join("report.json")
+    }
+}
+
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// One benchmark run: where things are, and the report so far.
+struct Bench {
+    plan: Plan,
+    bin_dir: PathBuf,
+    log_dir: PathBuf,
+    report_path: PathBuf,
+    /// Pre-opened deposit accounts, shared by every deposits run (`tally load --accounts-file`).
+    accounts_file: PathBuf,
+    database_url: String,
+    relay_database_url: String,
+    nats_url: String,
+    /// Superuser pool on the bench database: `CHECKPOINT` before each measurement.
+    admin: PgPool,
+    report: Report,
+    /// Numbers the service logs, so a restarted service does not overwrite the last log.
+    services_started: usize,
+}
+
+impl Bench {
+    async fn new(pg: &Postgres, nats: &Nats, plan: Plan, dirs: &Dirs, started_at: String) -> anyhow::Result<Self> {
+        create_database(pg, DATABASE).await?;
+        create_database(pg, RELAY_DATABASE).await?;
+        let admin = PgPool::connect(&pg.primary_url(DATABASE)).await?;
+        let machine = describe_machine(&postgres_version(&admin).await?, &nats_version(nats).await?);
+        Ok(Self {
+            plan,
+            bin_dir: target_dir().join("release"),
+            log_dir: dirs.logs.clone(),
+            report_path: dirs.report(),
+            accounts_file: dirs.run.join("accounts.txt"),
+            database_url: pg.primary_url(DATABASE),
+            relay_database_url: pg.primary_url(RELAY_DATABASE),
+            nats_url: nats.url(),
+            admin,
+            report: Report::new(machine, started_at),
+            services_started: 0,
+        })
+    }
+
+    /// Runs the selected scenarios in [`SCENARIOS`] order; the report is rewritten after each,
+    /// so a failure late in the run keeps what was measured.
+    async fn run(&mut self, selected: &[&str]) -> anyhow::Result<()> {
+        let wanted = |name: &str| selected.contains(&name);
+        for n in CONCURRENCY {
+            if wanted(&format!("append-{n}")) {
+                let row = self.append(n).await?;
+                self.add(vec![row])?;
+            }
+        }
+        for n in CONCURRENCY {
+            let modes: Vec<GroupCommit> = [GroupCommit::Off, GroupCommit::Default]
+                .into_iter()
+                .filter(|mode| wanted(&mode.scenario(n)))
+                .collect();
+            if !modes.is_empty() {
+                let rows = self.deposits(n, &modes).await?;
+                self.add(rows)?;
+            }
+        }
+        if wanted("hot-account") {
+            let row = self.hot_account().await?;
+            self.add(vec![row])?;
+        }
+        if wanted("transfers-64") {
+            let row = self.transfers(TRANSFER_CONNECTIONS).await?;
+            self.add(vec![row])?;
+        }
+        if wanted("relay") {
+            let row = self.relay().await?;
+            self.add(vec![row])?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, rows: Vec<ScenarioResult>) -> anyhow::Result<()> {
+        for row in &rows {
+            println!(
+                "{}: tally {} {} = {} of the limit ({} {})",
+                row.name,
+                row.tally.map_or("-".into(), |v| format!("{v:.0}")),
+                row.unit,
+                row.ratio_limit.map_or("-".into(), |v| format!("{v:.2}")),
+                row.limit.map_or("-".into(), |v| format!("{v:.0}")),
+                row.unit,
+            );
+        }
+        self.report.scenarios.extend(rows);
+        self.report.write_json(&self.report_path)
+    }
+
+    /// `append-N`: raw single-row INSERTs vs `EventStore::append`, N writers each.
+    async fn append(&mut self, writers: usize) -> anyhow::Result<ScenarioResult> {
+        let name = format!("append-{writers}");
+        let before = self.raw_limit(&name, writers).await?;
+        self.checkpoint().await?;
+        println!("[{name}] tally: EventStore::append, {writers} writers");
+        let tally = self.tally_bench(&self.append_args("store-append", writers)).await?;
+        let limit = bracket(&name, before, self.raw_limit(&name, writers).await?);
+        Ok(ScenarioResult::compare(&name, "appends/s", &limit, &tally))
+    }
+
+    /// `deposits-N-solo` and `deposits-N`: HTTP deposits over N connections, each mode on a
+    /// freshly started command API, between two raw limits at the same concurrency.
+    async fn deposits(&mut self, connections: usize, modes: &[GroupCommit]) -> anyhow::Result<Vec<ScenarioResult>> {
+        let scenario = format!("deposits-{connections}");
+        let before = self.raw_limit(&scenario, connections).await?;
+        let mut measured = Vec::new();
+        for &mode in modes {
+            let name = mode.scenario(connections);
+            let api = self.start_command_api(mode).await?;
+            self.checkpoint().await?;
+            println!(
+                "[{name}] tally: POST deposits, {connections} connections, {}",
+                mode.describe()
+            );
+            let tally = self.load(&api, Load::Deposits, connections).await;
+            api.stop().await;
+            measured.push((name, tally?));
+        }
+        let limit = bracket(&scenario, before, self.raw_limit(&scenario, connections).await?);
+        Ok(measured
+            .iter()
+            .map(|(name, tally)| ScenarioResult::compare(name, "commands/s", &limit, tally))
+            .collect())
+    }
+
+    /// `hot-account`: 64 connections depositing into one account; one stream is serial by
+    /// nature, so the limit is one raw writer.
+    async fn hot_account(&mut self) -> anyhow::Result<ScenarioResult> {
+        let before = self.raw_limit("hot-account", 1).await?;
+        let api = self.start_command_api(GroupCommit::Default).await?;
+        self.checkpoint().await?;
+        println!("[hot-account] tally: POST deposits to one account, {HOT_ACCOUNT_CONNECTIONS} connections");
+        let tally = self.load(&api, Load::HotAccount, HOT_ACCOUNT_CONNECTIONS).await;
+        api.stop().await;
+        let limit = bracket("hot-account", before, self.raw_limit("hot-account", 1).await?);
+        Ok(ScenarioResult::compare("hot-account", "commands/s", &limit, &tally?))
+    }
+
+    /// `transfers-N`: immediate transfers between random pairs of the deposit accounts over N
+    /// connections. Each writes three events (two legs and the record) in one transaction; the
+    /// limit is the raw single-row INSERT transactions at the same concurrency, so the ratio
+    /// compares commits, not rows.
+    async fn transfers(&mut self, connections: usize) -> anyhow::Result<ScenarioResult> {
+        let name = format!("transfers-{connections}");
+        let before = self.raw_limit(&name, connections).await?;
+        let api = self.start_command_api(GroupCommit::Default).await?;
+        self.checkpoint().await?;
+        println!("[{name}] tally: POST transfers between random accounts, {connections} connections");
+        let tally = self.load(&api, Load::Transfers, connections).await;
+        api.stop().await;
+        let limit = bracket(&name, before, self.raw_limit(&name, connections).await?);
+        Ok(ScenarioResult::compare(&name, "transfers/s", &limit, &tally?))
+    }
+
+    /// `relay`: a preloaded backlog drained by `tally-relay` vs raw JetStream publishes of as
+    /// many messages of the same size.
+    async fn relay(&mut self) -> anyhow::Result<ScenarioResult> {
+        let events = self.plan.relay_events.to_string();
+        println!("[relay] preloading {events} events");
+        let backlog: Preloaded = self
+            .tally_bench(&[
+                "preload",
+                "--database-url",
+                &self.relay_database_url,
+                "--events",
+                &events,
+            ])
+            .await?;
+        let before = self.publish_limit(&backlog).await?;
+        self.checkpoint().await?;
+        println!("[relay] tally: tally-relay draining the backlog");
+        let tally = self.drain_backlog(&backlog).await?;
+        let limit = bracket("relay", before, self.publish_limit(&backlog).await?);
+        Ok(ScenarioResult {
+            // The relay retries internally; it reports no failures to count.
+            errors: None,
+            ..ScenarioResult::compare("relay", "events/s", &limit, &tally)
+        })
+    }
+
+    /// The JetStream limit: as many messages as the backlog holds, of its events' size.
+    async fn publish_limit(&self, backlog: &Preloaded) -> anyhow::Result<Measurement> {
+        self.checkpoint().await?;
+        println!(
+            "[relay] limit: JetStream publish of {} messages of {} bytes",
+            backlog.events, backlog.message_bytes
+        );
+        self.tally_bench(&[
+            "nats-publish",
+            "--nats-url",
+            &self.nats_url,
+            "--messages",
+            &backlog.events.to_string(),
+            "--message-bytes",
+            &backlog.message_bytes.to_string(),
+        ])
+        .await
+    }
+
+    /// Starts `tally-relay` on the relay database and a fresh stream, and measures it until its
+    /// checkpoint reaches the end of the backlog.
+    async fn drain_backlog(&mut self, backlog: &Preloaded) -> anyhow::Result<Measurement> {
+        let pool = PgPool::connect(&self.relay_database_url).await?;
+        let mut relay = self.spawn_service(
+            "tally-relay",
+            "relay",
+            &[
+                ("TALLY_DATABASE_URL", self.relay_database_url.clone()),
+                ("TALLY_NATS_URL", self.nats_url.clone()),
+                ("TALLY_NATS_STREAM", "BENCH_RELAY".into()),
+                ("TALLY_SUBJECT_PREFIX", "bench.relay".into()),
+            ],
+        )?;
+        let name = RelayConfig::default().name;
+        let measured = tokio::select! {
+            measured = tally_bench::relay::watch(&pool, &name, backlog.last, RELAY_DRAIN_TIMEOUT) => measured,
+            status = relay.child.wait() => Err(anyhow!("tally-relay exited ({status:?}); see {}", relay.log.display())),
+        };
+        relay.stop().await;
+        pool.close().await;
+        measured
+    }
+
+    /// The raw INSERT limit at `writers` concurrency, after a checkpoint.
+    async fn raw_limit(&self, scenario: &str, writers: usize) -> anyhow::Result<Measurement> {
+        self.checkpoint().await?;
+        println!("[{scenario}] limit: raw single-row INSERT transactions, {writers} writers");
+        self.tally_bench(&self.append_args("raw-append", writers)).await
+    }
+
+    fn append_args(&self, command: &str, writers: usize) -> Vec<String> {
+        let Window { warmup, measure } = self.plan.window;
+        [
+            command,
+            "--database-url",
+            &self.database_url,
+            "--writers",
+            &writers.to_string(),
+            "--duration-ms",
+            &measure.as_millis().to_string(),
+            "--warmup-ms",
+            &warmup.as_millis().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Flushes dirty pages now, so no measurement pays for a checkpoint left by the one before
+    /// it, and each starts with the same full-page-write cost.
+    async fn checkpoint(&self) -> anyhow::Result<()> {
+        sqlx::query("CHECKPOINT").execute(&self.admin).await?;
+        Ok(())
+    }
+
+    /// Runs the release `tally-bench` with `args` and parses the JSON it prints.
+    async fn tally_bench<T: DeserializeOwned>(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> anyhow::Result<T> {
+        let mut command = tokio::process::Command::new(self.bin_dir.join("tally-bench"));
+        command.args(args);
+        run_json(command, "tally-bench").await
+    }
+
+    /// Runs `tally load` against `api` for the planned window; its progress shows on stderr.
+    async fn load(&self, api: &CommandApi, load: Load, connections: usize) -> anyhow::Result<Measurement> {
+        let Window { warmup, measure } = self.plan.window;
+        let mut command = tokio::process::Command::new(self.bin_dir.join("tally"));
+        command
+            .arg("load")
+            .args(["--url", &api.url, "--scenario", load.scenario()])
+            .args(["--connections", &connections.to_string()])
+            .args(["--duration", &format!("{}ms", measure.as_millis())])
+            .args(["--warmup", &format!("{}ms", warmup.as_millis())])
+            .arg("--json");
+        if load != Load::HotAccount {
+            command
+                .args(["--accounts", &DEPOSIT_ACCOUNTS.to_string()])
+                .arg("--accounts-file")
+                .arg(&self.accounts_file);
+        }
+        let output = run_json_value(command, "tally load").await?;
+        let generator: GeneratorCpu = serde_json::from_value(output.clone())?;
+        println!(
+            "  load generator: {:.2} CPU-s, {:.2} cores busy",
+            generator.cpu_s, generator.cpu_cores
+        );
+        Ok(serde_json::from_value(output)?)
+    }
+
+    async fn start_command_api(&mut self, mode: GroupCommit) -> anyhow::Result<CommandApi> {
+        let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
+        let mut env = vec![
+            ("TALLY_DATABASE_URL", self.database_url.clone()),
+            ("TALLY_COMMAND_LISTEN", listen.clone()),
+        ];
+        if mode == GroupCommit::Off {
+            env.push((GROUP_COMMIT_ENV, "1".into()));
+        }
+        let mut api = CommandApi {
+            service: self.spawn_service("tally-command-api", "command-api", &env)?,
+            url: format!("http://{listen}"),
+        };
+        api.wait_ready().await?;
+        Ok(api)
+    }
+
+    fn spawn_service(&mut self, bin: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
+        self.services_started += 1;
+        let log = self.log_dir.join(format!("{:02}-{name}.log", self.services_started));
+        Service::spawn(&self.bin_dir.join(bin), &log, env)
+    }
+}
+
+/// The limit of a scenario from its measurements before and after Tally's; says so when
+/// they disagree, since then the machine was not steady enough to trust the ratio.
+fn bracket(scenario: &str, before: Measurement, after: Measurement) -> Measurement {
+    let bracket = Bracket { before, after };
+    if bracket.drift() > LIMIT_DRIFT_WARN {
+        println!(
+            "  warning: [{scenario}] the limit moved from {:.0}/s before to {:.0}/s after Tally's \
+             measurement ({:.0} %): the machine was not steady",
+            bracket.before.ops_per_s,
+            bracket.after.ops_per_s,
+            bracket.drift() * 100.0
+        );
+    }
+    bracket.combined()
+}
+
+/// The two command API configurations the deposits scenarios compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupCommit {
+    /// `TALLY_GROUP_COMMIT_MAX=1`: every command commits alone.
+    Off,
+    /// The command API's default.
+    Default,
+}
+
+impl GroupCommit {
+    fn scenario(self, connections: usize) -> String {
+        match self {
+            Self::Off => format!("deposits-{connections}-solo"),
+            Self::Default => format!("deposits-{connections}"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Off => "group commit off",
+            Self::Default => "default settings",
+        }
+    }
+}
+
+/// The `tally load` scenarios the bench runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Deposits,
+    HotAccount,
+    Transfers,
+}
+
+impl Load {
+    fn scenario(self) -> &'static str {
+        match self {
+            Self::Deposits => "deposits",
+            Self::HotAccount => "hot-account",
+            Self::Transfers => "transfers",
+        }
+    }
+}
+
+/// What `tally load --json` says about its own CPU use, beside the [`Measurement`] fields.
+#[derive(Debug, serde::Deserialize)]
+struct GeneratorCpu {
+    cpu_s: f64,
+    cpu_cores: f64,
+}
+
+/// A service process (command API, relay) with its output in a log file; killed on drop, so
+/// an error or an interrupt anywhere leaves nothing running.
+struct Service {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Service {
+    fn spawn(bin: &Path, log: &Path, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = tokio::process::Command::new(bin);
+        // A service must not pick up a developer's TALLY_* settings (say, from
+        // target/tally-dev/env): every run measures the same configuration.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TALLY_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Own process group: a terminal Ctrl-C reaches xtask, which stops the services.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A running `tally-command-api`.
+struct CommandApi {
+    service: Service,
+    /// Its base URL, on a port chosen for this run.
+    url: String,
+}
+
+impl CommandApi {
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
+        let log = self.service.log.display();
+        loop {
+            if let Some(status) = self.service.child.try_wait()? {
+                bail!("tally-command-api exited ({status}); see {log}");
+            }
+            if let Ok(response) = client.get(format!("{}/ready", self.url)).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("tally-command-api not ready after {SERVICE_READY_TIMEOUT:?}; see {log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.service.stop().await;
+    }
+}
+
+/// Runs a measuring process to completion (stderr passes through, so its progress shows) and
+/// parses the JSON object on the last line of its stdout.
+async fn run_json<T: DeserializeOwned>(command: tokio::process::Command, what: &str) -> anyhow::Result<T> {
+    let value = run_json_value(command, what).await?;
+    serde_json::from_value(value).with_context(|| format!("unexpected output from {what}"))
+}
+
+async fn run_json_value(mut command: tokio::process::Command, what: &str) -> anyhow::Result<serde_json::Value> {
+    // Not `output()`: it would capture stderr too, and hide the progress.
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {what} (was it built?)"))?;
+    let output = child.wait_with_output().await?;
+    if !output.status.success() {
+        bail!("{what} failed ({})", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{what} printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}, not JSON"))
+}
+
+/// Creates `database` and applies the event store's migrations (all the scenarios need).
+async fn create_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
+    let admin = PgPool::connect(&pg.primary_url("postgres")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let pool = PgPool::connect(&pg.primary_url(database)).await?;
+    tally_event_store::migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// `15.19`, from `15.19 (Debian 15.19-0+deb12u1)`.
+async fn postgres_version(pool: &PgPool) -> anyhow::Result<String> {
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(pool).await?;
+    Ok(version.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+/// The server's version from its monitoring endpoint.
+async fn nats_version(nats: &Nats) -> anyhow::Result<String> {
+    let varz: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{}/varz", nats.monitor_port()))
+        .await?
+        .json()
+        .await?;
+    Ok(varz["version"].as_str().unwrap_or("unknown").to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn only_selects_whole_names_and_dash_separated_prefixes() {
+        assert_eq!(select(&args(&["append-1"])).unwrap(), ["append-1"]);
+        assert_eq!(
+            select(&args(&["deposits-16"])).unwrap(),
+            ["deposits-16-solo", "deposits-16"]
+        );
+        assert_eq!(select(&args(&["hot", "relay"])).unwrap(), ["hot-account", "relay"]);
+        assert_eq!(select(&args(&["append"])).unwrap().len(), 3);
+        assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
+    }
+
+    #[test]
+    fn only_refuses_a_name_that_selects_nothing() {
+        let error = select(&args(&["apend"])).unwrap_err().to_string();
+        assert!(error.contains("no such scenario"), "{error}");
+    }
+
+    #[test]
+    fn every_concurrency_has_its_scenarios_listed() {
+        for n in CONCURRENCY {
+            assert!(SCENARIOS.contains(&format!("append-{n}").as_str()));
+            for mode in [GroupCommit::Off, GroupCommit::Default] {
+                assert!(SCENARIOS.contains(&mode.scenario(n).as_str()));
+            }
+        }
+    }
+}
