@@ -106,16 +106,23 @@ pub fn decide(
     states: &HashMap<Uuid, Loaded>,
     now: DateTime<Utc>,
 ) -> Result<Vec<(Uuid, Events)>, AccountError> {
-    let account = |id: &Uuid| -> &Account { states[id].account().expect("loaded as an account stream") };
-    let transfer = |id: &Uuid| -> &Transfer { states[id].transfer().expect("loaded as a transfer stream") };
+    // The writer loads each stream as the kind the command names; should one still be of
+    // another kind, there is no such account (or transfer) for this command.
+    let account = |id: &Uuid| -> Result<&Account, AccountError> {
+        states[id]
+            .account()
+            .ok_or(AccountError::AccountNotFound { account_id: *id })
+    };
+    let transfer =
+        |id: &Uuid| -> Result<&Transfer, AccountError> { states[id].transfer().ok_or(AccountError::TransferNotFound) };
     // (decision, source, destination if it gets events, transfer stream)
     let (decision, from, to, transfer_id): (TransferDecision, Uuid, Option<Uuid>, Uuid) = match command {
         Command::Account { account_id, command } => {
-            let events = account(account_id).decide(command.clone())?;
+            let events = account(account_id)?.decide(command.clone())?;
             return Ok(vec![(*account_id, Events::Account(events))]);
         }
         Command::Transfer(t) => (
-            ledger::decide_transfer(t, account(&t.from), account(&t.to), transfer(&t.transfer_id), now)?,
+            ledger::decide_transfer(t, account(&t.from)?, account(&t.to)?, transfer(&t.transfer_id)?, now)?,
             t.from,
             Some(t.to),
             t.transfer_id,
@@ -126,19 +133,19 @@ pub fn decide(
             to,
             amount,
         } => (
-            ledger::decide_post(transfer(transfer_id), account(from), account(to), *amount, now)?,
+            ledger::decide_post(transfer(transfer_id)?, account(from)?, account(to)?, *amount, now)?,
             *from,
             Some(*to),
             *transfer_id,
         ),
         Command::Void { transfer_id, from } => (
-            ledger::decide_void(transfer(transfer_id), account(from), now)?,
+            ledger::decide_void(transfer(transfer_id)?, account(from)?, now)?,
             *from,
             None,
             *transfer_id,
         ),
         Command::Expire { transfer_id, from } => (
-            ledger::decide_expire(transfer(transfer_id), account(from), now)?,
+            ledger::decide_expire(transfer(transfer_id)?, account(from)?, now)?,
             *from,
             None,
             *transfer_id,

@@ -61,8 +61,9 @@ pub struct WriterConfig {
 }
 
 /// Largest accepted `batch_max`: a batch's events must fit one append
-/// ([`tally_event_store::APPEND_EVENTS_MAX`]) even when every command writes two events.
-pub const BATCH_MAX_LIMIT: usize = tally_event_store::APPEND_EVENTS_MAX / 2;
+/// ([`tally_event_store::APPEND_EVENTS_MAX`]) even when every command writes three events (an
+/// immediate transfer or a post: two legs and the transfer's record).
+pub const BATCH_MAX_LIMIT: usize = tally_event_store::APPEND_EVENTS_MAX / 3;
 /// How far down the queue the dispatcher looks for commands whose streams are free.
 const SCAN_MAX: usize = 4_096;
 
@@ -154,6 +155,14 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         let mut streams = command.streams();
         streams.sort_unstable_by_key(|(s, _)| *s);
+        if let Command::Transfer(t) = &command
+            && streams.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+        {
+            // A transfer id equal to one of its accounts' ids: the id is taken.
+            return Err(CommandError::Rejected(AccountError::TransferExists {
+                transfer_id: t.transfer_id,
+            }));
+        }
         streams.dedup_by_key(|(s, _)| *s);
         let job = Job {
             streams,
@@ -274,19 +283,22 @@ impl Dispatcher {
         let mut batch: Vec<Job> = Vec::new();
         let mut blocked: HashSet<Uuid> = HashSet::new();
         let mut keys: HashSet<String> = HashSet::new();
+        // One kind per stream id in a batch: a client naming an account's id as a transfer
+        // (or the reverse) must not make its neighbours' streams load as the wrong kind.
+        let mut kinds: HashMap<Uuid, StreamKind> = HashMap::new();
         let mut i = 0;
         while i < self.pending.len().min(SCAN_MAX) && batch.len() < self.config.batch_max {
             let job = &self.pending[i];
-            let stream_free = job
-                .streams
-                .iter()
-                .all(|(s, _)| !self.busy_streams.contains(s) && !blocked.contains(s));
+            let stream_free = job.streams.iter().all(|(s, kind)| {
+                !self.busy_streams.contains(s) && !blocked.contains(s) && kinds.get(s).is_none_or(|k| k == kind)
+            });
             let key_free = job
                 .key()
                 .is_none_or(|k| !self.busy_keys.contains(k) && !keys.contains(k));
             let fits = !job.solo || batch.is_empty();
             if stream_free && key_free && fits {
                 let job = self.pending.remove(i).expect("index is in range");
+                kinds.extend(job.streams.iter().copied());
                 if let Some(k) = job.key() {
                     keys.insert(k.to_owned());
                 }
@@ -340,6 +352,7 @@ async fn sleep_until(until: Option<Instant>) {
 }
 
 /// What one command came to inside a batch.
+#[derive(Clone)]
 enum Verdict {
     Replayed(StoredResponse),
     KeyReused,
@@ -383,35 +396,15 @@ async fn run_batch(
         }
     }
 
-    // An acceptance is checked by the store (expected version); a refusal is not. So a refusal
-    // must rest on current state, and a cached state may be behind another instance's writes:
-    // catch those streams up before deciding for real.
-    let dry_run = decide_batch(&jobs, &states, jobs.iter().map(|_| None).collect(), Utc::now());
-    let mut doubtful: Vec<Uuid> = jobs
-        .iter()
-        .zip(&dry_run.verdicts)
-        .filter(|(_, verdict)| matches!(verdict, Some(Verdict::Rejected(_))))
-        .flat_map(|(job, _)| job.streams.iter().map(|(s, _)| *s))
-        .filter(|s| cached.contains(s))
-        .collect();
-    drop(dry_run);
-    doubtful.sort_unstable();
-    doubtful.dedup();
-    for stream in doubtful {
-        let loaded = states.get_mut(&stream).expect("loaded above");
-        if let Err(error) = catch_up(&store, stream, loaded).await {
-            states.remove(&stream);
-            jobs = fail_stream(jobs, stream, &error);
-        }
-    }
     if jobs.is_empty() {
         return Finished {
             states: states.into_iter().collect(),
             retry: Vec::new(),
         };
     }
-
-    match commit(&store, &jobs, &states).await {
+    // Streams whose state came from the cache, possibly behind another instance's writes.
+    let mut unverified = cached;
+    match commit(&store, &jobs, &mut states, &mut unverified).await {
         Ok(committed) => {
             for (job, result) in jobs.into_iter().zip(committed.results) {
                 job.answer(result);
@@ -428,7 +421,7 @@ async fn run_batch(
                 retry: Vec::new(),
             }
         }
-        Err(error) if error.is_transient() => {
+        Err(BatchError::Store(error)) if error.is_transient() => {
             // A deadlock with another process's transaction, or similar: nothing to blame on a
             // command; run the batch again (each try counts, so this too is bounded).
             let mut retry = Vec::with_capacity(jobs.len());
@@ -446,7 +439,7 @@ async fn run_batch(
                 retry,
             }
         }
-        Err(StoreError::Conflict { stream_id, .. }) => {
+        Err(BatchError::Store(StoreError::Conflict { stream_id, .. })) => {
             // Another process wrote `stream_id` (or a transaction ordering hazard, see
             // `previous_hash`): reload it, run the batch again; only its commands count a try.
             states.remove(&stream_id);
@@ -472,9 +465,32 @@ async fn run_batch(
                 retry,
             }
         }
-        Err(error) => {
+        Err(BatchError::CatchUp(error)) => {
+            for job in jobs {
+                job.answer(Err(error.clone()));
+            }
+            Finished {
+                states: Vec::new(),
+                retry: Vec::new(),
+            }
+        }
+        Err(BatchError::CommitUnknown(error)) => {
+            // The commit may have taken effect: re-running a command could apply it twice, so
+            // every command gets the error (a retry with its key is safe) and nothing cached
+            // is trusted.
+            tracing::error!(%error, commands = jobs.len(), "COMMIT failed; outcome unknown");
             let error = CommandError::from(error);
-            // The commit may have happened before the connection broke: trust nothing cached.
+            for job in jobs {
+                job.answer(Err(error.clone()));
+            }
+            Finished {
+                states: Vec::new(),
+                retry: Vec::new(),
+            }
+        }
+        Err(BatchError::Store(error)) => {
+            let error = CommandError::from(error);
+            // The connection broke (or only this command was in the batch): nothing to isolate.
             if jobs.len() == 1 || matches!(error, CommandError::Unavailable(_)) {
                 for job in jobs {
                     job.answer(Err(error.clone()));
@@ -510,6 +526,29 @@ fn fail_stream(jobs: Vec<Job>, stream: Uuid, error: &CommandError) -> Vec<Job> {
     rest
 }
 
+/// Why a batch did not commit.
+#[derive(Debug)]
+enum BatchError {
+    /// Failed before `COMMIT`: the transaction rolled back, nothing happened.
+    Store(StoreError),
+    /// `COMMIT` itself failed: it may or may not have taken effect, so nothing may be re-run.
+    CommitUnknown(StoreError),
+    /// Catching a stream up with the log failed (rolled back, nothing happened).
+    CatchUp(CommandError),
+}
+
+impl From<StoreError> for BatchError {
+    fn from(e: StoreError) -> Self {
+        BatchError::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Store(e.into())
+    }
+}
+
 /// A committed batch: one result per command, in order, and the new state of its streams.
 struct Committed {
     results: Vec<Result<Outcome, CommandError>>,
@@ -518,7 +557,17 @@ struct Committed {
 
 /// One transaction for the whole batch: claim keys, decide each command in order, append all
 /// events with one statement, store responses, commit.
-async fn commit(store: &EventStore, jobs: &[Job], states: &HashMap<Uuid, Loaded>) -> Result<Committed, StoreError> {
+///
+/// `unverified` are the streams whose state came from the cache and may be behind the log: an
+/// acceptance on them is checked by the store (expected version), a refusal is not. So when a
+/// refusal touches one, those streams are caught up with the log and the batch decided again
+/// (after the claims, so replays are skipped the same way both times).
+async fn commit(
+    store: &EventStore,
+    jobs: &[Job],
+    states: &mut HashMap<Uuid, Loaded>,
+    unverified: &mut HashSet<Uuid>,
+) -> Result<Committed, BatchError> {
     let mut tx = store.pool().begin().await?;
     let mut verdicts: Vec<Option<Verdict>> = jobs.iter().map(|_| None).collect();
 
@@ -537,12 +586,30 @@ async fn commit(store: &EventStore, jobs: &[Job], states: &HashMap<Uuid, Loaded>
         };
     }
 
+    let claimed = verdicts;
     let Decided {
         mut working,
         appends,
         verdicts,
         released,
-    } = decide_batch(jobs, states, verdicts, Utc::now());
+    } = loop {
+        let decided = decide_batch(jobs, states, claimed.clone(), Utc::now());
+        let doubtful: HashSet<Uuid> = jobs
+            .iter()
+            .zip(&decided.verdicts)
+            .filter(|(_, v)| matches!(v, Some(Verdict::Rejected(r)) if *r != AccountError::StaleState))
+            .flat_map(|(job, _)| job.streams.iter().map(|(s, _)| *s))
+            .filter(|s| unverified.contains(s))
+            .collect();
+        if doubtful.is_empty() {
+            break decided;
+        }
+        for stream in doubtful {
+            let loaded = states.get_mut(&stream).expect("every stream is loaded before deciding");
+            catch_up(store, stream, loaded).await.map_err(BatchError::CatchUp)?;
+            unverified.remove(&stream);
+        }
+    };
     idempotency::release_many(&mut tx, &released).await?;
 
     let appends: Vec<StreamAppend> = appends.into_values().collect();
@@ -596,7 +663,7 @@ async fn commit(store: &EventStore, jobs: &[Job], states: &HashMap<Uuid, Loaded>
     }
     let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(k, r)| (*k, r)).collect();
     idempotency::complete_many(&mut tx, &responses).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
     Ok(Committed {
         results,
         states: working.into_iter().collect(),

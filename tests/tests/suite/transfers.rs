@@ -100,6 +100,21 @@ async fn each_refused_transfer_says_why_and_moves_nothing() {
         (StatusCode::BAD_REQUEST, "idempotency-key-required")
     );
 
+    // A transfer id that is an account's id is taken too (and a neighbour's deposit sent at the
+    // same moment is not disturbed by it).
+    let key = Uuid::now_v7().to_string();
+    let (clash, deposit) = tokio::join!(
+        api.transfer(
+            json!({"from": a, "to": b, "amount": 1, "currency": "EUR", "mode": "immediate", "transfer_id": b})
+        ),
+        api.post(&format!("/v1/accounts/{b}/deposits"), Some(&key), &json!({"amount": 1})),
+    );
+    assert_eq!(
+        (clash.0, problem_code(&clash.1)),
+        (StatusCode::CONFLICT, "transfer-exists")
+    );
+    assert_eq!(deposit.0, StatusCode::CREATED, "{}", deposit.1);
+
     let used = Uuid::now_v7();
     let with_id = json!({"from": a, "to": b, "amount": 1, "currency": "EUR", "mode": "immediate", "transfer_id": used});
     assert_eq!(api.transfer(with_id.clone()).await.0, StatusCode::CREATED);
