@@ -4,7 +4,6 @@
 //! `schemas/openapi/command-api.json` (`cargo xtask schemas` rewrites it); a unit test fails
 //! when the two differ, so a change to the API shows up in review as a change to that file.
 
-use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use axum::response::Response;
@@ -59,21 +58,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
     document
 }
 
-/// The name of the checked-in document under `schemas/openapi/`.
-const FILE_NAME: &str = "command-api.json";
-
-/// The document as checked in and served.
-pub fn render() -> String {
-    tally_service::openapi::render(&document())
-}
-
-/// Where the rendered document is checked in.
-pub fn checked_in_path() -> PathBuf {
-    tally_service::openapi::checked_in_path(FILE_NAME)
-}
+/// The name of the checked-in document under `schemas/openapi/` (`cargo xtask schemas` writes it).
+pub const FILE_NAME: &str = "command-api.json";
 
 /// Rendered once: the document is fixed at compile time.
-static RENDERED: LazyLock<String> = LazyLock::new(render);
+static RENDERED: LazyLock<String> = LazyLock::new(|| tally_service::openapi::render(&document()));
 
 /// `GET /openapi.json`
 pub(crate) async fn serve() -> Response {

@@ -87,15 +87,17 @@ fn write_schemas() -> anyhow::Result<()> {
     }
     let documents = [
         (
-            tally_command_api::openapi::checked_in_path(),
-            tally_command_api::openapi::render(),
+            tally_command_api::openapi::FILE_NAME,
+            tally_command_api::openapi::document(),
         ),
         (
-            tally_query_api::openapi::checked_in_path(),
-            tally_query_api::openapi::render(),
+            tally_query_api::openapi::FILE_NAME,
+            tally_query_api::openapi::document(),
         ),
     ];
-    for (path, text) in documents {
+    for (file_name, document) in documents {
+        let path = tally_service::openapi::checked_in_path(file_name);
+        let text = tally_service::openapi::render(&document);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
