@@ -6,14 +6,14 @@
 //! when it could not read the log (clap also uses 2 for a malformed command line).
 
 mod load;
+mod progress;
+mod projections;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tally_event_store::verify::{self, Progress, Scope, VerifyReport};
+use progress::ProgressReporter;
+use tally_event_store::verify::{self, Scope, VerifyReport};
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,11 @@ enum Command {
     },
     /// Generate load against a command API and measure throughput and latency.
     Load(load::LoadArgs),
+    /// Inspect and control the projections (read models).
+    Projections {
+        #[command(subcommand)]
+        command: projections::ProjectionsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,8 +64,6 @@ enum AuditCommand {
 const EXIT_BROKEN: u8 = 1;
 /// Exit code: the log could not be read (unreachable database, SQL error).
 const EXIT_DATABASE: u8 = 2;
-/// How often progress is logged when stderr is not a terminal (a job's log, a pipe).
-const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(2);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -80,6 +83,7 @@ async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { stream },
         } => audit_verify(&cli.database_url, stream).await,
+        Command::Projections { command } => projections::run(&cli.database_url, command).await,
         Command::Load(args) => match load::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -107,7 +111,7 @@ async fn audit_verify(database_url: &str, stream: Option<Uuid>) -> ExitCode {
         }
     };
     let scope = stream.map_or(Scope::All, Scope::Stream);
-    let mut reporter = ProgressReporter::new();
+    let mut reporter = ProgressReporter::new("verified");
     let result = verify::verify(&pool, scope, |p| reporter.update(p)).await;
     reporter.finish();
     match result {
@@ -148,84 +152,4 @@ fn plural(n: u64, noun: &str) -> String {
     } else {
         format!("{n} {noun}s")
     }
-}
-
-/// Shows progress on stderr: a bar on a terminal, a log line every [`PROGRESS_LOG_INTERVAL`]
-/// otherwise (a bar's redraws would fill a log file with control characters).
-enum ProgressReporter {
-    Bar(ProgressBar),
-    Log {
-        started: Instant,
-        logged: Instant,
-        /// `None` until the verifier has counted the events (it may fail before).
-        latest: Option<Progress>,
-    },
-}
-
-impl ProgressReporter {
-    fn new() -> Self {
-        if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events, {per_sec:0}, ETA {eta}",
-            ) {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            Self::Bar(bar)
-        } else {
-            let now = Instant::now();
-            Self::Log {
-                started: now,
-                logged: now,
-                latest: None,
-            }
-        }
-    }
-
-    fn update(&mut self, progress: Progress) {
-        match self {
-            Self::Bar(bar) => {
-                // Events appended since the count was taken may push `done` past it.
-                bar.set_length(progress.total.max(progress.done));
-                bar.set_position(progress.done);
-            }
-            Self::Log {
-                started,
-                logged,
-                latest,
-            } => {
-                *latest = Some(progress);
-                if logged.elapsed() >= PROGRESS_LOG_INTERVAL {
-                    log_progress(*started, progress);
-                    *logged = Instant::now();
-                }
-            }
-        }
-    }
-
-    /// Clears the bar (the verdict follows on stdout) or logs where verification ended.
-    fn finish(self) {
-        match self {
-            Self::Bar(bar) => bar.finish_and_clear(),
-            Self::Log { started, latest, .. } => {
-                if let Some(progress) = latest {
-                    log_progress(started, progress);
-                }
-            }
-        }
-    }
-}
-
-fn log_progress(started: Instant, progress: Progress) {
-    let seconds = started.elapsed().as_secs_f64();
-    let rate = if seconds > 0.0 {
-        progress.done as f64 / seconds
-    } else {
-        0.0
-    };
-    tracing::info!(
-        "verified {}/{} events ({rate:.0} events/s)",
-        progress.done,
-        progress.total.max(progress.done)
-    );
 }

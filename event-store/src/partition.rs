@@ -59,6 +59,13 @@ impl Topology {
         )
     }
 
+    /// Where a projection's poison events go, with the error in headers. Inside the events
+    /// stream's subjects (so dead letters are kept like events) but outside every partition's
+    /// filter (partitions are numbers).
+    pub fn dead_letter_subject(&self, projection: &str, partition: u32) -> String {
+        format!("{}.dead-letter.{projection}.{partition}", self.subject_prefix)
+    }
+
     /// The filter matching every event of one partition.
     pub fn partition_filter(&self, partition: u32) -> String {
         format!("{}.{}.>", self.subject_prefix, partition)

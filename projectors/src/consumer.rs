@@ -1,39 +1,66 @@
-//! The consuming loop: one task per partition, each with its own durable pull consumer.
+//! One (projection, partition) unit: a durable pull consumer applied in batches.
+//!
+//! Each batch is one Postgres transaction holding the read-model rows, the partition's
+//! checkpoint and, as a fence, the worker's lease: a worker that lost its lease cannot commit.
+//! Messages are acknowledged only after the commit; a redelivered one is dropped by version.
+//!
+//! Failures: a dependency failing (database unreachable, deadlock) is retried with back-off for
+//! as long as it lasts (state `retrying`). A batch failing for its data is retried a bounded
+//! number of times, then its events are applied one at a time to find the culprit: the events
+//! before it are committed, the poison event is published to the dead-letter subject with the
+//! error, and the partition **stops** (state `failed`, error in `tally projections status`)
+//! until `tally projections retry` clears it. Nothing is skipped.
 
-use std::collections::HashSet;
-use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, consumer::pull};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use sqlx::PgPool;
 use tally_event_store::EventStore;
-use tally_schemas::decode_account_event;
+use tally_event_store::partition::Topology;
 use tally_schemas::envelope::EventEnvelope;
-use uuid::Uuid;
+use tokio::sync::watch;
 
-use crate::Config;
-use crate::balances::{self, PROJECTION};
+use crate::catalog;
+use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection};
 
 /// How long JetStream waits for an ack before redelivering.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Unacknowledged messages a consumer may have outstanding.
 const ACK_PENDING_MAX: i64 = 20_000;
-/// Back-off after a failed batch before trying again.
-const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a stopped unit (paused, failed, needing a rebuild) looks whether it may go on.
+const GATE_POLL: Duration = Duration::from_millis(500);
 
-/// Why a batch could not be applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("undecodable message at stream sequence {sequence}: {reason}")]
-    Undecodable { sequence: u64, reason: String },
-    #[error("the log has no version {version} of stream {stream_id} to fill a gap")]
-    MissingInLog { stream_id: Uuid, version: i64 },
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Store(#[from] tally_event_store::StoreError),
+/// Retries of a failing batch.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts at a batch failing for its data before its poison event is dead-lettered.
+    pub poison_attempts: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Back-off before attempt `attempt` (1-based): doubling from the minimum, capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.backoff_min.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// What every unit of a worker shares.
+pub(crate) struct Shared {
+    pub pool: PgPool,
+    pub store: EventStore,
+    pub js: jetstream::Context,
+    pub stream: jetstream::stream::Stream,
+    pub topology: Topology,
+    pub worker_id: String,
+    pub batch_events_max: usize,
+    pub batch_wait: Duration,
+    pub retry: RetryPolicy,
 }
 
 /// The durable consumer name of a projection's partition.
@@ -41,76 +68,110 @@ pub fn consumer_name(projection: &str, partition: u32) -> String {
     format!("{projection}-p{partition}")
 }
 
-/// Runs every partition of the account-balances projection until `shutdown` resolves.
-pub async fn run(
-    pool: PgPool,
-    js: jetstream::Context,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let topology = config.topology();
-    let stream = topology.ensure_stream(&js).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for partition in 0..topology.partitions {
-        let consumer: PullConsumer = stream
-            .get_or_create_consumer(
-                &consumer_name(PROJECTION, partition),
-                pull::Config {
-                    durable_name: Some(consumer_name(PROJECTION, partition)),
-                    filter_subject: topology.partition_filter(partition),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    max_ack_pending: ACK_PENDING_MAX,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("creating consumer for partition {partition}: {e}"))?;
-        let worker = PartitionWorker {
-            pool: pool.clone(),
-            store: EventStore::new(pool.clone()),
-            partition,
-            batch_events_max: config.batch_events_max,
-            batch_wait: config.batch_wait(),
-        };
-        let stop = stop_rx.clone();
-        tasks.spawn(async move { worker.run(consumer, stop).await });
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The unit must stop taking messages: paused, failed, lease lost or wrong shape.
+    #[error("partition not consumable: {0}")]
+    Gate(Gate),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Apply(ApplyError::Database(e))
     }
-    tracing::info!(
-        partitions = topology.partitions,
-        projection = PROJECTION,
-        "projector running"
-    );
-    shutdown.await;
-    // Each partition finishes (commits and acks) the batch it is on, then stops.
-    let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    Ok(())
 }
 
-struct PartitionWorker {
-    pool: PgPool,
-    store: EventStore,
+/// Whether a unit may apply events now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    Paused,
+    Failed,
+    NeedsRebuild,
+    LeaseLost,
+}
+
+impl std::fmt::Display for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Gate::Open => "running",
+            Gate::Paused => "paused",
+            Gate::Failed => "failed",
+            Gate::NeedsRebuild => "needs-rebuild",
+            Gate::LeaseLost => "lease lost",
+        })
+    }
+}
+
+pub(crate) struct Unit<P> {
+    shared: Arc<Shared>,
     partition: u32,
-    batch_events_max: usize,
-    batch_wait: Duration,
+    labels: [(&'static str, String); 2],
+    _projection: std::marker::PhantomData<P>,
 }
 
-impl PartitionWorker {
-    async fn run(self, consumer: PullConsumer, mut stop: tokio::sync::watch::Receiver<bool>) {
+impl<P: Projection> Unit<P> {
+    pub(crate) fn new(shared: Arc<Shared>, partition: u32) -> Self {
+        Self {
+            shared,
+            partition,
+            labels: [
+                ("projection", P::NAME.to_string()),
+                ("partition", partition.to_string()),
+            ],
+            _projection: std::marker::PhantomData,
+        }
+    }
+
+    /// Consumes until `stop` turns true; the batch in hand is finished (committed and acked)
+    /// first.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let consumer = loop {
+            match self.consumer().await {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    tracing::warn!(projection = P::NAME, partition = self.partition, %error, "cannot create consumer; retrying");
+                    if sleep_or_stop(&mut stop, self.shared.retry.backoff_max).await {
+                        return;
+                    }
+                }
+            }
+        };
+        tracing::info!(projection = P::NAME, partition = self.partition, "consuming");
         while !*stop.borrow() {
+            match self.gate().await {
+                Ok(Gate::Open) => {}
+                Ok(gate) => {
+                    tracing::debug!(projection = P::NAME, partition = self.partition, %gate, "waiting");
+                    if sleep_or_stop(&mut stop, GATE_POLL).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(projection = P::NAME, partition = self.partition, %error, "cannot read partition state");
+                    if sleep_or_stop(&mut stop, self.shared.retry.backoff_max).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(self.batch_events_max)
+                .max_messages_per_batch(self.shared.batch_events_max)
                 .heartbeat(Duration::from_secs(5))
                 .messages()
                 .await;
             let mut messages = match messages {
                 Ok(m) => m,
                 Err(error) => {
-                    tracing::warn!(partition = self.partition, %error, "cannot pull; retrying");
-                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    tracing::warn!(projection = P::NAME, partition = self.partition, %error, "cannot pull; retrying");
+                    if sleep_or_stop(&mut stop, self.shared.retry.backoff_min).await {
+                        return;
+                    }
                     continue;
                 }
             };
@@ -122,133 +183,348 @@ impl PartitionWorker {
                 let mut batch = match first {
                     Some(Ok(m)) => vec![m],
                     Some(Err(error)) => {
-                        tracing::warn!(partition = self.partition, %error, "pull stream error; reconnecting");
+                        tracing::warn!(projection = P::NAME, partition = self.partition, %error, "pull stream error; reconnecting");
                         break;
                     }
                     None => break,
                 };
-                let deadline = tokio::time::Instant::now() + self.batch_wait;
-                while batch.len() < self.batch_events_max {
+                let deadline = tokio::time::Instant::now() + self.shared.batch_wait;
+                while batch.len() < self.shared.batch_events_max {
                     match tokio::time::timeout_at(deadline, messages.next()).await {
                         Ok(Some(Ok(m))) => batch.push(m),
                         _ => break,
                     }
                 }
-                self.handle(batch).await;
+                if !self.handle(batch, &mut stop).await {
+                    break; // stop taking messages; the gate decides when to go on
+                }
             }
-            tokio::time::sleep(RETRY_BACKOFF).await;
         }
     }
 
-    /// Applies a batch and acknowledges it, or asks for redelivery after a back-off.
-    async fn handle(&self, batch: Vec<jetstream::Message>) {
-        match self.apply(&batch).await {
-            Ok((applied, duplicates)) => {
-                for message in &batch {
-                    // Acks are best effort: a lost ack means redelivery, which is dropped as a
-                    // duplicate by version.
-                    if let Err(error) = message.ack().await {
-                        tracing::warn!(%error, "ack failed; the event will be redelivered and dropped as a duplicate");
+    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        let name = consumer_name(P::NAME, self.partition);
+        self.shared
+            .stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.shared.topology.partition_filter(self.partition),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: ACK_PENDING_MAX,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("creating consumer {name}: {e}"))
+    }
+
+    /// Applies a batch, retrying as the failure deserves; acks what was applied. Returns
+    /// whether the unit may keep taking messages.
+    async fn handle(&self, batch: Vec<jetstream::Message>, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            match self.apply(&batch).await {
+                Ok(outcome) => {
+                    self.record(&outcome, batch.len(), started.elapsed());
+                    ack_all(&batch).await;
+                    return true;
+                }
+                Err(BatchError::Gate(gate)) => {
+                    tracing::info!(projection = P::NAME, partition = self.partition, %gate, "stopping consumption");
+                    nak_all(&batch, None).await;
+                    return false;
+                }
+                Err(BatchError::Apply(error)) if error.is_transient() => {
+                    attempt = attempt.saturating_add(1);
+                    let backoff = self.shared.retry.backoff(attempt);
+                    tracing::warn!(projection = P::NAME, partition = self.partition, %error, attempt, ?backoff, "batch failed; retrying");
+                    self.set_state("retrying", &error.to_string()).await;
+                    if sleep_or_stop(stop, backoff).await {
+                        nak_all(&batch, None).await;
+                        return false;
                     }
                 }
-                tracing::debug!(partition = self.partition, applied, duplicates, "applied batch");
-            }
-            Err(error) => {
-                tracing::error!(partition = self.partition, %error, events = batch.len(), "batch failed; will be redelivered");
-                for message in &batch {
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_BACKOFF))).await;
+                Err(BatchError::Apply(error)) => {
+                    attempt = attempt.saturating_add(1);
+                    if attempt < self.shared.retry.poison_attempts {
+                        let backoff = self.shared.retry.backoff(attempt);
+                        tracing::warn!(projection = P::NAME, partition = self.partition, %error, attempt, ?backoff, "batch failed; retrying");
+                        if sleep_or_stop(stop, backoff).await {
+                            nak_all(&batch, None).await;
+                            return false;
+                        }
+                        continue;
+                    }
+                    return self.isolate(batch).await;
                 }
-                tokio::time::sleep(RETRY_BACKOFF).await;
             }
         }
     }
 
-    /// One transaction: read-model rows and checkpoint. Returns (applied, duplicates).
-    async fn apply(&self, batch: &[jetstream::Message]) -> Result<(usize, usize), ApplyError> {
-        let mut envelopes = Vec::with_capacity(batch.len());
-        let mut last_sequence = 0;
-        for message in batch {
-            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let envelope: EventEnvelope =
-                serde_json::from_slice(&message.payload).map_err(|e| ApplyError::Undecodable {
-                    sequence,
-                    reason: e.to_string(),
-                })?;
-            last_sequence = last_sequence.max(sequence);
-            envelopes.push((sequence, envelope));
+    /// Applies the batch one event at a time: the events before the culprit are committed and
+    /// acked, the culprit is dead-lettered and the partition stopped.
+    async fn isolate(&self, batch: Vec<jetstream::Message>) -> bool {
+        for (i, message) in batch.iter().enumerate() {
+            let one = std::slice::from_ref(message);
+            let started = Instant::now();
+            match self.apply(one).await {
+                Ok(outcome) => {
+                    self.record(&outcome, 1, started.elapsed());
+                    ack_all(one).await;
+                }
+                Err(BatchError::Gate(_)) => {
+                    nak_all(&batch[i..], None).await;
+                    return false;
+                }
+                Err(BatchError::Apply(error)) if error.is_transient() => {
+                    // Not this event's fault after all: let the whole rest come back.
+                    nak_all(&batch[i..], Some(self.shared.retry.backoff_min)).await;
+                    return true;
+                }
+                Err(BatchError::Apply(error)) => {
+                    self.dead_letter(message, &error).await;
+                    // Back in the stream at once, to be seen again after `retry`.
+                    nak_all(&batch[i..], Some(GATE_POLL)).await;
+                    return false;
+                }
+            }
         }
-        let ids: Vec<Uuid> = envelopes
-            .iter()
-            .filter(|(_, e)| e.stream_type == tally_domain::account::STREAM_TYPE)
-            .map(|(_, e)| e.stream_id)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        true
+    }
 
-        let mut tx = self.pool.begin().await?;
-        let mut rows = balances::load_for_update(&mut tx, &ids).await?;
-        let mut changed = HashSet::new();
-        let (mut applied, mut duplicates) = (0, 0);
-        let mut last_position = 0;
-        for (sequence, envelope) in &envelopes {
-            last_position = last_position.max(envelope.position);
-            let Some(row) = rows.get_mut(&envelope.stream_id) else {
-                continue; // not an account stream
-            };
-            if envelope.version <= row.version {
-                duplicates += 1;
-                continue;
-            }
-            if envelope.version > row.version + 1 {
-                // Something before this event never reached us (e.g. published before this
-                // consumer existed and expired): take it from the log of record.
-                let missing = self
-                    .store
-                    .read_stream(envelope.stream_id, row.version, envelope.version - row.version - 1)
-                    .await?;
-                for stored in &missing {
-                    let event = decode_account_event(&stored.event_type, stored.schema_version as u32, &stored.payload)
-                        .map_err(|e| ApplyError::Undecodable {
-                            sequence: *sequence,
-                            reason: e.to_string(),
-                        })?;
-                    row.apply(&event, stored.version, stored.position, stored.recorded_at);
-                }
-                if row.version != envelope.version - 1 {
-                    return Err(ApplyError::MissingInLog {
-                        stream_id: envelope.stream_id,
-                        version: row.version + 1,
-                    });
-                }
-            }
-            let event = decode_account_event(&envelope.event_type, envelope.schema_version, envelope.payload.get())
-                .map_err(|e| ApplyError::Undecodable {
-                    sequence: *sequence,
-                    reason: e.to_string(),
-                })?;
-            let recorded_at = DateTime::parse_from_rfc3339(&envelope.recorded_at)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| ApplyError::Undecodable {
-                    sequence: *sequence,
-                    reason: e.to_string(),
-                })?;
-            row.apply(&event, envelope.version, envelope.position, recorded_at);
-            changed.insert(envelope.stream_id);
-            applied += 1;
+    async fn dead_letter(&self, message: &jetstream::Message, error: &ApplyError) {
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let reason = error.to_string();
+        tracing::error!(projection = P::NAME, partition = self.partition, sequence, %reason, "poison event: dead-lettered, partition stopped");
+        metrics::counter!("tally_projection_dead_letters_total", &self.labels).increment(1);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Tally-Error", header_value(&reason).as_str());
+        headers.insert("Tally-Projection", P::NAME);
+        headers.insert("Tally-Partition", self.partition.to_string().as_str());
+        headers.insert("Tally-Stream-Sequence", sequence.to_string().as_str());
+        headers.insert("Tally-Subject", message.subject.as_str());
+        headers.insert("Nats-Msg-Id", format!("dead-letter-{}-{}", P::NAME, sequence).as_str());
+        let subject = self.shared.topology.dead_letter_subject(P::NAME, self.partition);
+        let published = match self
+            .shared
+            .js
+            .publish_with_headers(subject, headers, message.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = published {
+            // The partition stops anyway and the error is in its state: nothing is lost.
+            tracing::error!(projection = P::NAME, partition = self.partition, error = %e, "cannot publish the dead letter");
         }
-        balances::store(&mut tx, &rows, &changed).await?;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, partition, stream_sequence, position) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (projection, partition) DO UPDATE SET stream_sequence = GREATEST(projection_checkpoints.stream_sequence, EXCLUDED.stream_sequence), \
-                 position = GREATEST(projection_checkpoints.position, EXCLUDED.position), updated_at = now()",
+        let recorded = sqlx::query(
+            "UPDATE projection_partitions SET state = 'failed', last_error = $3, last_error_at = now(), \
+                 dead_letters = dead_letters + 1, updated_at = now() \
+             WHERE projection = $1 AND partition = $2",
         )
-        .bind(PROJECTION)
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(format!("stream sequence {sequence}: {reason}"))
+        .execute(&self.shared.pool)
+        .await;
+        if let Err(e) = recorded {
+            tracing::error!(projection = P::NAME, partition = self.partition, error = %e, "cannot record the failure");
+        }
+    }
+
+    /// Whether this unit may apply events: not paused, not failed, code shape = live shape.
+    async fn gate(&self) -> Result<Gate, sqlx::Error> {
+        let mut conn = self.shared.pool.acquire().await?;
+        let live = catalog::live(&mut conn, P::NAME).await?;
+        if live.paused {
+            return Ok(Gate::Paused);
+        }
+        if live.shape != P::SHAPE {
+            self.mark_needs_rebuild(&live).await;
+            return Ok(Gate::NeedsRebuild);
+        }
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM projection_partitions WHERE projection = $1 AND partition = $2")
+                .bind(P::NAME)
+                .bind(self.partition as i32)
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(match state.as_deref() {
+            Some("failed") => Gate::Failed,
+            _ => Gate::Open,
+        })
+    }
+
+    async fn mark_needs_rebuild(&self, live: &catalog::Live) {
+        let reason = format!(
+            "generation {} was built by shape {}; this code writes shape {}: run `tally projections rebuild {}`",
+            live.generation.number,
+            live.shape,
+            P::SHAPE,
+            P::NAME
+        );
+        let _ = sqlx::query(
+            "UPDATE projection_partitions SET state = 'needs-rebuild', last_error = $3, last_error_at = now(), updated_at = now() \
+             WHERE projection = $1 AND partition = $2 AND state <> 'needs-rebuild'",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(reason)
+        .execute(&self.shared.pool)
+        .await;
+    }
+
+    async fn set_state(&self, state: &str, error: &str) {
+        let _ = sqlx::query(
+            "UPDATE projection_partitions SET state = $3, last_error = $4, last_error_at = now(), updated_at = now() \
+             WHERE projection = $1 AND partition = $2 AND state NOT IN ('failed', 'needs-rebuild')",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(state)
+        .bind(error)
+        .execute(&self.shared.pool)
+        .await;
+    }
+
+    /// One transaction: the lease fence, the rows and the checkpoint.
+    async fn apply(&self, batch: &[jetstream::Message]) -> Result<BatchOutcome, BatchError> {
+        let mut incoming = Vec::with_capacity(batch.len());
+        let mut last_sequence = 0u64;
+        let mut pending = 0u64;
+        for message in batch {
+            let info = message.info().ok();
+            let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
+            last_sequence = last_sequence.max(sequence);
+            pending = info.as_ref().map_or(pending, |i| i.pending);
+            incoming.push(self.incoming(&message.payload, sequence)?);
+        }
+        let mut tx = self.shared.pool.begin().await?;
+        let live = catalog::live(&mut tx, P::NAME).await?;
+        if live.paused {
+            return Err(BatchError::Gate(Gate::Paused));
+        }
+        if live.shape != P::SHAPE {
+            return Err(BatchError::Gate(Gate::NeedsRebuild));
+        }
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT state FROM projection_partitions \
+             WHERE projection = $1 AND partition = $2 AND worker = $3 AND lease_until > now() FOR UPDATE",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(&self.shared.worker_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match state.as_deref() {
+            None => return Err(BatchError::Gate(Gate::LeaseLost)),
+            Some("failed") => return Err(BatchError::Gate(Gate::Failed)),
+            Some(_) => {}
+        }
+        let mut rows = model::RowCache::<P>::new();
+        let outcome =
+            model::apply_batch::<P>(&mut tx, &self.shared.store, &live.generation, &mut rows, &incoming).await?;
+        let last = incoming.iter().max_by_key(|e| e.meta.position);
+        sqlx::query(
+            "UPDATE projection_partitions SET stream_sequence = GREATEST(stream_sequence, $3), \
+                 position = GREATEST(position, $4), lag_events = $5, \
+                 last_event_at = GREATEST(last_event_at, $6), applied = applied + $7, duplicates = duplicates + $8, \
+                 state = 'running', last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END, \
+                 updated_at = now() \
+             WHERE projection = $1 AND partition = $2",
+        )
+        .bind(P::NAME)
         .bind(self.partition as i32)
         .bind(last_sequence as i64)
-        .bind(last_position)
+        .bind(last.map_or(0, |e| e.meta.position))
+        .bind(pending as i64)
+        .bind(last.map(|e| e.meta.recorded_at))
+        .bind(outcome.applied as i64)
+        .bind(outcome.duplicates as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((applied, duplicates))
+        metrics::gauge!("tally_projection_lag_events", &self.labels).set(pending as f64);
+        if let Some(last) = last {
+            let lag = if pending == 0 {
+                0.0
+            } else {
+                (Utc::now() - last.meta.recorded_at).num_milliseconds().max(0) as f64 / 1000.0
+            };
+            metrics::gauge!("tally_projection_lag_seconds", &self.labels).set(lag);
+        }
+        Ok(outcome)
     }
+
+    fn incoming(&self, payload: &[u8], sequence: u64) -> Result<Incoming, ApplyError> {
+        let bad = |reason: String| ApplyError::BadEnvelope { sequence, reason };
+        let envelope: EventEnvelope = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+        let recorded_at = DateTime::parse_from_rfc3339(&envelope.recorded_at)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| bad(format!("recorded_at: {e}")))?;
+        Ok(Incoming {
+            meta: EventMeta {
+                stream_id: envelope.stream_id,
+                version: envelope.version,
+                position: envelope.position,
+                recorded_at,
+                partition: self.partition as i32,
+            },
+            stream_type: envelope.stream_type,
+            event_type: envelope.event_type,
+            schema_version: envelope.schema_version,
+            payload: envelope.payload.get().to_owned(),
+        })
+    }
+
+    fn record(&self, outcome: &BatchOutcome, events: usize, took: Duration) {
+        metrics::histogram!("tally_projection_batch_size", &self.labels).record(events as f64);
+        metrics::histogram!("tally_projection_apply_seconds", &self.labels).record(took.as_secs_f64());
+        metrics::counter!("tally_projection_events_applied_total", &self.labels).increment(outcome.applied);
+        metrics::counter!("tally_projection_duplicates_dropped_total", &self.labels).increment(outcome.duplicates);
+        tracing::debug!(
+            projection = P::NAME,
+            partition = self.partition,
+            applied = outcome.applied,
+            duplicates = outcome.duplicates,
+            filled = outcome.filled,
+            "applied batch"
+        );
+    }
+}
+
+/// Acks are best effort: a lost ack means a redelivery, dropped as a duplicate by version.
+async fn ack_all(batch: &[jetstream::Message]) {
+    for message in batch {
+        if let Err(error) = message.ack().await {
+            tracing::warn!(%error, "ack failed; the event will be redelivered and dropped as a duplicate");
+        }
+    }
+}
+
+async fn nak_all(batch: &[jetstream::Message], delay: Option<Duration>) {
+    for message in batch {
+        let _ = message.ack_with(AckKind::Nak(delay)).await;
+    }
+}
+
+/// Sleeps for `duration` unless `stop` turns true first; returns whether to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = stop.changed() => true,
+        _ = tokio::time::sleep(duration) => *stop.borrow(),
+    }
+}
+
+/// A NATS header value: one line, bounded.
+fn header_value(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(1_000).collect()
 }

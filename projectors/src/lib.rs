@@ -1,26 +1,46 @@
 //! Projectors: NATS JetStream consumers that build Tally's read models.
 //!
-//! Each projection has one durable pull consumer per partition
-//! (`<prefix>.<partition>.>`). Messages are applied in batches: one Postgres transaction
-//! changes the read-model rows *and* the projection's checkpoint, then the messages are
-//! acknowledged. Every row records the stream version it reflects, so a redelivered event
-//! (crash between commit and ack, relay re-publish) is recognised and dropped, and a version
-//! jump is filled from the Postgres log before applying. Effect: exactly once.
+//! A projection ([`model::Projection`]) folds the events of one stream type into rows that
+//! remember the stream version they reflect: [`accounts`] (`account_balances`,
+//! `account_statement`, `ledger_totals`) and [`transfers`] (`transfers`). Each has one durable
+//! pull consumer per partition (`<prefix>.<partition>.>`); workers share the
+//! (projection, partition) units through leases in Postgres ([`worker`]). A batch is one
+//! Postgres transaction changing the rows *and* the partition's checkpoint, acknowledged after
+//! the commit; a redelivered event is dropped by version and a version jump is filled from the
+//! log ([`model::apply_batch`]). Effect: exactly once.
+//!
+//! Rows live in generation tables behind views ([`catalog`]); [`rebuild`] builds a new
+//! generation straight from the log and swaps the views atomically. [`ops`] is what
+//! `tally projections` shows and changes.
 
-pub mod balances;
+pub mod accounts;
+pub mod catalog;
 pub mod consumer;
+pub mod http;
+pub mod model;
+pub mod ops;
+pub mod rebuild;
+pub mod transfers;
+pub mod worker;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use sqlx::PgPool;
+use tally_event_store::EventStore;
 use tally_event_store::partition::Topology;
 
 /// Applies the read-model migrations (`projectors/migrations`), kept in their own history
-/// table beside the event store's.
+/// table beside the event store's, and creates the first generation of every projection that
+/// has none.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.dangerous_set_table_name("_tally_projector_migrations");
-    migrator.run(pool).await
+    migrator.run(pool).await?;
+    catalog::ensure_all(pool, 0).await?;
+    Ok(())
 }
 
 /// Configuration of the `tally-projector` binary (flags or `TALLY_*` variables).
@@ -51,7 +71,26 @@ pub struct Config {
     /// Longest wait for more events once a batch has its first, in milliseconds.
     #[arg(long, env = "TALLY_PROJECTOR_BATCH_WAIT_MS", default_value_t = 5)]
     pub batch_wait_ms: u64,
+    /// This worker's name in leases and status (default: host name and process id).
+    #[arg(long, env = "TALLY_PROJECTOR_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// How long a lease lasts without renewal: a dead worker's partitions move after this.
+    #[arg(long, env = "TALLY_PROJECTOR_LEASE_MS", default_value_t = 5_000)]
+    pub lease_ms: u64,
+    /// Attempts at a batch that fails for its data before its poison event is dead-lettered
+    /// and the partition stopped.
+    #[arg(long, env = "TALLY_PROJECTOR_POISON_ATTEMPTS", default_value_t = 5)]
+    pub poison_attempts: u32,
+    /// First back-off after a failed batch, in milliseconds (doubling up to 10 s).
+    #[arg(long, env = "TALLY_PROJECTOR_BACKOFF_MS", default_value_t = 100)]
+    pub backoff_ms: u64,
+    /// `/health`, `/ready` and `/metrics`.
+    #[arg(long, env = "TALLY_PROJECTOR_LISTEN", default_value = "0.0.0.0:9090")]
+    pub listen: String,
 }
+
+/// Longest back-off between retries of a failing batch.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl Config {
     pub fn topology(&self) -> Topology {
@@ -65,4 +104,50 @@ impl Config {
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch_wait_ms)
     }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
+/// Runs this worker until `shutdown` resolves: claims its share of the (projection, partition)
+/// units and consumes them. On shutdown every unit finishes (commits and acks) its batch and
+/// the leases are given back.
+pub async fn run(
+    pool: PgPool,
+    js: jetstream::Context,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    catalog::ensure_all(&pool, config.partitions).await?;
+    let topology = config.topology();
+    let stream = topology.ensure_stream(&js).await?;
+    let worker_id = config.worker_id();
+    let shared = Arc::new(consumer::Shared {
+        store: EventStore::new(pool.clone()),
+        pool: pool.clone(),
+        js,
+        stream,
+        topology,
+        worker_id: worker_id.clone(),
+        batch_events_max: config.batch_events_max.clamp(1, 10_000),
+        batch_wait: config.batch_wait(),
+        retry: consumer::RetryPolicy {
+            poison_attempts: config.poison_attempts.max(1),
+            backoff_min: Duration::from_millis(config.backoff_ms.max(1)),
+            backoff_max: BACKOFF_MAX,
+        },
+    });
+    let leases = worker::Leases {
+        pool,
+        worker_id: worker_id.clone(),
+        ttl: Duration::from_millis(config.lease_ms.max(500)),
+        partitions: config.partitions,
+    };
+    tracing::info!(worker = %worker_id, partitions = config.partitions, "projector running");
+    worker::run(shared, leases, shutdown).await;
+    Ok(())
 }

@@ -4,12 +4,20 @@ use tally_projectors::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("projector");
+    tally_service::metrics::install();
     let config = Config::parse();
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(&config.nats_url)
         .await?;
+    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let router = tally_projectors::http::router(pool.clone(), nats.clone());
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the health and metrics endpoint stopped");
+        }
+    });
     let js = async_nats::jetstream::new(nats);
-    tally_projectors::consumer::run(pool, js, config, tally_service::shutdown::signal()).await
+    tally_projectors::run(pool, js, config, tally_service::shutdown::signal()).await
 }

@@ -6,6 +6,7 @@
 //! Only the API crates and the binaries depend on this crate; it knows HTTP but no domain.
 
 pub mod json;
+pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod shutdown;

@@ -21,6 +21,8 @@ use tally_domain::Account;
 use tally_event_store::READ_LIMIT_MAX;
 use uuid::Uuid;
 
+pub mod fold;
+
 /// The shared servers a test process uses.
 #[derive(Debug, Clone)]
 pub struct Services {
@@ -446,6 +448,16 @@ pub fn problem_code(body: &Value) -> &str {
         .unwrap_or("")
 }
 
+/// Settings of a projector worker started by a test: its name, a free port for its HTTP
+/// endpoints, and a short lease so a killed worker's partitions move within seconds.
+pub fn projector_env(worker_id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TALLY_PROJECTOR_WORKER_ID", worker_id.to_owned()),
+        ("TALLY_PROJECTOR_LISTEN", format!("127.0.0.1:{}", free_port())),
+        ("TALLY_PROJECTOR_LEASE_MS", "2000".into()),
+    ]
+}
+
 /// Every Tally service for one test, on its own database and NATS stream.
 #[derive(Debug)]
 pub struct Stack {
@@ -474,7 +486,7 @@ impl Stack {
             &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
         );
         let relay = Proc::spawn("tally-relay", &with(vec![]));
-        let projector = Proc::spawn("tally-projector", &with(vec![]));
+        let projector = Proc::spawn("tally-projector", &with(projector_env("w1")));
         let query_api = Proc::spawn(
             "tally-query-api",
             &with(vec![

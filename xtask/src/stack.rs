@@ -231,8 +231,22 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             &log_dir,
         )?,
         Service::spawn(&bin_dir, "tally-relay", "relay", &with(vec![]), &log_dir)?,
-        Service::spawn(&bin_dir, "tally-projector", "projector", &with(vec![]), &log_dir)?,
     ];
+    // Two projector workers: they split the (projection, partition) units between them.
+    for (i, listen) in ["127.0.0.1:9090", "127.0.0.1:9091"].iter().enumerate() {
+        let name = format!("projector-{}", i + 1);
+        services.push(Service::spawn(
+            &bin_dir,
+            "tally-projector",
+            &name,
+            &with(vec![
+                ("TALLY_PROJECTOR_WORKER_ID", name.clone()),
+                ("TALLY_PROJECTOR_LISTEN", (*listen).to_owned()),
+            ]),
+            &log_dir,
+        )?);
+    }
+    let first_query = services.len();
     for (i, listen) in args.query_listen.iter().enumerate() {
         services.push(Service::spawn(
             &bin_dir,
@@ -252,7 +266,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         wait_ready(&client, &command, &mut services[0]).await?;
         for (i, q) in queries.iter().enumerate() {
-            wait_ready(&client, q, &mut services[3 + i]).await?;
+            wait_ready(&client, q, &mut services[first_query + i]).await?;
         }
         anyhow::Ok(())
     })?;

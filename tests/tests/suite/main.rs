@@ -6,6 +6,7 @@ mod e2e;
 mod event_store;
 mod idempotency;
 mod lifecycle;
+mod projections;
 mod relay;
 mod schemas;
 mod transfers;

@@ -1,0 +1,539 @@
+//! The `accounts` projection: three read models that must agree, so they commit together.
+//!
+//! - `account_balances`: one row per account (balance, held, available, status, holds).
+//! - `account_statement`: one line per posting (a movement of the balance), with the running
+//!   balance after it. Keyed by `(account_id, version)`, so a page cursor is stable.
+//! - `ledger_totals`: per currency, money that came in from outside (deposits), went out
+//!   (withdrawals), the sum of balances and holds. Rows are kept per partition (no hot row
+//!   shared by workers); the view sums them. A transfer's two legs may sit in different
+//!   partitions and land at different times, so each partition also counts transfers out and
+//!   in: `balances + in_transit = inflow - outflow` holds after every commit, and `in_transit`
+//!   is 0 once every partition has caught up.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, Row};
+use tally_domain::AccountEvent;
+use uuid::Uuid;
+
+use crate::model::{EventMeta, Generation, Projection, TableDef};
+
+pub struct Accounts;
+
+/// A pending hold as the balances row keeps it (the statement needs its counterparty and
+/// reference when it is posted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldView {
+    pub amount: i64,
+    pub counterparty: Uuid,
+    pub reference: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One row of `account_balances`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalanceRow {
+    pub account_id: Uuid,
+    pub owner: String,
+    pub currency: String,
+    pub balance: i64,
+    pub held: i64,
+    pub status: String,
+    pub overdraft_limit: i64,
+    pub holds: BTreeMap<Uuid, HoldView>,
+    pub opened_at: Option<DateTime<Utc>>,
+    /// The stream version this row reflects (0: no event applied yet).
+    pub version: i64,
+    pub last_position: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One line of `account_statement`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementLine {
+    pub account_id: Uuid,
+    pub version: i64,
+    pub position: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub kind: &'static str,
+    pub direction: &'static str,
+    pub amount: i64,
+    pub currency: String,
+    pub counterparty: Option<Uuid>,
+    pub transfer_id: Option<Uuid>,
+    pub reference: String,
+    pub balance_after: i64,
+}
+
+/// Changes to one `(currency, partition)` row of `ledger_totals`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TotalsDelta {
+    pub accounts: i64,
+    pub inflow: i64,
+    pub outflow: i64,
+    pub transfers_in: i64,
+    pub transfers_out: i64,
+    pub balances: i64,
+    pub held: i64,
+}
+
+/// Statement lines and totals changes of a batch.
+#[derive(Debug, Default)]
+pub struct AccountEffects {
+    pub lines: Vec<StatementLine>,
+    pub totals: HashMap<(String, i32), TotalsDelta>,
+}
+
+const BALANCES: TableDef = TableDef {
+    name: "account_balances",
+    ddl: &["CREATE TABLE {table} (
+        account_id      uuid        PRIMARY KEY,
+        owner           text        NOT NULL,
+        currency        text        NOT NULL,
+        balance         bigint      NOT NULL,
+        held            bigint      NOT NULL,
+        available       bigint      NOT NULL,
+        status          text        NOT NULL,
+        overdraft_limit bigint      NOT NULL,
+        holds           jsonb       NOT NULL,
+        opened_at       timestamptz,
+        version         bigint      NOT NULL,
+        last_position   bigint      NOT NULL,
+        updated_at      timestamptz NOT NULL)"],
+    view: Some(
+        "SELECT account_id, owner, currency, balance, held, available, status, overdraft_limit, holds, \
+                opened_at, version, last_position, updated_at FROM {table}",
+    ),
+};
+
+const STATEMENT: TableDef = TableDef {
+    name: "account_statement",
+    ddl: &[
+        "CREATE TABLE {table} (
+        account_id    uuid        NOT NULL,
+        version       bigint      NOT NULL,
+        position      bigint      NOT NULL,
+        recorded_at   timestamptz NOT NULL,
+        kind          text        NOT NULL,
+        direction     text        NOT NULL CHECK (direction IN ('credit', 'debit')),
+        amount        bigint      NOT NULL CHECK (amount > 0),
+        currency      text        NOT NULL,
+        counterparty  uuid,
+        transfer_id   uuid,
+        reference     text        NOT NULL,
+        balance_after bigint      NOT NULL,
+        PRIMARY KEY (account_id, version))",
+        "CREATE INDEX ON {table} (account_id, recorded_at)",
+    ],
+    view: Some(
+        "SELECT account_id, version, position, recorded_at, kind, direction, amount, currency, counterparty, \
+                transfer_id, reference, balance_after FROM {table}",
+    ),
+};
+
+const TOTALS: TableDef = TableDef {
+    name: "ledger_totals",
+    ddl: &["CREATE TABLE {table} (
+        currency      text    NOT NULL,
+        partition     integer NOT NULL,
+        accounts      bigint  NOT NULL,
+        inflow        bigint  NOT NULL,
+        outflow       bigint  NOT NULL,
+        transfers_in  bigint  NOT NULL,
+        transfers_out bigint  NOT NULL,
+        balances      bigint  NOT NULL,
+        held          bigint  NOT NULL,
+        PRIMARY KEY (currency, partition))"],
+    view: Some(
+        "SELECT currency, sum(accounts)::bigint AS accounts, sum(inflow)::bigint AS inflow, \
+                sum(outflow)::bigint AS outflow, sum(balances)::bigint AS balances, sum(held)::bigint AS held, \
+                sum(transfers_out - transfers_in)::bigint AS in_transit, \
+                sum(balances) + sum(transfers_out - transfers_in) = sum(inflow) - sum(outflow) AS balanced \
+         FROM {table} GROUP BY currency",
+    ),
+};
+
+impl BalanceRow {
+    fn empty(account_id: Uuid) -> Self {
+        Self {
+            account_id,
+            owner: String::new(),
+            currency: String::new(),
+            balance: 0,
+            held: 0,
+            status: "unopened".into(),
+            overdraft_limit: 0,
+            holds: BTreeMap::new(),
+            opened_at: None,
+            version: 0,
+            last_position: 0,
+            updated_at: DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
+}
+
+/// A movement of the balance, as it goes on the statement.
+struct Posting {
+    kind: &'static str,
+    /// Signed: positive credits the account.
+    delta: i64,
+    counterparty: Option<Uuid>,
+    transfer_id: Option<Uuid>,
+    reference: String,
+}
+
+impl Projection for Accounts {
+    const NAME: &'static str = "accounts";
+    const SHAPE: i32 = 1;
+    const STREAM_TYPE: &'static str = tally_domain::account::STREAM_TYPE;
+    const TABLES: &'static [TableDef] = &[BALANCES, STATEMENT, TOTALS];
+
+    type Event = AccountEvent;
+    type Row = BalanceRow;
+    type Effects = AccountEffects;
+
+    fn decode(event_type: &str, schema_version: u32, payload: &str) -> Result<AccountEvent, String> {
+        tally_schemas::decode_account_event(event_type, schema_version, payload).map_err(|e| e.to_string())
+    }
+
+    fn empty(stream_id: Uuid) -> BalanceRow {
+        BalanceRow::empty(stream_id)
+    }
+
+    fn version(row: &BalanceRow) -> i64 {
+        row.version
+    }
+
+    fn stream_id_of(row: &BalanceRow) -> Uuid {
+        row.account_id
+    }
+
+    fn apply(row: &mut BalanceRow, event: &AccountEvent, meta: &EventMeta, effects: &mut AccountEffects) {
+        let mut delta = TotalsDelta::default();
+        let mut posting = None;
+        match event {
+            AccountEvent::AccountOpened(e) => {
+                row.owner = e.owner.clone();
+                row.currency = e.currency.to_string();
+                row.overdraft_limit = e.overdraft_limit;
+                row.status = "open".into();
+                row.opened_at = Some(meta.recorded_at);
+                delta.accounts = 1;
+            }
+            AccountEvent::FundsDeposited(e) => {
+                delta.inflow = e.amount.get();
+                posting = Some(Posting {
+                    kind: "deposit",
+                    delta: e.amount.get(),
+                    counterparty: None,
+                    transfer_id: None,
+                    reference: e.reference.clone(),
+                });
+            }
+            AccountEvent::FundsWithdrawn(e) => {
+                delta.outflow = e.amount.get();
+                posting = Some(Posting {
+                    kind: "withdrawal",
+                    delta: -e.amount.get(),
+                    counterparty: None,
+                    transfer_id: None,
+                    reference: e.reference.clone(),
+                });
+            }
+            AccountEvent::AccountFrozen(_) => row.status = "frozen".into(),
+            AccountEvent::AccountUnfrozen(_) => row.status = "open".into(),
+            AccountEvent::AccountClosed(_) => row.status = "closed".into(),
+            AccountEvent::TransferDebited(e) => {
+                delta.transfers_out = e.amount.get();
+                posting = Some(Posting {
+                    kind: "transfer",
+                    delta: -e.amount.get(),
+                    counterparty: Some(e.counterparty),
+                    transfer_id: Some(e.transfer_id),
+                    reference: e.reference.clone(),
+                });
+            }
+            AccountEvent::TransferCredited(e) => {
+                delta.transfers_in = e.amount.get();
+                posting = Some(Posting {
+                    kind: "transfer",
+                    delta: e.amount.get(),
+                    counterparty: Some(e.counterparty),
+                    transfer_id: Some(e.transfer_id),
+                    reference: e.reference.clone(),
+                });
+            }
+            AccountEvent::HoldPlaced(e) => {
+                delta.held = e.amount.get();
+                row.held = row.held.saturating_add(e.amount.get());
+                row.holds.insert(
+                    e.transfer_id,
+                    HoldView {
+                        amount: e.amount.get(),
+                        counterparty: e.counterparty,
+                        reference: e.reference.clone(),
+                        expires_at: e.expires_at,
+                    },
+                );
+            }
+            // The whole hold goes: `amount` leaves the balance, `released` returns to available.
+            AccountEvent::HoldPosted(e) => {
+                let removed = e.amount.get().saturating_add(e.released);
+                delta.held = -removed;
+                delta.transfers_out = e.amount.get();
+                row.held = row.held.saturating_sub(removed);
+                let hold = row.holds.remove(&e.transfer_id);
+                posting = Some(Posting {
+                    kind: "transfer",
+                    delta: -e.amount.get(),
+                    counterparty: hold.as_ref().map(|h| h.counterparty),
+                    transfer_id: Some(e.transfer_id),
+                    reference: hold.map(|h| h.reference).unwrap_or_default(),
+                });
+            }
+            AccountEvent::HoldReleased(e) => {
+                delta.held = -e.amount.get();
+                row.held = row.held.saturating_sub(e.amount.get());
+                row.holds.remove(&e.transfer_id);
+            }
+        }
+        if let Some(p) = posting {
+            row.balance = row.balance.saturating_add(p.delta);
+            delta.balances = p.delta;
+            effects.lines.push(StatementLine {
+                account_id: row.account_id,
+                version: meta.version,
+                position: meta.position,
+                recorded_at: meta.recorded_at,
+                kind: p.kind,
+                direction: if p.delta > 0 { "credit" } else { "debit" },
+                amount: p.delta.saturating_abs(),
+                currency: row.currency.clone(),
+                counterparty: p.counterparty,
+                transfer_id: p.transfer_id,
+                reference: p.reference,
+                balance_after: row.balance,
+            });
+        }
+        if delta != TotalsDelta::default() {
+            let total = effects
+                .totals
+                .entry((row.currency.clone(), meta.partition))
+                .or_default();
+            total.accounts += delta.accounts;
+            total.inflow += delta.inflow;
+            total.outflow += delta.outflow;
+            total.transfers_in += delta.transfers_in;
+            total.transfers_out += delta.transfers_out;
+            total.balances += delta.balances;
+            total.held += delta.held;
+        }
+        row.version = meta.version;
+        row.last_position = meta.position;
+        row.updated_at = meta.recorded_at;
+    }
+
+    async fn load(
+        conn: &mut PgConnection,
+        generation: &Generation,
+        ids: &[Uuid],
+    ) -> Result<Vec<BalanceRow>, sqlx::Error> {
+        let sql = format!(
+            "SELECT account_id, owner, currency, balance, held, status, overdraft_limit, holds::text AS holds, \
+                    opened_at, version, last_position, updated_at \
+             FROM {} WHERE account_id = ANY($1) FOR UPDATE",
+            generation.table(BALANCES.name)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let holds: String = row.try_get("holds")?;
+                Ok(BalanceRow {
+                    account_id: row.try_get("account_id")?,
+                    owner: row.try_get("owner")?,
+                    currency: row.try_get("currency")?,
+                    balance: row.try_get("balance")?,
+                    held: row.try_get("held")?,
+                    status: row.try_get("status")?,
+                    overdraft_limit: row.try_get("overdraft_limit")?,
+                    holds: serde_json::from_str(&holds).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    opened_at: row.try_get("opened_at")?,
+                    version: row.try_get("version")?,
+                    last_position: row.try_get("last_position")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn store(
+        conn: &mut PgConnection,
+        generation: &Generation,
+        rows: Vec<BalanceRow>,
+        effects: AccountEffects,
+    ) -> Result<(), sqlx::Error> {
+        store_balances(conn, &generation.table(BALANCES.name), &rows).await?;
+        store_lines(conn, &generation.table(STATEMENT.name), &effects.lines).await?;
+        store_totals(conn, &generation.table(TOTALS.name), &effects.totals).await
+    }
+}
+
+async fn store_balances(conn: &mut PgConnection, table: &str, rows: &[BalanceRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let holds = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.holds).map_err(|e| sqlx::Error::Encode(Box::new(e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The version guard: a row never moves backwards, whoever writes it.
+    let sql = format!(
+        "INSERT INTO {table} (account_id, owner, currency, balance, held, available, status, overdraft_limit, holds, \
+                              opened_at, version, last_position, updated_at) \
+         SELECT id, owner, currency, balance, held, balance - held, status, overdraft, holds::jsonb, opened_at, \
+                version, last_position, updated_at \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], \
+                     $8::text[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::timestamptz[]) \
+              AS u(id, owner, currency, balance, held, status, overdraft, holds, opened_at, version, last_position, updated_at) \
+         ON CONFLICT (account_id) DO UPDATE SET owner = EXCLUDED.owner, currency = EXCLUDED.currency, \
+             balance = EXCLUDED.balance, held = EXCLUDED.held, available = EXCLUDED.available, \
+             status = EXCLUDED.status, overdraft_limit = EXCLUDED.overdraft_limit, holds = EXCLUDED.holds, \
+             opened_at = EXCLUDED.opened_at, version = EXCLUDED.version, last_position = EXCLUDED.last_position, \
+             updated_at = EXCLUDED.updated_at \
+         WHERE {table}.version < EXCLUDED.version"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(rows.iter().map(|r| r.account_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.owner.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.held).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
+        .bind(holds)
+        .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.last_position).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLine]) -> Result<(), sqlx::Error> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    // A line is written once: `(account_id, version)` is its identity.
+    let sql = format!(
+        "INSERT INTO {table} (account_id, version, position, recorded_at, kind, direction, amount, currency, \
+                              counterparty, transfer_id, reference, balance_after) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], \
+                              $7::bigint[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::bigint[]) \
+         ON CONFLICT (account_id, version) DO NOTHING"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lines.iter().map(|l| l.account_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.version).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.position).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.recorded_at).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.kind).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.direction).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.amount).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.currency.clone()).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.counterparty).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.transfer_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.reference.clone()).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.balance_after).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn store_totals(
+    conn: &mut PgConnection,
+    table: &str,
+    totals: &HashMap<(String, i32), TotalsDelta>,
+) -> Result<(), sqlx::Error> {
+    if totals.is_empty() {
+        return Ok(());
+    }
+    // In key order, so two transactions adding to the same rows cannot deadlock.
+    let sorted: BTreeMap<&(String, i32), &TotalsDelta> = totals.iter().collect();
+    let keys: Vec<&(String, i32)> = sorted.keys().copied().collect();
+    let deltas: Vec<&TotalsDelta> = sorted.values().copied().collect();
+    let sql = format!(
+        "INSERT INTO {table} AS t (currency, partition, accounts, inflow, outflow, transfers_in, transfers_out, balances, held) \
+         SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], \
+                              $7::bigint[], $8::bigint[], $9::bigint[]) \
+         ON CONFLICT (currency, partition) DO UPDATE SET accounts = t.accounts + EXCLUDED.accounts, \
+             inflow = t.inflow + EXCLUDED.inflow, outflow = t.outflow + EXCLUDED.outflow, \
+             transfers_in = t.transfers_in + EXCLUDED.transfers_in, transfers_out = t.transfers_out + EXCLUDED.transfers_out, \
+             balances = t.balances + EXCLUDED.balances, held = t.held + EXCLUDED.held"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.accounts).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.inflow).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.outflow).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.transfers_in).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.transfers_out).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.balances).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.held).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_domain::account::{FundsDeposited, FundsWithdrawn};
+    use tally_domain::{AmountMinor, Currency};
+
+    fn meta(version: i64) -> EventMeta {
+        EventMeta {
+            stream_id: Uuid::nil(),
+            version,
+            position: version * 10,
+            recorded_at: DateTime::<Utc>::UNIX_EPOCH,
+            partition: 2,
+        }
+    }
+
+    #[test]
+    fn postings_make_statement_lines_with_running_balances_and_totals() {
+        let mut row = BalanceRow::empty(Uuid::nil());
+        row.currency = "EUR".into();
+        row.version = 1;
+        let mut effects = AccountEffects::default();
+        let eur: Currency = "EUR".parse().unwrap();
+        let deposit = AccountEvent::FundsDeposited(FundsDeposited {
+            amount: AmountMinor::new(500).unwrap(),
+            currency: eur,
+            reference: "salary".into(),
+        });
+        let withdrawal = AccountEvent::FundsWithdrawn(FundsWithdrawn {
+            amount: AmountMinor::new(200).unwrap(),
+            currency: eur,
+            reference: "rent".into(),
+        });
+        Accounts::apply(&mut row, &deposit, &meta(2), &mut effects);
+        Accounts::apply(&mut row, &withdrawal, &meta(3), &mut effects);
+        assert_eq!((row.balance, row.version, row.last_position), (300, 3, 30));
+        let lines: Vec<_> = effects
+            .lines
+            .iter()
+            .map(|l| (l.version, l.direction, l.amount, l.balance_after))
+            .collect();
+        assert_eq!(lines, vec![(2, "credit", 500, 500), (3, "debit", 200, 300)]);
+        let total = effects.totals[&("EUR".to_string(), 2)];
+        assert_eq!((total.inflow, total.outflow, total.balances), (500, 200, 300));
+    }
+}
