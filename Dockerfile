@@ -1,4 +1,6 @@
-# One image with every Tally binary; docker-compose.yml picks the command per service.
+# One image with every Tally binary: tally (migrate, audit, load), tally-relay,
+# tally-command-api, tally-query-api, tally-projector. It has no default command: each service
+# of docker-compose.yml and each workload of deploy/k8s names its binary.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -9,10 +11,13 @@ RUN cargo build --release --locked \
           target/release/tally-query-api target/release/tally-projector /out/
 
 FROM debian:bookworm-slim
+# curl: the compose healthchecks ask /health and /ready from inside the container.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
-# An unprivileged user: nothing in Tally needs root.
+# An unprivileged user: nothing in Tally needs root or writes to the filesystem.
 USER 65532:65532
 ENV TALLY_LOG_FORMAT=json
+# Command API, query API, projector (/health, /ready, /metrics).
+EXPOSE 8080 8081 9090

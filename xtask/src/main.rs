@@ -5,8 +5,10 @@
 //! - `test`: the same ephemeral services, then the whole workspace test suite.
 //! - `bench`: the write-path benchmark (limits vs Tally, same run), see BENCHMARKS.md.
 //! - `schemas`: rewrites the checked-in JSON Schemas and OpenAPI documents from the code.
+//! - `check-deploy`: validates `docker-compose.yml` and `deploy/` and checks them against the code.
 
 mod bench;
+mod deploy;
 mod stack;
 
 use std::path::PathBuf;
@@ -36,6 +38,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
     Schemas,
+    /// Validate docker-compose.yml and deploy/ (docker-compose config, Kubernetes schemas) and
+    /// check them against the binaries' configuration.
+    CheckDeploy,
 }
 
 /// The workspace root (this crate lives one level below it).
@@ -74,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => stack::test(&args),
         Task::Bench(args) => bench::bench(args),
         Task::Schemas => write_schemas(),
+        Task::CheckDeploy => deploy::check_deploy(),
     }
 }
 
