@@ -1,11 +1,13 @@
 //! `tally`: operate and audit a Tally deployment.
 //!
-//! `tally load` generates HTTP load against a command API (see `load.rs`).
+//! `tally load` generates HTTP load against a command API (see `load.rs`); `tally token`
+//! mints a bearer token for the local stack (see `token.rs`).
 //!
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
 //! when it could not read the log (clap also uses 2 for a malformed command line).
 
 mod load;
+mod token;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -43,6 +45,8 @@ enum Command {
     },
     /// Generate load against a command API and measure throughput and latency.
     Load(load::LoadArgs),
+    /// Mint an HS256 bearer token with roles (for the local stack; print it on stdout).
+    Token(token::TokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,13 +84,19 @@ async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { stream },
         } => audit_verify(&cli.database_url, stream).await,
-        Command::Load(args) => match load::run(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Token(args) => exit_code(token::run(&args)),
+        Command::Load(args) => exit_code(load::run(args).await),
+    }
+}
+
+/// Success, or the error's chain on stderr and a failure.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
