@@ -11,9 +11,10 @@
 //! `--accounts` pre-opened ones; `hot-account` posts every deposit to one account; `transfers`
 //! funds the `--accounts` accounts once, then moves 1 between two of them picked at random
 //! (an immediate transfer: both legs and the transfer record in one transaction). Every
-//! request carries a unique `Idempotency-Key`. Connections are kept alive. Latencies go into
-//! HdrHistograms; non-2xx answers are counted by status; the generator reports its own CPU
-//! time so a reader can tell it was not the bottleneck.
+//! request carries a unique `Idempotency-Key` and, with `--token`, the bearer token.
+//! Connections are kept alive. Latencies go into HdrHistograms; non-2xx answers are counted by
+//! status; the generator reports its own CPU time so a reader can tell it was not the
+//! bottleneck.
 
 mod progress;
 mod stats;
@@ -70,6 +71,9 @@ pub struct LoadArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Bearer token with the `teller` role, sent with every request (`tally token --role teller`).
+    #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,12 +104,13 @@ const TRANSFER_FUNDING: i64 = 1_000_000_000;
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     check(&args)?;
     let base = args.url.trim_end_matches('/').to_owned();
+    let setup = client(args.token.as_deref())?.build()?;
     let accounts = match args.scenario {
-        Scenario::Deposits => prepare_accounts(&base, args.accounts, args.accounts_file.as_deref()).await?,
-        Scenario::HotAccount => open_accounts(&base, 1).await?,
+        Scenario::Deposits => prepare_accounts(&setup, &base, args.accounts, args.accounts_file.as_deref()).await?,
+        Scenario::HotAccount => open_accounts(&setup, &base, 1).await?,
         Scenario::Transfers => {
-            let accounts = prepare_accounts(&base, args.accounts.max(2), args.accounts_file.as_deref()).await?;
-            fund_accounts(&base, &accounts).await?;
+            let accounts = prepare_accounts(&setup, &base, args.accounts.max(2), args.accounts_file.as_deref()).await?;
+            fund_accounts(&setup, &base, &accounts).await?;
             accounts
         }
     };
@@ -137,14 +142,34 @@ fn check(args: &LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client that sends `token` (if any) as `Authorization: Bearer` and gives up on a request
+/// after [`REQUEST_TIMEOUT`].
+fn client(token: Option<&str>) -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("--token is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(REQUEST_TIMEOUT))
+}
+
 /// The accounts to deposit into: from `file` when it holds enough, the rest opened now.
-async fn prepare_accounts(base: &str, count: usize, file: Option<&Path>) -> anyhow::Result<Vec<String>> {
+async fn prepare_accounts(
+    client: &reqwest::Client,
+    base: &str,
+    count: usize,
+    file: Option<&Path>,
+) -> anyhow::Result<Vec<String>> {
     let mut ids = match file {
         Some(path) if path.exists() => read_ids(path)?,
         _ => Vec::new(),
     };
     if ids.len() < count {
-        ids.extend(open_accounts(base, count - ids.len()).await?);
+        ids.extend(open_accounts(client, base, count - ids.len()).await?);
         if let Some(path) = file {
             std::fs::write(path, ids.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))?;
         }
@@ -164,12 +189,11 @@ fn read_ids(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// Opens `count` EUR accounts owned by `bench` and returns their ids.
-async fn open_accounts(base: &str, count: usize) -> anyhow::Result<Vec<String>> {
+async fn open_accounts(client: &reqwest::Client, base: &str, count: usize) -> anyhow::Result<Vec<String>> {
     tracing::info!(count, "opening accounts");
-    let client = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
     let url = format!("{base}/v1/accounts");
     stream::iter(0..count)
-        .map(|_| open_account(&client, &url))
+        .map(|_| open_account(client, &url))
         .buffer_unordered(OPEN_ACCOUNTS_CONCURRENCY)
         .try_collect()
         .await
@@ -177,13 +201,12 @@ async fn open_accounts(base: &str, count: usize) -> anyhow::Result<Vec<String>> 
 
 /// Deposits [`TRANSFER_FUNDING`] into each account, once: the key is derived from the account,
 /// so a second run with the same accounts file replays instead of depositing again.
-async fn fund_accounts(base: &str, accounts: &[String]) -> anyhow::Result<()> {
+async fn fund_accounts(client: &reqwest::Client, base: &str, accounts: &[String]) -> anyhow::Result<()> {
     tracing::info!(count = accounts.len(), "funding accounts");
-    let client = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
     let body = format!(r#"{{"amount":{TRANSFER_FUNDING},"reference":"bench funding"}}"#);
     stream::iter(accounts)
         .map(|id| {
-            let (client, body) = (&client, &body);
+            let body = &body;
             async move {
                 let url = format!("{base}/v1/accounts/{id}/deposits");
                 let response = client
@@ -359,10 +382,9 @@ async fn drive(args: &LoadArgs, target: Arc<Target>) -> anyhow::Result<LoadRepor
     let progress = Progress::start(live.clone(), args.warmup, args.duration);
     let mut workers = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        let client = reqwest::Client::builder()
+        let client = client(args.token.as_deref())?
             .pool_max_idle_per_host(1)
             .tcp_nodelay(true)
-            .timeout(REQUEST_TIMEOUT)
             .build()?;
         workers.push(tokio::spawn(work(
             client,
@@ -408,7 +430,7 @@ async fn work(client: reqwest::Client, target: Arc<Target>, schedule: Arc<Schedu
 }
 
 /// Parses `500ms`, `2.5s`, `30s`, `2m`; a bare number means seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, seconds_per_unit) = if let Some(n) = text.strip_suffix("ms") {
         (n, 0.001)

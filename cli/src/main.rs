@@ -1,6 +1,7 @@
 //! `tally`: operate and audit a Tally deployment.
 //!
-//! `tally load` generates HTTP load against a command API (see `load.rs`).
+//! `tally load` generates HTTP load against a command API (see `load.rs`); `tally token`
+//! mints a bearer token for the local stack (see `token.rs`).
 //!
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
 //! when it could not read the log (clap also uses 2 for a malformed command line).
@@ -8,6 +9,7 @@
 mod load;
 mod progress;
 mod projections;
+mod token;
 
 use std::process::ExitCode;
 
@@ -48,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         command: projections::ProjectionsCommand,
     },
+    /// Mint an HS256 bearer token with roles (for the local stack; print it on stdout).
+    Token(token::TokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,13 +88,19 @@ async fn main() -> ExitCode {
             command: AuditCommand::Verify { stream },
         } => audit_verify(&cli.database_url, stream).await,
         Command::Projections { command } => projections::run(&cli.database_url, command).await,
-        Command::Load(args) => match load::run(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Token(args) => exit_code(token::run(&args)),
+        Command::Load(args) => exit_code(load::run(args).await),
+    }
+}
+
+/// Success, or the error's chain on stderr and a failure.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

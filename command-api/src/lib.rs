@@ -5,7 +5,9 @@
 //! input) → [`writer`] queues it; a batch of commands (group commit) is decided against the
 //! cached state of their streams and appended in one transaction, retrying internally on a
 //! version conflict → the response carries the new version and a consistency token.
-//! Every error becomes a problem+json in one place, [`error`].
+//! Every error becomes a problem+json in one place, [`error`]. Every route but `/health`,
+//! `/ready` and `/openapi.json` needs the `teller` role; [`app`] puts the router behind
+//! `tally_service::edge` (timeout, authentication, per-client rate limit).
 
 pub mod command;
 pub mod error;
@@ -20,6 +22,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tally_event_store::EventStore;
+use tally_service::auth::AuthConfig;
+use tally_service::edge::{Edge, LimitsConfig};
 use writer::{Writer, WriterConfig};
 
 /// Configuration of the `tally-command-api` binary (flags or `TALLY_*` variables).
@@ -70,6 +74,10 @@ pub struct Config {
     #[arg(long, env = "TALLY_SNAPSHOT_EVERY", default_value_t = WriterConfig::default().snapshot_every,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub snapshot_every: i64,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    pub limits: LimitsConfig,
 }
 
 impl Config {
@@ -110,14 +118,21 @@ pub struct AppState {
     pub writer: Writer,
 }
 
+/// The command API as served: every route behind the edge's timeout, authentication and
+/// rate limit.
+pub fn app(state: AppState, edge: &Edge) -> axum::Router {
+    tally_service::edge::protect(routes::router(state), edge)
+}
+
 /// Serves the command API on `listener` until `shutdown` resolves, then drains in-flight
 /// requests.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
+    edge: &Edge,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Peer addresses tell anonymous clients apart for the rate limit.
+    let app = app(state, edge).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -2,6 +2,7 @@ use clap::Parser;
 use tally_command_api::writer::Writer;
 use tally_command_api::{AppState, Config};
 use tally_event_store::EventStore;
+use tally_service::edge::Edge;
 
 /// Longest wait, after the last request, for queued commands to commit on shutdown.
 const WRITER_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
@@ -10,6 +11,8 @@ const WRITER_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10)
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("command-api");
     let config = Config::parse();
+    // Refuses to start without a way to check tokens.
+    let edge = Edge::from_config(&config.auth, &config.limits)?;
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "command API listening");
@@ -26,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         expiry_interval,
     ));
     let state = AppState { store, writer };
-    tally_command_api::run(listener, state, tally_service::shutdown::signal()).await?;
+    tally_command_api::run(listener, state, &edge, tally_service::shutdown::signal()).await?;
     // The worker holds a writer handle too; stop it so the writer can drain and end.
     expiry.abort();
     let _ = expiry.await;

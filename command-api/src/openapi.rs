@@ -19,7 +19,8 @@ use crate::routes::{AccountCommandResponse, EmptyRequest, FreezeRequest, OpenAcc
         title = "Tally command API",
         description = "Commands on the Tally ledger. Money is an integer number of minor units with an \
                        ISO 4217 currency. Every error is an RFC 9457 `application/problem+json` whose \
-                       `type` is `https://tally.dev/problems/<code>`, stable per kind of refusal."
+                       `type` is `https://tally.dev/problems/<code>`, stable per kind of refusal. \
+                       Every command needs a bearer token with the `teller` role (`bearerAuth`)."
     ),
     paths(
         crate::routes::open_account,
@@ -55,6 +56,7 @@ struct AccountsApi;
 pub fn document() -> utoipa::openapi::OpenApi {
     let mut document = AccountsApi::openapi();
     document.merge(crate::transfers::TransfersApi::openapi());
+    tally_service::openapi::secure(&mut document);
     document
 }
 
@@ -79,6 +81,11 @@ mod tests {
     }
 
     #[test]
+    fn every_route_but_the_probes_declares_its_role() {
+        tally_service::openapi::assert_every_route_declares_a_role(&document());
+    }
+
+    #[test]
     fn every_command_route_is_documented_with_its_problems() {
         let document = document();
         for path in [
@@ -98,7 +105,7 @@ mod tests {
                 .get(path)
                 .unwrap_or_else(|| panic!("{path} is missing"));
             let post = item.post.as_ref().unwrap_or_else(|| panic!("{path} has no POST"));
-            for status in ["400", "413", "415", "422", "500", "503"] {
+            for status in ["400", "401", "403", "413", "415", "422", "429", "500", "503"] {
                 let response = post
                     .responses
                     .responses

@@ -3,14 +3,15 @@
 //! Each handler carries its `#[utoipa::path]` annotation (statuses, problem codes, headers),
 //! from which [`crate::openapi`] builds the document served at `GET /openapi.json`.
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, OriginalUri, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Router, middleware};
 use serde::{Deserialize, Serialize};
 use tally_domain::{Account, AccountCommand, AmountMinor, Currency, Metadata};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse, request_hash};
+use tally_service::auth::{Principal, Require, Teller};
 use tally_service::token::ConsistencyToken;
 use tally_service::{Json, Problem};
 use utoipa::ToSchema;
@@ -31,6 +32,8 @@ pub const REQUEST_BODY_MAX_BYTES: usize = 16 * 1024;
 /// Longest accepted correlation id header, in bytes.
 const CORRELATION_ID_LEN_MAX: usize = 128;
 
+/// Every route of the command API. Serve it wrapped in [`tally_service::edge::protect`]
+/// (see [`crate::app`]): its handlers expect the authentication the edge performs.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/accounts", post(open_account))
@@ -46,7 +49,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
-        .layer(middleware::from_fn(tally_service::errors::log_server_errors))
         .with_state(state)
 }
 
@@ -200,15 +202,16 @@ pub(crate) fn required_idempotency(
     })
 }
 
-/// Metadata from the request: correlation id and trace context when the client sent them.
-pub(crate) fn metadata(headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata {
+/// Metadata from the request: the caller (its token's subject) as the actor, the correlation
+/// id and trace context when the client sent them.
+pub(crate) fn metadata(caller: &Principal, headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let correlation_id = header("x-correlation-id")
         .filter(|v| v.len() <= CORRELATION_ID_LEN_MAX)
         .and_then(|v| Uuid::try_parse(&v).ok())
         .unwrap_or_else(Uuid::now_v7);
     Metadata {
-        actor: None,
+        actor: Some(caller.subject.clone()),
         correlation_id,
         // Each command is its own cause; events it emits all point at it.
         causation_id: Uuid::now_v7(),
@@ -305,6 +308,7 @@ pub(crate) fn respond(outcome: Outcome, location: bool) -> Response {
     post,
     path = "/v1/accounts",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Open an account",
     params(("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
     request_body = OpenAccountRequest,
@@ -326,6 +330,7 @@ pub(crate) fn respond(outcome: Outcome, location: bool) -> Response {
     )
 )]
 pub(crate) async fn open_account(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
@@ -334,7 +339,7 @@ pub(crate) async fn open_account(
     let idempotency = idempotency(&headers, uri.path(), &body)?;
     let currency = parse_currency(&body.currency)?;
     let account_id = body.account_id.unwrap_or_else(Uuid::now_v7);
-    let metadata = metadata(&headers, idempotency.as_ref());
+    let metadata = metadata(&caller, &headers, idempotency.as_ref());
     let command = AccountCommand::Open {
         account_id,
         owner: body.owner,
@@ -349,6 +354,7 @@ pub(crate) async fn open_account(
     post,
     path = "/v1/accounts/{id}/deposits",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Deposit money from outside the ledger",
     params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
     request_body = PostingRequest,
@@ -370,13 +376,14 @@ pub(crate) async fn open_account(
     )
 )]
 pub(crate) async fn deposit(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     Json(body): Json<PostingRequest>,
 ) -> Result<Response, ApiError> {
-    posting(state, &id, uri.path(), headers, body, |amount, reference| {
+    posting(state, &caller, &id, uri.path(), headers, body, |amount, reference| {
         AccountCommand::Deposit { amount, reference }
     })
     .await
@@ -386,6 +393,7 @@ pub(crate) async fn deposit(
     post,
     path = "/v1/accounts/{id}/withdrawals",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Withdraw money out of the ledger",
     params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
     request_body = PostingRequest,
@@ -407,13 +415,14 @@ pub(crate) async fn deposit(
     )
 )]
 pub(crate) async fn withdraw(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     Json(body): Json<PostingRequest>,
 ) -> Result<Response, ApiError> {
-    posting(state, &id, uri.path(), headers, body, |amount, reference| {
+    posting(state, &caller, &id, uri.path(), headers, body, |amount, reference| {
         AccountCommand::Withdraw { amount, reference }
     })
     .await
@@ -422,6 +431,7 @@ pub(crate) async fn withdraw(
 /// Deposits and withdrawals differ only in the command they build.
 async fn posting(
     state: AppState,
+    caller: &Principal,
     id: &str,
     path: &str,
     headers: HeaderMap,
@@ -430,7 +440,7 @@ async fn posting(
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
     let idempotency = required_idempotency(&headers, path, &body)?;
-    let metadata = metadata(&headers, Some(&idempotency));
+    let metadata = metadata(caller, &headers, Some(&idempotency));
     let command = command(parse_amount(body.amount)?, body.reference);
     let outcome = run(&state, account_id, command, &metadata, Some(idempotency)).await?;
     Ok(respond(outcome, false))
@@ -440,6 +450,7 @@ async fn posting(
     post,
     path = "/v1/accounts/{id}/freeze",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Freeze an account: it refuses debits until unfrozen but still accepts credits",
     params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
     request_body = FreezeRequest,
@@ -460,6 +471,7 @@ async fn posting(
     )
 )]
 pub(crate) async fn freeze(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
@@ -468,7 +480,7 @@ pub(crate) async fn freeze(
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(&id)?;
     let idempotency = idempotency(&headers, uri.path(), &body)?;
-    let metadata = metadata(&headers, idempotency.as_ref());
+    let metadata = metadata(&caller, &headers, idempotency.as_ref());
     let command = AccountCommand::Freeze { reason: body.reason };
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, false))
@@ -478,6 +490,7 @@ pub(crate) async fn freeze(
     post,
     path = "/v1/accounts/{id}/unfreeze",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Unfreeze a frozen account: debits are accepted again",
     params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
     request_body = EmptyRequest,
@@ -498,19 +511,21 @@ pub(crate) async fn freeze(
     )
 )]
 pub(crate) async fn unfreeze(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     Json(body): Json<EmptyRequest>,
 ) -> Result<Response, ApiError> {
-    bare_command(state, &id, uri.path(), headers, body, AccountCommand::Unfreeze).await
+    bare_command(state, &caller, &id, uri.path(), headers, body, AccountCommand::Unfreeze).await
 }
 
 #[utoipa::path(
     post,
     path = "/v1/accounts/{id}/close",
     tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
     summary = "Close an account at a zero balance with no holds; final",
     params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
     request_body = EmptyRequest,
@@ -531,19 +546,21 @@ pub(crate) async fn unfreeze(
     )
 )]
 pub(crate) async fn close(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     Json(body): Json<EmptyRequest>,
 ) -> Result<Response, ApiError> {
-    bare_command(state, &id, uri.path(), headers, body, AccountCommand::Close).await
+    bare_command(state, &caller, &id, uri.path(), headers, body, AccountCommand::Close).await
 }
 
 /// Unfreeze and close carry nothing but the command itself; their key stays optional (they
 /// move no money, and repeating one is refused by the account's rules anyway).
 async fn bare_command(
     state: AppState,
+    caller: &Principal,
     id: &str,
     path: &str,
     headers: HeaderMap,
@@ -552,7 +569,7 @@ async fn bare_command(
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
     let idempotency = idempotency(&headers, path, &body)?;
-    let metadata = metadata(&headers, idempotency.as_ref());
+    let metadata = metadata(caller, &headers, idempotency.as_ref());
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, false))
 }

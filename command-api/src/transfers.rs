@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tally_domain::transfer::EXPIRES_IN_S_MAX;
 use tally_domain::{AccountError, AmountMinor, TransferCommand, TransferMode};
 use tally_event_store::idempotency::StoredResponse;
+use tally_service::auth::{Require, Teller};
 use tally_service::token::ConsistencyToken;
 use tally_service::{Json, Problem};
 use utoipa::{OpenApi, ToSchema};
@@ -152,6 +153,7 @@ fn invalid_expiry(detail: &str) -> Problem {
     post,
     path = "/v1/transfers",
     tag = "transfers",
+    security(("bearerAuth" = ["teller"])),
     summary = "Transfer money between two accounts, now or held until posted",
     params(("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
     request_body = TransferRequest,
@@ -171,6 +173,7 @@ fn invalid_expiry(detail: &str) -> Problem {
     )
 )]
 pub(crate) async fn create(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
@@ -189,7 +192,7 @@ pub(crate) async fn create(
         },
     };
     let transfer_id = body.transfer_id.unwrap_or_else(Uuid::now_v7);
-    let metadata = metadata(&headers, Some(&idempotency));
+    let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Transfer(TransferCommand {
         transfer_id,
         from: body.from,
@@ -228,6 +231,7 @@ async fn parties(state: &AppState, raw_id: &str) -> Result<(Uuid, Uuid, Uuid), A
     post,
     path = "/v1/transfers/{id}/post",
     tag = "transfers",
+    security(("bearerAuth" = ["teller"])),
     summary = "Post a pending transfer: move all or part of the held amount",
     params(("id" = Uuid, Path, description = "The transfer's id (a UUID)."), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
     request_body = PostRequest,
@@ -247,6 +251,7 @@ async fn parties(state: &AppState, raw_id: &str) -> Result<(Uuid, Uuid, Uuid), A
     )
 )]
 pub(crate) async fn post_pending(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
@@ -256,7 +261,7 @@ pub(crate) async fn post_pending(
     let idempotency = required_idempotency(&headers, uri.path(), &body)?;
     let amount: Option<AmountMinor> = body.amount.map(parse_amount).transpose()?;
     let (transfer_id, from, to) = parties(&state, &id).await?;
-    let metadata = metadata(&headers, Some(&idempotency));
+    let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Post {
         transfer_id,
         from,
@@ -275,6 +280,7 @@ pub(crate) async fn post_pending(
     post,
     path = "/v1/transfers/{id}/void",
     tag = "transfers",
+    security(("bearerAuth" = ["teller"])),
     summary = "Void a pending transfer: release its hold, move nothing",
     params(("id" = Uuid, Path, description = "The transfer's id (a UUID)."), ("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
     request_body = VoidRequest,
@@ -294,6 +300,7 @@ pub(crate) async fn post_pending(
     )
 )]
 pub(crate) async fn void(
+    Require { caller, .. }: Require<Teller>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OriginalUri(uri): OriginalUri,
@@ -302,7 +309,7 @@ pub(crate) async fn void(
 ) -> Result<Response, ApiError> {
     let idempotency = required_idempotency(&headers, uri.path(), &body)?;
     let (transfer_id, from, _) = parties(&state, &id).await?;
-    let metadata = metadata(&headers, Some(&idempotency));
+    let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Void { transfer_id, from };
     let respond_with = move |executed: &Executed| accepted(transfer_id, from, None, executed);
     let outcome = state

@@ -2,6 +2,8 @@
 //!
 //! Instances share nothing, so more of them can be added behind a load balancer at will.
 //! Reads go to the replica pool; the primary is used only when no replica URL is configured.
+//! Every route but `/health`, `/ready` and `/openapi.json` needs the `reader` role; [`app`]
+//! puts the router behind `tally_service::edge` (timeout, authentication, per-client rate limit).
 
 pub mod openapi;
 pub mod routes;
@@ -12,6 +14,8 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tally_service::auth::AuthConfig;
+use tally_service::edge::{Edge, LimitsConfig};
 
 /// Configuration of the `tally-query-api` binary (flags or `TALLY_*` variables).
 #[derive(Debug, Clone, clap::Parser)]
@@ -34,6 +38,10 @@ pub struct Config {
     /// Upper bound on connections to the replica.
     #[arg(long, env = "TALLY_DB_CONNECTIONS_MAX", default_value_t = 32)]
     pub db_connections_max: u32,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    pub limits: LimitsConfig,
 }
 
 impl Config {
@@ -65,13 +73,20 @@ impl AppState {
     }
 }
 
+/// The query API as served: every route behind the edge's timeout, authentication and rate
+/// limit.
+pub fn app(state: AppState, edge: &Edge) -> axum::Router {
+    tally_service::edge::protect(routes::router(state), edge)
+}
+
 /// Serves the query API on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
+    edge: &Edge,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Peer addresses tell anonymous clients apart for the rate limit.
+    let app = app(state, edge).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

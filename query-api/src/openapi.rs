@@ -17,7 +17,8 @@ use crate::routes::AccountView;
     info(
         title = "Tally query API",
         description = "Reads of the Tally ledger's read models. Money is an integer number of minor \
-                       units with an ISO 4217 currency. Every error is an RFC 9457 \
+                       units with an ISO 4217 currency. Reads need a bearer token with the `reader` role \
+                       (`bearerAuth`). Every error is an RFC 9457 \
                        `application/problem+json` whose `type` is `https://tally.dev/problems/<code>`."
     ),
     paths(
@@ -35,7 +36,9 @@ struct QueryApi;
 
 /// The whole document of the query API.
 pub fn document() -> utoipa::openapi::OpenApi {
-    QueryApi::openapi()
+    let mut document = QueryApi::openapi();
+    tally_service::openapi::secure(&mut document);
+    document
 }
 
 /// The name of the checked-in document under `schemas/openapi/` (`cargo xtask schemas` writes it).
@@ -56,5 +59,10 @@ mod tests {
     #[test]
     fn the_served_document_matches_the_checked_in_file() {
         tally_service::openapi::assert_matches_checked_in(&document(), FILE_NAME);
+    }
+
+    #[test]
+    fn every_route_but_the_probes_declares_its_role() {
+        tally_service::openapi::assert_every_route_declares_a_role(&document());
     }
 }

@@ -4,17 +4,20 @@
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 use tally_service::Problem;
+use tally_service::auth::{Reader, Require};
 use tally_service::errors::ErrorReport;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::AppState;
 
+/// Every route of the query API. Serve it wrapped in [`tally_service::edge::protect`] (see
+/// [`crate::app`]): its handlers expect the authentication the edge performs.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/accounts/{id}", get(get_account))
@@ -23,7 +26,6 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
-        .layer(middleware::from_fn(tally_service::errors::log_server_errors))
         .with_state(state)
 }
 
@@ -86,6 +88,7 @@ fn unavailable(error: &sqlx::Error) -> Response {
     get,
     path = "/v1/accounts/{id}",
     tag = "accounts",
+    security(("bearerAuth" = ["reader"])),
     summary = "An account's balance and status, as projected from its events",
     params(("id" = Uuid, Path, description = "The account's id (a UUID).")),
     responses(
@@ -96,7 +99,7 @@ fn unavailable(error: &sqlx::Error) -> Response {
             `Retry-After` seconds.", body = Problem, content_type = PROBLEM_JSON),
     )
 )]
-pub(crate) async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub(crate) async fn get_account(_: Require<Reader>, State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let Ok(account_id) = Uuid::try_parse(&id) else {
         return Problem::not_found("account-not-found", "No account with this id.").into_response();
     };

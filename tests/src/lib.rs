@@ -5,6 +5,9 @@
 //! (`cargo test -p tally-tests`), the kit starts a private set for the test process.
 //! Either way each test gets its own database ([`TestDb`]) and its own JetStream stream and
 //! subject prefix ([`TestNats`]), so tests run in parallel and never see each other's data.
+//!
+//! Every service the kit starts verifies HS256 tokens signed with [`JWT_SECRET`]; the kit's
+//! clients ([`Api`], [`client`]) send a token minted with it ([`token`]).
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -19,7 +22,42 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tally_domain::Account;
 use tally_event_store::READ_LIMIT_MAX;
+use tally_service::auth::{Claims, Role};
 use uuid::Uuid;
+
+/// The HS256 secret of every service the kit starts (`TALLY_JWT_SECRET`).
+pub const JWT_SECRET: &str = "tally-tests-hs256-secret-0123456789abcdef";
+/// The subject of the kit's own clients: the actor of the events their commands append.
+pub const TEST_SUBJECT: &str = "tally-tests";
+
+/// A token for `subject` with `roles`, valid for an hour, that the kit's services accept.
+pub fn token(subject: &str, roles: &[Role]) -> String {
+    tally_service::auth::mint(JWT_SECRET.as_bytes(), &Claims::new(subject, roles, 3600))
+}
+
+/// The environment that makes a service verify the kit's tokens.
+pub fn auth_env() -> Vec<(&'static str, String)> {
+    vec![("TALLY_JWT_SECRET", JWT_SECRET.to_owned())]
+}
+
+/// A client builder whose requests carry `Authorization: Bearer {token}`.
+pub fn client_with(token: &str) -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .expect("a token is a valid header value"),
+    );
+    reqwest::Client::builder().default_headers(headers)
+}
+
+/// A client of both APIs as [`TEST_SUBJECT`] with the `teller` and `reader` roles.
+pub fn client() -> reqwest::Client {
+    client_with(&token(TEST_SUBJECT, &[Role::Teller, Role::Reader]))
+        .build()
+        .expect("a client")
+}
 
 pub mod fold;
 
@@ -283,6 +321,21 @@ impl Proc {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its status, or `None` if it
+    /// is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: the process gets no chance to clean up (crash simulation).
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -350,6 +403,7 @@ pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (Api, P
         ("TALLY_DATABASE_URL", db.url.clone()),
         ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
     ];
+    all.extend(auth_env());
     all.extend(env.iter().cloned());
     let proc = Proc::spawn("tally-command-api", &all);
     let base = format!("http://127.0.0.1:{port}");
@@ -369,9 +423,18 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client with the kit's token ([`client`]).
     pub fn new(base: &str) -> Self {
         Self {
-            client: reqwest::Client::new(),
+            client: client(),
+            base: base.to_owned(),
+        }
+    }
+
+    /// A client that sends `token` instead.
+    pub fn with_token(base: &str, token: &str) -> Self {
+        Self {
+            client: client_with(token).build().expect("a client"),
             base: base.to_owned(),
         }
     }
@@ -476,6 +539,7 @@ impl Stack {
         let nats = TestNats::new();
         let (command_port, query_port) = (free_port(), free_port());
         let mut env = nats.env();
+        env.extend(auth_env());
         env.push(("TALLY_DATABASE_URL", db.url.clone()));
         env.push(("TALLY_PARTITIONS", "4".into()));
         let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {

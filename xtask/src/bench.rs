@@ -56,6 +56,9 @@ const DATABASE: &str = "tally_bench";
 const RELAY_DATABASE: &str = "tally_bench_relay";
 /// The command API's switch for group commit; `1` turns it off (the `-solo` runs).
 const GROUP_COMMIT_ENV: &str = "TALLY_GROUP_COMMIT_MAX";
+/// The HS256 secret of the benchmark's command APIs; `tally load` sends a teller token signed
+/// with it.
+const BENCH_JWT_SECRET: &str = "tally-bench-hs256-secret-0123456789abcdef";
 /// How long a freshly started service has to answer `/ready`.
 const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A limit whose measurements before and after Tally differ by more than this share is
@@ -496,6 +499,8 @@ impl Bench {
             .args(["--connections", &connections.to_string()])
             .args(["--duration", &format!("{}ms", measure.as_millis())])
             .args(["--warmup", &format!("{}ms", warmup.as_millis())])
+            .arg("--token")
+            .arg(bench_token())
             .arg("--json");
         if load != Load::HotAccount {
             command
@@ -517,6 +522,7 @@ impl Bench {
         let mut env = vec![
             ("TALLY_DATABASE_URL", self.database_url.clone()),
             ("TALLY_COMMAND_LISTEN", listen.clone()),
+            ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
         ];
         if mode == GroupCommit::Off {
             env.push((GROUP_COMMIT_ENV, "1".into()));
@@ -534,6 +540,12 @@ impl Bench {
         let log = self.log_dir.join(format!("{:02}-{name}.log", self.services_started));
         Service::spawn(&self.bin_dir.join(bin), &log, env)
     }
+}
+
+/// A teller token for `tally load`, valid for a day (longer than any run).
+fn bench_token() -> String {
+    let claims = tally_service::auth::Claims::new("bench", &[tally_service::auth::Role::Teller], 24 * 60 * 60);
+    tally_service::auth::mint(BENCH_JWT_SECRET.as_bytes(), &claims)
 }
 
 /// The limit of a scenario from its measurements before and after Tally's; says so when

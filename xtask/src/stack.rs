@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_service::auth::{Claims, Role};
 
 use crate::{cargo, target_dir};
 
@@ -18,6 +19,32 @@ const DATABASE: &str = "tally";
 const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long services get to drain after SIGTERM before they are killed.
 const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the dev tokens `xtask up` prints stay valid; `tally token` mints more.
+const DEV_TOKEN_TTL_S: u64 = 24 * 60 * 60;
+/// Subject of the dev tokens: the actor recorded in the events of their commands.
+const DEV_TOKEN_SUBJECT: &str = "dev";
+
+/// The stack's HS256 secret: `TALLY_JWT_SECRET` when set (so tokens survive a restart), else
+/// 32 fresh random bytes, hex-encoded.
+fn dev_secret() -> anyhow::Result<String> {
+    if let Ok(secret) = std::env::var("TALLY_JWT_SECRET") {
+        return Ok(secret);
+    }
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes).context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One token per role, for `dev`.
+fn dev_tokens(secret: &str) -> Vec<(Role, String)> {
+    Role::ALL
+        .into_iter()
+        .map(|role| {
+            let claims = Claims::new(DEV_TOKEN_SUBJECT, &[role], DEV_TOKEN_TTL_S);
+            (role, tally_service::auth::mint(secret.as_bytes(), &claims))
+        })
+        .collect()
+}
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -141,7 +168,7 @@ async fn wait_ready(client: &reqwest::Client, base: &str, service: &mut Service)
     }
 }
 
-async fn seed(client: &reqwest::Client, command: &str) -> anyhow::Result<Vec<String>> {
+async fn seed(client: &reqwest::Client, command: &str, teller: &str) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     for (owner, currency, amount) in [
         ("Ada Lovelace", "EUR", 125_000),
@@ -150,6 +177,7 @@ async fn seed(client: &reqwest::Client, command: &str) -> anyhow::Result<Vec<Str
     ] {
         let opened: serde_json::Value = client
             .post(format!("{command}/v1/accounts"))
+            .bearer_auth(teller)
             .json(&serde_json::json!({ "owner": owner, "currency": currency }))
             .send()
             .await?
@@ -159,6 +187,7 @@ async fn seed(client: &reqwest::Client, command: &str) -> anyhow::Result<Vec<Str
         let id = opened["account_id"].as_str().context("no account_id")?.to_owned();
         client
             .post(format!("{command}/v1/accounts/{id}/deposits"))
+            .bearer_auth(teller)
             // Deposits require a key; one per account, so the seed deposit happens once.
             .header("Idempotency-Key", format!("seed-{id}"))
             .json(&serde_json::json!({ "amount": amount, "reference": "seed" }))
@@ -204,11 +233,22 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let database_url = pg.primary_url(DATABASE);
     let replica_url = pg.replica_url(DATABASE).context("replica was requested")?;
+    let secret = dev_secret()?;
+    let tokens = dev_tokens(&secret);
+    let token_exports: String = tokens
+        .iter()
+        .map(|(role, token)| format!("export TALLY_TOKEN_{}={token}\n", role.as_str().to_uppercase()))
+        .collect();
+    let teller = tokens
+        .iter()
+        .find(|(role, _)| *role == Role::Teller)
+        .map(|(_, token)| token.clone())
+        .context("a teller token")?;
     let env_file = root.join("env");
     std::fs::write(
         &env_file,
         format!(
-            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\n",
+            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\nexport TALLY_JWT_SECRET={secret}\n{token_exports}export TALLY_TOKEN=$TALLY_TOKEN_TELLER\n",
             nats.url(),
             args.command_listen,
             args.query_listen.first().context("at least one query-api address")?,
@@ -218,6 +258,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let common = [
         ("TALLY_DATABASE_URL", database_url.clone()),
         ("TALLY_NATS_URL", nats.url()),
+        ("TALLY_JWT_SECRET", secret.clone()),
     ];
     let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
         common.iter().cloned().chain(extra).collect()
@@ -271,12 +312,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let seeded = if args.seed {
-        runtime.block_on(seed(&client, &command))?
+        runtime.block_on(seed(&client, &command, &teller))?
     } else {
         Vec::new()
     };
 
     print_banner(&command, &queries, &pg, &nats, &env_file, &log_dir, &seeded);
+    print_tokens(&tokens, &env_file);
 
     // Run until Ctrl-C / SIGTERM, or until a service dies on its own.
     let outcome = runtime.block_on(async {
@@ -340,16 +382,33 @@ fn print_banner(
     println!(
         r#"Try it:
 
+  source {env}
   ID=$(curl -s -X POST {command}/v1/accounts -H 'content-type: application/json' \
+        -H "Authorization: Bearer $TALLY_TOKEN_TELLER" \
         -d '{{"owner":"Ada","currency":"EUR"}}' | sed -E 's/.*"account_id":"([^"]+)".*/\1/')
   curl -s -X POST {command}/v1/accounts/$ID/deposits -H 'content-type: application/json' \
+       -H "Authorization: Bearer $TALLY_TOKEN_TELLER" \
        -H "Idempotency-Key: salary-$ID" -d '{{"amount":1000,"reference":"salary"}}'
   curl -s -X POST {command}/v1/accounts/$ID/withdrawals -H 'content-type: application/json' \
+       -H "Authorization: Bearer $TALLY_TOKEN_TELLER" \
        -H "Idempotency-Key: rent-$ID" -d '{{"amount":300,"reference":"rent"}}'
-  curl -s {q}/v1/accounts/$ID
-
-Ctrl-C stops everything."#
+  curl -s {q}/v1/accounts/$ID -H "Authorization: Bearer $TALLY_TOKEN_READER""#,
+        env = env_file.display(),
     );
+}
+
+/// The dev token of each role, and where they are exported.
+fn print_tokens(tokens: &[(Role, String)], env_file: &Path) {
+    println!(
+        "\nDev tokens (subject `{DEV_TOKEN_SUBJECT}`, valid {}h; exported as TALLY_TOKEN_<ROLE> in {}; \
+         mint more with `tally token --role R --secret $TALLY_JWT_SECRET`):\n",
+        DEV_TOKEN_TTL_S / 3600,
+        env_file.display()
+    );
+    for (role, token) in tokens {
+        println!("  {:<8} {token}", role.as_str());
+    }
+    println!("\nCtrl-C stops everything.");
 }
 
 pub fn test(extra: &[String]) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ fn keyed(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
 #[tokio::test]
 async fn an_account_opened_and_moved_through_the_command_api_shows_its_balance_on_the_query_api() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
     let api = Api::new(&stack.command);
 
     let (status, opened, _) = api
@@ -70,12 +70,18 @@ async fn an_account_opened_and_moved_through_the_command_api_shows_its_balance_o
 #[tokio::test]
 async fn refused_and_malformed_commands_get_problem_details_with_the_right_status() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
     let id = Api::new(&stack.command).open("EUR").await;
     let withdrawals = format!("{}/v1/accounts/{id}/withdrawals", stack.command);
     // The server answers 413 without reading the rest of a huge body and closes the
     // connection; a pooled connection would then fail the *next* case, so that one gets its own.
-    let unpooled = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let unpooled = tally_tests::client_with(&tally_tests::token(
+        tally_tests::TEST_SUBJECT,
+        &[tally_service::auth::Role::Teller],
+    ))
+    .pool_max_idle_per_host(0)
+    .build()
+    .unwrap();
 
     let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (

@@ -134,7 +134,7 @@ async fn a_deposit_or_withdrawal_without_a_key_is_a_400_problem_and_changes_noth
     api.post_keyed(&format!("/v1/accounts/{id}/deposits"), &json!({"amount": 1000}))
         .await;
 
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
     for route in ["deposits", "withdrawals"] {
         let response = client
             .post(format!("{}/v1/accounts/{id}/{route}", stack.command))

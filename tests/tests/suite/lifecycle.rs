@@ -130,7 +130,7 @@ async fn life_cycle_commands_with_bad_bodies_or_unknown_accounts_are_problems_th
     let (api, _proc) = command_api(&db, &[]).await;
     let id = api.open("EUR").await;
     let unknown = Uuid::now_v7();
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
 
     let cases = [
         (
@@ -217,7 +217,7 @@ async fn life_cycle_commands_with_bad_bodies_or_unknown_accounts_are_problems_th
 #[tokio::test]
 async fn both_apis_serve_their_openapi_document() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
     let documents = [
         (
             &stack.command,

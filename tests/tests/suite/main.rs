@@ -2,6 +2,7 @@
 //! Every test talks to real Postgres and real NATS; see `tally_tests` for the isolation rules.
 
 mod audit;
+mod auth;
 mod e2e;
 mod event_store;
 mod idempotency;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 #[tokio::test]
 async fn an_account_stored_as_v1_is_upcast_by_the_command_path_and_the_projector() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
+    let client = tally_tests::client();
     let id = Uuid::now_v7();
     // A raw v1 AccountOpened, as an older Tally wrote it: no overdraft_limit field.
     stack
