@@ -11,10 +11,12 @@
 //! - [`relay`]: watches a running `tally-relay` drain a backlog.
 //! - [`runner`], [`measurement`]: closed-loop workers and what a measurement reports.
 //! - [`report`]: `target/bench/report.json`, the table and the machine's description.
+//! - [`chart`]: `target/bench/report.png`, the ratios and latencies as bar charts.
 //!
 //! The measuring code runs in the release binary `tally-bench`; `cargo xtask bench` only
 //! orchestrates (starts servers and services, runs the binaries, writes the report).
 
+pub mod chart;
 pub mod measurement;
 pub mod nats;
 pub mod preload;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::measurement::Measurement;
 
 /// One scenario's row. A value is `None` (JSON `null`) where it does not apply or was not
-/// measured in this run (`baseline` until the stock cqrs-es + postgres-es baseline exists).
+/// measured in this run (`baseline` where the stock cqrs-es + postgres-es baseline has no
+/// counterpart: the in-process appends and the relay).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub name: String,
@@ -29,6 +30,9 @@ pub struct ScenarioResult {
     pub p99_ms: Option<f64>,
     /// Tally's failed operations by kind (HTTP status or error kind), where counted.
     pub errors: Option<BTreeMap<String, u64>>,
+    /// The baseline's failed operations by kind, where it was measured (e.g. `"409"` for the
+    /// optimistic-concurrency conflicts stock cqrs-es answers a hot account with).
+    pub baseline_errors: Option<BTreeMap<String, u64>>,
 }
 
 impl ScenarioResult {
@@ -46,6 +50,22 @@ impl ScenarioResult {
             p50_ms: tally.latency_ms.map(|l| round(l.p50, 3)),
             p99_ms: tally.latency_ms.map(|l| round(l.p99, 3)),
             errors: Some(tally.errors.clone()),
+            baseline_errors: None,
+        }
+    }
+
+    /// The row with the baseline measured next to Tally: its throughput, `tally / baseline`,
+    /// and its failures.
+    pub fn with_baseline(self, baseline: &Measurement) -> Self {
+        let ratio_baseline = match self.tally {
+            Some(tally) if baseline.ops_per_s > 0.0 => Some(round(tally / baseline.ops_per_s, 3)),
+            _ => None,
+        };
+        Self {
+            baseline: Some(round(baseline.ops_per_s, 1)),
+            ratio_baseline,
+            baseline_errors: Some(baseline.errors.clone()),
+            ..self
         }
     }
 }
@@ -79,13 +99,13 @@ impl Report {
     /// The scenarios as a Markdown table.
     pub fn markdown_table(&self) -> String {
         let mut table = String::from(
-            "| scenario | unit | limit | baseline | tally | tally/limit | tally/baseline | p99 ms | errors |\n\
-             |---|---|--:|--:|--:|--:|--:|--:|---|\n",
+            "| scenario | unit | limit | baseline | tally | tally/limit | tally/baseline | p99 ms | errors | baseline errors |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|---|---|\n",
         );
         for s in &self.scenarios {
             let _ = writeln!(
                 table,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.name,
                 s.unit,
                 cell(s.limit, 0),
@@ -95,6 +115,7 @@ impl Report {
                 cell(s.ratio_baseline, 2),
                 cell(s.p99_ms, 1),
                 errors_cell(s.errors.as_ref()),
+                errors_cell(s.baseline_errors.as_ref()),
             );
         }
         table
@@ -171,8 +192,23 @@ mod tests {
         let json = serde_json::to_value(&row).unwrap();
         assert!(json["baseline"].is_null());
         assert!(json["ratio_baseline"].is_null());
+        assert!(json["baseline_errors"].is_null());
         assert!(json["p99_ms"].is_null());
         assert_eq!(json["errors"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn a_row_with_a_baseline_reports_tally_as_a_multiple_of_it_and_its_failures() {
+        let mut baseline = measured(500.0);
+        baseline.errors.insert("409".into(), 42);
+        let row = ScenarioResult::compare("hot-account", "commands/s", &measured(3000.0), &measured(1500.0))
+            .with_baseline(&baseline);
+        assert_eq!(row.baseline, Some(500.0));
+        assert_eq!(row.ratio_baseline, Some(3.0));
+        assert_eq!(row.ratio_limit, Some(0.5));
+        assert_eq!(row.baseline_errors, Some(BTreeMap::from([("409".to_owned(), 42)])));
+        let idle = ScenarioResult::compare("x", "ops/s", &measured(1.0), &measured(1.0)).with_baseline(&measured(0.0));
+        assert_eq!(idle.ratio_baseline, None);
     }
 
     #[test]
@@ -188,7 +224,7 @@ mod tests {
         ));
         let table = report.markdown_table();
         assert!(
-            table.contains("| hot-account | commands/s | 2900 | - | 100 | 0.03 | - | - | 409: 7 |"),
+            table.contains("| hot-account | commands/s | 2900 | - | 100 | 0.03 | - | - | 409: 7 | - |"),
             "{table}"
         );
     }

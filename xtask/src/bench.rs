@@ -2,17 +2,19 @@
 //!
 //! Builds the release binaries once, starts a durable Postgres (fsync on) and NATS under
 //! `target/bench/run/`, and for every selected scenario measures, back to back, its *limit*
-//! (the raw Postgres or JetStream work, no application) and *Tally* (the real code or
-//! services) at the same concurrency and for the same time. The limit is measured just before
-//! and just after Tally and the two are averaged, so a machine whose speed drifts during the
-//! run favours neither side; a large difference between them is reported. Prints the table and writes
-//! `target/bench/report.json`. Everything started here is stopped when the run ends, fails or
-//! is interrupted; service logs stay in `target/bench/logs/`.
+//! (the raw Postgres or JetStream work, no application), the *baseline* where the scenario
+//! has one (the same HTTP load against `tally-baseline`: Tally's domain on stock cqrs-es +
+//! postgres-es) and *Tally* (the real code or services), at the same concurrency and for the
+//! same time. The limit is measured just before the others and just after them and the two
+//! are averaged, so a machine whose speed drifts during the run favours no side; a large
+//! difference between them is reported. Prints the table and writes `target/bench/report.json`
+//! and `target/bench/report.png`. Everything started here is stopped when the run ends, fails
+//! or is interrupted; service logs stay in `target/bench/logs/`.
 //!
 //! Measuring happens in release binaries (`tally-bench`, `tally load`); this debug-built task
 //! only starts processes, waits for them and collects their JSON.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ use tally_bench::{Bracket, Measurement, Window};
 use tally_devstack::{Nats, PgOptions, Postgres};
 use tally_event_store::relay::RelayConfig;
 
+use crate::stack::{Inherit, Service, create_database};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
@@ -48,10 +51,11 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const HOT_ACCOUNT_CONNECTIONS: usize = 64;
 /// Connections of the `transfers-64` scenario.
 const TRANSFER_CONNECTIONS: usize = 64;
-/// Accounts the deposits spread over, opened once per run.
-const DEPOSIT_ACCOUNTS: usize = 10_000;
 /// Database of the append, deposit and hot-account scenarios.
 const DATABASE: &str = "tally_bench";
+/// Database of the baseline: postgres-es names its log table `events`, like Tally, so the two
+/// cannot share one. The baseline creates its tables when it starts.
+const BASELINE_DATABASE: &str = "tally_bench_baseline";
 /// Database of the relay scenario: its backlog must be the whole log.
 const RELAY_DATABASE: &str = "tally_bench_relay";
 /// The command API's switch for group commit; `1` turns it off (the `-solo` runs).
@@ -59,8 +63,6 @@ const GROUP_COMMIT_ENV: &str = "TALLY_GROUP_COMMIT_MAX";
 /// The HS256 secret of the benchmark's command APIs; `tally load` sends a teller token signed
 /// with it.
 const BENCH_JWT_SECRET: &str = "tally-bench-hs256-secret-0123456789abcdef";
-/// How long a freshly started service has to answer `/ready`.
-const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A limit whose measurements before and after Tally differ by more than this share is
 /// reported as drifting: the machine's speed changed during the scenario.
 const LIMIT_DRIFT_WARN: f64 = 0.25;
@@ -84,6 +86,8 @@ struct Plan {
     window: Window,
     /// Events in the relay's backlog (and messages of its JetStream limit).
     relay_events: u64,
+    /// Accounts the deposits and transfers spread over, opened once per run on each server.
+    accounts: usize,
 }
 
 impl Plan {
@@ -91,10 +95,11 @@ impl Plan {
         if quick {
             Self {
                 window: Window {
-                    warmup: Duration::from_millis(500),
-                    measure: Duration::from_millis(2_500),
+                    warmup: Duration::from_millis(300),
+                    measure: Duration::from_millis(1_500),
                 },
-                relay_events: 40_000,
+                relay_events: 20_000,
+                accounts: 1_000,
             }
         } else {
             Self {
@@ -103,6 +108,7 @@ impl Plan {
                     measure: Duration::from_secs(20),
                 },
                 relay_events: 200_000,
+                accounts: 10_000,
             }
         }
     }
@@ -138,6 +144,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "tally-cli",
         "-p",
         "tally-bench",
+        "-p",
+        "tally-baseline",
     ])?;
 
     let dirs = Dirs::prepare()?;
@@ -161,7 +169,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut bench = Bench::new(&pg, &nats, plan, &dirs, started_at).await?;
         let result = tokio::select! {
             result = bench.run(&selected) => result,
-            () = interrupted() => Err(anyhow!("interrupted")),
+            () = tally_service::shutdown::signal() => Err(anyhow!("interrupted")),
         };
         result.map(|()| bench.report)
     });
@@ -174,9 +182,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let report = outcome?;
     println!("\n{}", report.markdown_table());
     println!(
-        "machine: {}\nreport:  {}\n{} scenarios in {:.0} s (build excluded)",
+        "machine: {}\nreport:  {}\n         {}\n{} scenarios in {:.0} s (build excluded)",
         report.machine,
         dirs.report().display(),
+        dirs.chart().display(),
         report.scenarios.len(),
         began.elapsed().as_secs_f64()
     );
@@ -185,7 +194,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Where a run keeps its things, all under `target/bench/`.
 struct Dirs {
-    /// `report.json`.
+    /// `report.json` and `report.png`.
     out: PathBuf,
     /// The servers' data and the accounts file; deleted when the run ends.
     run: PathBuf,
@@ -210,6 +219,7 @@ impl Dirs {
         }
         // An old report must not pass for this run's if this one fails early.
         let _ = std::fs::remove_file(dirs.report());
+        let _ = std::fs::remove_file(dirs.chart());
         std::fs::create_dir_all(&dirs.logs)?;
         Ok(dirs)
     }
@@ -217,13 +227,9 @@ impl Dirs {
     fn report(&self) -> PathBuf {
         self.out.join("report.json")
     }
-}
 
-async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    fn chart(&self) -> PathBuf {
+        self.out.join("report.png")
     }
 }
 
@@ -233,9 +239,12 @@ struct Bench {
     bin_dir: PathBuf,
     log_dir: PathBuf,
     report_path: PathBuf,
-    /// Pre-opened deposit accounts, shared by every deposits run (`tally load --accounts-file`).
-    accounts_file: PathBuf,
+    chart_path: PathBuf,
+    /// Where the pre-opened accounts of each server are listed, shared by all its runs
+    /// (`tally load --accounts-file`).
+    run_dir: PathBuf,
     database_url: String,
+    baseline_database_url: String,
     relay_database_url: String,
     nats_url: String,
     /// Superuser pool on the bench database: `CHECKPOINT` before each measurement.
@@ -247,8 +256,13 @@ struct Bench {
 
 impl Bench {
     async fn new(pg: &Postgres, nats: &Nats, plan: Plan, dirs: &Dirs, started_at: String) -> anyhow::Result<Self> {
-        create_database(pg, DATABASE).await?;
-        create_database(pg, RELAY_DATABASE).await?;
+        for database in [DATABASE, RELAY_DATABASE] {
+            create_database(pg, database).await?;
+            let pool = PgPool::connect(&pg.primary_url(database)).await?;
+            tally_event_store::migrate(&pool).await?;
+            pool.close().await;
+        }
+        create_database(pg, BASELINE_DATABASE).await?;
         let admin = PgPool::connect(&pg.primary_url(DATABASE)).await?;
         let machine = describe_machine(&postgres_version(&admin).await?, &nats_version(nats).await?);
         Ok(Self {
@@ -256,8 +270,10 @@ impl Bench {
             bin_dir: target_dir().join("release"),
             log_dir: dirs.logs.clone(),
             report_path: dirs.report(),
-            accounts_file: dirs.run.join("accounts.txt"),
+            chart_path: dirs.chart(),
+            run_dir: dirs.run.clone(),
             database_url: pg.primary_url(DATABASE),
+            baseline_database_url: pg.primary_url(BASELINE_DATABASE),
             relay_database_url: pg.primary_url(RELAY_DATABASE),
             nats_url: nats.url(),
             admin,
@@ -287,11 +303,25 @@ impl Bench {
             }
         }
         if wanted("hot-account") {
-            let row = self.hot_account().await?;
+            // One stream is serial by nature: the limit is one raw writer.
+            let row = self
+                .http_scenario(
+                    "hot-account",
+                    "commands/s",
+                    1,
+                    Load::HotAccount,
+                    HOT_ACCOUNT_CONNECTIONS,
+                )
+                .await?;
             self.add(vec![row])?;
         }
         if wanted("transfers-64") {
-            let row = self.transfers(TRANSFER_CONNECTIONS).await?;
+            // Three events on three streams in one transaction: the limit is single-row
+            // INSERT transactions at the same concurrency, so the ratio compares commits.
+            let n = TRANSFER_CONNECTIONS;
+            let row = self
+                .http_scenario(&format!("transfers-{n}"), "transfers/s", n, Load::Transfers, n)
+                .await?;
             self.add(vec![row])?;
         }
         if wanted("relay") {
@@ -302,19 +332,22 @@ impl Bench {
     }
 
     fn add(&mut self, rows: Vec<ScenarioResult>) -> anyhow::Result<()> {
+        let number = |v: Option<f64>, decimals: usize| v.map_or("-".into(), |v| format!("{v:.decimals$}"));
         for row in &rows {
             println!(
-                "{}: tally {} {} = {} of the limit ({} {})",
+                "{}: tally {} {} = {} of the limit ({}), {}x the baseline ({})",
                 row.name,
-                row.tally.map_or("-".into(), |v| format!("{v:.0}")),
+                number(row.tally, 0),
                 row.unit,
-                row.ratio_limit.map_or("-".into(), |v| format!("{v:.2}")),
-                row.limit.map_or("-".into(), |v| format!("{v:.0}")),
-                row.unit,
+                number(row.ratio_limit, 2),
+                number(row.limit, 0),
+                number(row.ratio_baseline, 2),
+                number(row.baseline, 0),
             );
         }
         self.report.scenarios.extend(rows);
-        self.report.write_json(&self.report_path)
+        self.report.write_json(&self.report_path)?;
+        tally_bench::chart::render_png(&self.report, &self.chart_path)
     }
 
     /// `append-N`: raw single-row INSERTs vs `EventStore::append`, N writers each.
@@ -328,58 +361,66 @@ impl Bench {
         Ok(ScenarioResult::compare(&name, "appends/s", &limit, &tally))
     }
 
-    /// `deposits-N-solo` and `deposits-N`: HTTP deposits over N connections, each mode on a
-    /// freshly started command API, between two raw limits at the same concurrency.
+    /// `deposits-N-solo` and `deposits-N`: HTTP deposits over N connections, the baseline and
+    /// each mode on a freshly started server, between two raw limits at the same concurrency.
+    /// The baseline has no group commit to switch off: one measurement serves both rows.
     async fn deposits(&mut self, connections: usize, modes: &[GroupCommit]) -> anyhow::Result<Vec<ScenarioResult>> {
         let scenario = format!("deposits-{connections}");
         let before = self.raw_limit(&scenario, connections).await?;
+        let baseline = self
+            .measure(&scenario, Server::Baseline, Load::Deposits, connections)
+            .await?;
         let mut measured = Vec::new();
         for &mode in modes {
             let name = mode.scenario(connections);
-            let api = self.start_command_api(mode).await?;
-            self.checkpoint().await?;
-            println!(
-                "[{name}] tally: POST deposits, {connections} connections, {}",
-                mode.describe()
-            );
-            let tally = self.load(&api, Load::Deposits, connections).await;
-            api.stop().await;
-            measured.push((name, tally?));
+            let tally = self
+                .measure(&name, Server::Tally(mode), Load::Deposits, connections)
+                .await?;
+            measured.push((name, tally));
         }
         let limit = bracket(&scenario, before, self.raw_limit(&scenario, connections).await?);
         Ok(measured
             .iter()
-            .map(|(name, tally)| ScenarioResult::compare(name, "commands/s", &limit, tally))
+            .map(|(name, tally)| ScenarioResult::compare(name, "commands/s", &limit, tally).with_baseline(&baseline))
             .collect())
     }
 
-    /// `hot-account`: 64 connections depositing into one account; one stream is serial by
-    /// nature, so the limit is one raw writer.
-    async fn hot_account(&mut self) -> anyhow::Result<ScenarioResult> {
-        let before = self.raw_limit("hot-account", 1).await?;
-        let api = self.start_command_api(GroupCommit::Default).await?;
-        self.checkpoint().await?;
-        println!("[hot-account] tally: POST deposits to one account, {HOT_ACCOUNT_CONNECTIONS} connections");
-        let tally = self.load(&api, Load::HotAccount, HOT_ACCOUNT_CONNECTIONS).await;
-        api.stop().await;
-        let limit = bracket("hot-account", before, self.raw_limit("hot-account", 1).await?);
-        Ok(ScenarioResult::compare("hot-account", "commands/s", &limit, &tally?))
+    /// An HTTP scenario with its default settings: the raw limit at `limit_writers`, the
+    /// baseline, Tally, the limit again.
+    async fn http_scenario(
+        &mut self,
+        name: &str,
+        unit: &str,
+        limit_writers: usize,
+        load: Load,
+        connections: usize,
+    ) -> anyhow::Result<ScenarioResult> {
+        let before = self.raw_limit(name, limit_writers).await?;
+        let baseline = self.measure(name, Server::Baseline, load, connections).await?;
+        let tally = self
+            .measure(name, Server::Tally(GroupCommit::Default), load, connections)
+            .await?;
+        let limit = bracket(name, before, self.raw_limit(name, limit_writers).await?);
+        Ok(ScenarioResult::compare(name, unit, &limit, &tally).with_baseline(&baseline))
     }
 
-    /// `transfers-N`: immediate transfers between random pairs of the deposit accounts over N
-    /// connections. Each writes three events (two legs and the record) in one transaction; the
-    /// limit is the raw single-row INSERT transactions at the same concurrency, so the ratio
-    /// compares commits, not rows.
-    async fn transfers(&mut self, connections: usize) -> anyhow::Result<ScenarioResult> {
-        let name = format!("transfers-{connections}");
-        let before = self.raw_limit(&name, connections).await?;
-        let api = self.start_command_api(GroupCommit::Default).await?;
+    /// Starts `server`, sends it `load` over `connections` for the planned window after a
+    /// checkpoint, and stops it.
+    async fn measure(
+        &mut self,
+        scenario: &str,
+        server: Server,
+        load: Load,
+        connections: usize,
+    ) -> anyhow::Result<Measurement> {
+        let api = self.start(server).await?;
         self.checkpoint().await?;
-        println!("[{name}] tally: POST transfers between random accounts, {connections} connections");
-        let tally = self.load(&api, Load::Transfers, connections).await;
-        api.stop().await;
-        let limit = bracket(&name, before, self.raw_limit(&name, connections).await?);
-        Ok(ScenarioResult::compare(&name, "transfers/s", &limit, &tally?))
+        println!(
+            "[{scenario}] {}: {}, {connections} connections",
+            server.describe(),
+            load.describe()
+        );
+        self.load(&api, load, connections).await
     }
 
     /// `relay`: a preloaded backlog drained by `tally-relay` vs raw JetStream publishes of as
@@ -444,9 +485,9 @@ impl Bench {
         let name = RelayConfig::default().name;
         let measured = tokio::select! {
             measured = tally_bench::relay::watch(&pool, &name, backlog.last, RELAY_DRAIN_TIMEOUT) => measured,
-            status = relay.child.wait() => Err(anyhow!("tally-relay exited ({status:?}); see {}", relay.log.display())),
+            status = relay.exit() => Err(anyhow!("tally-relay exited ({status}); see {}", relay.log.display())),
         };
-        relay.stop().await;
+        drop(relay);
         pool.close().await;
         measured
     }
@@ -490,7 +531,7 @@ impl Bench {
     }
 
     /// Runs `tally load` against `api` for the planned window; its progress shows on stderr.
-    async fn load(&self, api: &CommandApi, load: Load, connections: usize) -> anyhow::Result<Measurement> {
+    async fn load(&self, api: &Api, load: Load, connections: usize) -> anyhow::Result<Measurement> {
         let Window { warmup, measure } = self.plan.window;
         let mut command = tokio::process::Command::new(self.bin_dir.join("tally"));
         command
@@ -504,9 +545,9 @@ impl Bench {
             .arg("--json");
         if load != Load::HotAccount {
             command
-                .args(["--accounts", &DEPOSIT_ACCOUNTS.to_string()])
+                .args(["--accounts", &self.plan.accounts.to_string()])
                 .arg("--accounts-file")
-                .arg(&self.accounts_file);
+                .arg(&api.accounts_file);
         }
         let output = run_json_value(command, "tally load").await?;
         let generator: GeneratorCpu = serde_json::from_value(output.clone())?;
@@ -517,28 +558,42 @@ impl Bench {
         Ok(serde_json::from_value(output)?)
     }
 
-    async fn start_command_api(&mut self, mode: GroupCommit) -> anyhow::Result<CommandApi> {
+    /// Starts `server` on a free port and waits until it is ready.
+    async fn start(&mut self, server: Server) -> anyhow::Result<Api> {
         let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
-        let mut env = vec![
-            ("TALLY_DATABASE_URL", self.database_url.clone()),
-            ("TALLY_COMMAND_LISTEN", listen.clone()),
-            ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
-        ];
-        if mode == GroupCommit::Off {
-            env.push((GROUP_COMMIT_ENV, "1".into()));
-        }
-        let mut api = CommandApi {
-            service: self.spawn_service("tally-command-api", "command-api", &env)?,
-            url: format!("http://{listen}"),
+        let url = format!("http://{listen}");
+        let mut service = match server {
+            Server::Tally(mode) => {
+                let mut env = vec![
+                    ("TALLY_DATABASE_URL", self.database_url.clone()),
+                    ("TALLY_COMMAND_LISTEN", listen),
+                    ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
+                ];
+                if mode == GroupCommit::Off {
+                    env.push((GROUP_COMMIT_ENV, "1".into()));
+                }
+                self.spawn_service("tally-command-api", "command-api", &env)?
+            }
+            Server::Baseline => {
+                let env = [
+                    ("TALLY_DATABASE_URL", self.baseline_database_url.clone()),
+                    ("TALLY_BASELINE_LISTEN", listen),
+                ];
+                self.spawn_service("tally-baseline", "baseline", &env)?
+            }
         };
-        api.wait_ready().await?;
-        Ok(api)
+        service.wait_ready(&url).await?;
+        Ok(Api {
+            _service: service,
+            url,
+            accounts_file: self.run_dir.join(server.accounts_file()),
+        })
     }
 
     fn spawn_service(&mut self, bin: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
         self.services_started += 1;
         let log = self.log_dir.join(format!("{:02}-{name}.log", self.services_started));
-        Service::spawn(&self.bin_dir.join(bin), &log, env)
+        Service::spawn(&self.bin_dir.join(bin), name, &log, env, Inherit::AllButTally)
     }
 }
 
@@ -580,11 +635,31 @@ impl GroupCommit {
             Self::Default => format!("deposits-{connections}"),
         }
     }
+}
 
+/// The HTTP servers a scenario's load is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// `tally-command-api`.
+    Tally(GroupCommit),
+    /// `tally-baseline`: the same routes on stock cqrs-es + postgres-es.
+    Baseline,
+}
+
+impl Server {
     fn describe(self) -> &'static str {
         match self {
-            Self::Off => "group commit off",
-            Self::Default => "default settings",
+            Self::Tally(GroupCommit::Off) => "tally, group commit off",
+            Self::Tally(GroupCommit::Default) => "tally",
+            Self::Baseline => "baseline (stock cqrs-es + postgres-es)",
+        }
+    }
+
+    /// Each server keeps its own accounts (in its own database), opened on its first run.
+    fn accounts_file(self) -> &'static str {
+        match self {
+            Self::Tally(_) => "accounts.txt",
+            Self::Baseline => "baseline-accounts.txt",
         }
     }
 }
@@ -605,6 +680,14 @@ impl Load {
             Self::Transfers => "transfers",
         }
     }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Deposits => "POST deposits",
+            Self::HotAccount => "POST deposits to one account",
+            Self::Transfers => "POST transfers between random accounts",
+        }
+    }
 }
 
 /// What `tally load --json` says about its own CPU use, beside the [`Measurement`] fields.
@@ -614,77 +697,13 @@ struct GeneratorCpu {
     cpu_cores: f64,
 }
 
-/// A service process (command API, relay) with its output in a log file; killed on drop, so
-/// an error or an interrupt anywhere leaves nothing running.
-struct Service {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn spawn(bin: &Path, log: &Path, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = tokio::process::Command::new(bin);
-        // A service must not pick up a developer's TALLY_* settings (say, from
-        // target/tally-dev/env): every run measures the same configuration.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TALLY_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            // Own process group: a terminal Ctrl-C reaches xtask, which stops the services.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Self {
-            child,
-            log: log.to_owned(),
-        })
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-    }
-}
-
-/// A running `tally-command-api`.
-struct CommandApi {
-    service: Service,
+/// A running HTTP server (Tally's command API or the baseline); stopped when dropped.
+struct Api {
+    _service: Service,
     /// Its base URL, on a port chosen for this run.
     url: String,
-}
-
-impl CommandApi {
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
-        let log = self.service.log.display();
-        loop {
-            if let Some(status) = self.service.child.try_wait()? {
-                bail!("tally-command-api exited ({status}); see {log}");
-            }
-            if let Ok(response) = client.get(format!("{}/ready", self.url)).send().await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("tally-command-api not ready after {SERVICE_READY_TIMEOUT:?}; see {log}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.service.stop().await;
-    }
+    /// Its pre-opened accounts.
+    accounts_file: PathBuf,
 }
 
 /// Runs a measuring process to completion (stderr passes through, so its progress shows) and
@@ -713,19 +732,6 @@ async fn run_json_value(mut command: tokio::process::Command, what: &str) -> any
         .last()
         .with_context(|| format!("{what} printed nothing"))?;
     serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}, not JSON"))
-}
-
-/// Creates `database` and applies the event store's migrations (all the scenarios need).
-async fn create_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
-    let admin = PgPool::connect(&pg.primary_url("postgres")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
-        .execute(&admin)
-        .await?;
-    admin.close().await;
-    let pool = PgPool::connect(&pg.primary_url(database)).await?;
-    tally_event_store::migrate(&pool).await?;
-    pool.close().await;
-    Ok(())
 }
 
 /// `15.19`, from `15.19 (Debian 15.19-0+deb12u1)`.

@@ -62,18 +62,43 @@ pub struct UpArgs {
     release: bool,
 }
 
-/// A running service process, stopped with SIGTERM (then SIGKILL) on drop.
-struct Service {
-    name: String,
+/// A service process (a Tally binary) with its output in a log file, stopped with SIGTERM
+/// (then SIGKILL) on drop, so an error or an interrupt anywhere leaves nothing running. Used
+/// by `up` and by `bench`.
+pub(crate) struct Service {
+    pub(crate) name: String,
     child: Child,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
+}
+
+/// Which of the caller's environment variables a service sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inherit {
+    /// All of them (`up`: a developer's `TALLY_LOG` reaches the services).
+    All,
+    /// All but `TALLY_*` (`bench`: a developer's settings, say from target/tally-dev/env,
+    /// must not change what is measured).
+    AllButTally,
 }
 
 impl Service {
-    fn spawn(bin_dir: &Path, bin: &str, name: &str, env: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Self> {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log)?;
-        let child = Command::new(bin_dir.join(bin))
+    pub(crate) fn spawn(
+        bin: &Path,
+        name: &str,
+        log: &Path,
+        env: &[(&str, String)],
+        inherit: Inherit,
+    ) -> anyhow::Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = Command::new(bin);
+        if inherit == Inherit::AllButTally {
+            for (key, _) in std::env::vars_os() {
+                if key.to_string_lossy().starts_with("TALLY_") {
+                    command.env_remove(key);
+                }
+            }
+        }
+        let child = command
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -82,19 +107,54 @@ impl Service {
             // the services in order.
             .process_group(0)
             .spawn()
-            .with_context(|| format!("starting {bin} (was it built?)"))?;
+            .with_context(|| format!("starting {} (was it built?)", bin.display()))?;
         Ok(Self {
             name: name.to_owned(),
             child,
-            log,
+            log: log.to_owned(),
         })
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    fn stop(&mut self) {
+    /// Resolves when the process exits on its own.
+    pub(crate) async fn exit(&mut self) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `GET {base}/ready` answers 200; fails if the process exits first or
+    /// [`SERVICE_READY_TIMEOUT`] passes.
+    pub(crate) async fn wait_ready(&mut self, base: &str) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.exited() {
+                bail!("{} exited ({status}); see {}", self.name, self.log.display());
+            }
+            if let Ok(r) = client.get(format!("{base}/ready")).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {SERVICE_READY_TIMEOUT:?}; see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub(crate) fn stop(&mut self) {
         if self.exited().is_some() {
             return;
         }
@@ -126,8 +186,8 @@ fn signal(pid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
-/// Creates `database` on the primary (if absent) and applies every migration.
-async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
+/// Creates `database` on the primary unless it exists; the caller applies its migrations.
+pub(crate) async fn create_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
     let admin = sqlx::PgPool::connect(&pg.primary_url("postgres")).await?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(database)
@@ -139,33 +199,17 @@ async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
             .await?;
     }
     admin.close().await;
+    Ok(())
+}
+
+/// Creates `database` if absent and applies every migration.
+async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
+    create_database(pg, database).await?;
     let pool = sqlx::PgPool::connect(&pg.primary_url(database)).await?;
     tally_event_store::migrate(&pool).await?;
     tally_projectors::migrate(&pool).await?;
     pool.close().await;
     Ok(())
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str, service: &mut Service) -> anyhow::Result<()> {
-    let deadline = Instant::now() + SERVICE_READY_TIMEOUT;
-    loop {
-        if let Some(status) = service.exited() {
-            bail!("{} exited ({status}); see {}", service.name, service.log.display());
-        }
-        if let Ok(r) = client.get(format!("{base}/ready")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} not ready after {SERVICE_READY_TIMEOUT:?}; see {}",
-                service.name,
-                service.log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn seed(client: &reqwest::Client, command: &str, teller: &str) -> anyhow::Result<Vec<String>> {
@@ -263,41 +307,44 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
         common.iter().cloned().chain(extra).collect()
     };
-    let mut services = vec![
+    let spawn = |bin: &str, name: &str, env: &[(&str, String)]| {
         Service::spawn(
-            &bin_dir,
+            &bin_dir.join(bin),
+            name,
+            &log_dir.join(format!("{name}.log")),
+            env,
+            Inherit::All,
+        )
+    };
+    let mut services = vec![
+        spawn(
             "tally-command-api",
             "command-api",
             &with(vec![("TALLY_COMMAND_LISTEN", args.command_listen.to_string())]),
-            &log_dir,
         )?,
-        Service::spawn(&bin_dir, "tally-relay", "relay", &with(vec![]), &log_dir)?,
+        spawn("tally-relay", "relay", &with(vec![]))?,
     ];
     // Two projector workers: they split the (projection, partition) units between them.
     for (i, listen) in ["127.0.0.1:9090", "127.0.0.1:9091"].iter().enumerate() {
         let name = format!("projector-{}", i + 1);
-        services.push(Service::spawn(
-            &bin_dir,
+        services.push(spawn(
             "tally-projector",
             &name,
             &with(vec![
                 ("TALLY_PROJECTOR_WORKER_ID", name.clone()),
                 ("TALLY_PROJECTOR_LISTEN", (*listen).to_owned()),
             ]),
-            &log_dir,
         )?);
     }
     let first_query = services.len();
     for (i, listen) in args.query_listen.iter().enumerate() {
-        services.push(Service::spawn(
-            &bin_dir,
+        services.push(spawn(
             "tally-query-api",
             &format!("query-api-{}", i + 1),
             &with(vec![
                 ("TALLY_QUERY_LISTEN", listen.to_string()),
                 ("TALLY_REPLICA_URL", replica_url.clone()),
             ]),
-            &log_dir,
         )?);
     }
 
@@ -305,9 +352,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let command = format!("http://{}", args.command_listen);
     let queries: Vec<String> = args.query_listen.iter().map(|a| format!("http://{a}")).collect();
     runtime.block_on(async {
-        wait_ready(&client, &command, &mut services[0]).await?;
+        services[0].wait_ready(&command).await?;
         for (i, q) in queries.iter().enumerate() {
-            wait_ready(&client, q, &mut services[first_query + i]).await?;
+            services[first_query + i].wait_ready(q).await?;
         }
         anyhow::Ok(())
     })?;
@@ -325,7 +372,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
-                () = shutdown_signal() => return Ok(()),
+                () = tally_service::shutdown::signal() => return Ok(()),
                 _ = tick.tick() => {
                     for s in &mut services {
                         if let Some(status) = s.exited() {
@@ -347,14 +394,6 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&env_file);
     println!("stopped; nothing left running (logs kept in {})", log_dir.display());
     outcome
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn print_banner(
