@@ -9,6 +9,8 @@
 //! - [`preload`]: a backlog for the relay scenario, written in large appends.
 //! - [`nats`]: the JetStream limit of the relay, pipelined publishes with `Nats-Msg-Id`.
 //! - [`relay`]: watches a running `tally-relay` drain a backlog.
+//! - [`lag`]: the time from a deposit's `201` to the read model showing it.
+//! - [`rebuild`]: a log of account events, read raw (the limit) and rebuilt into read models.
 //! - [`runner`], [`measurement`]: closed-loop workers and what a measurement reports.
 //! - [`report`]: `target/bench/report.json`, the table and the machine's description.
 //! - [`chart`]: `target/bench/report.png`, the ratios and latencies as bar charts.
@@ -17,10 +19,12 @@
 //! orchestrates (starts servers and services, runs the binaries, writes the report).
 
 pub mod chart;
+pub mod lag;
 pub mod measurement;
 pub mod nats;
 pub mod preload;
 pub mod raw;
+pub mod rebuild;
 pub mod relay;
 pub mod report;
 pub mod runner;

@@ -34,6 +34,38 @@ enum Command {
         #[arg(long)]
         events: u64,
     },
+    /// Writes a log of account events (an opening, then deposits) for the rebuild scenario.
+    RebuildPreload {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long)]
+        events: u64,
+    },
+    /// The rebuild limit: the whole log read in commit order, nothing done with it.
+    ReadLog {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Rebuilds the `accounts` projection from the log.
+    Rebuild {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, default_value_t = partition::PARTITIONS_DEFAULT)]
+        partitions: u32,
+    },
+    /// Deposits at a steady rate; the time from each `201` to `account_balances` showing it.
+    ProjectionLag {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long)]
+        command_url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// The JetStream limit: pipelined publishes with `Nats-Msg-Id`.
     NatsPublish {
         #[arg(long, env = "TALLY_NATS_URL")]
@@ -107,6 +139,37 @@ async fn main() -> anyhow::Result<()> {
         Command::Preload { database_url, events } => {
             let store = EventStore::new(tally_event_store::connect(&database_url, 1)?);
             print(&tally_bench::preload::preload(&store, events).await?)
+        }
+        Command::RebuildPreload { database_url, events } => {
+            let store = EventStore::new(tally_event_store::connect(&database_url, 1)?);
+            print(&tally_bench::rebuild::preload(&store, events).await?)
+        }
+        Command::ReadLog { database_url } => {
+            let store = EventStore::new(tally_event_store::connect(&database_url, 1)?);
+            print(&tally_bench::rebuild::read_log(&store).await?)
+        }
+        Command::Rebuild {
+            database_url,
+            partitions,
+        } => {
+            let store = EventStore::new(tally_event_store::connect(&database_url, 4)?);
+            print(&tally_bench::rebuild::rebuild(&store, partitions).await?)
+        }
+        Command::ProjectionLag {
+            database_url,
+            command_url,
+            token,
+            rate,
+            duration_ms,
+        } => {
+            let pool = tally_event_store::connect(&database_url, 2)?;
+            let plan = tally_bench::lag::LagPlan {
+                command_url,
+                token,
+                rate_per_s: rate,
+                duration: Duration::from_millis(duration_ms),
+            };
+            print(&tally_bench::lag::measure(&pool, &plan).await?)
         }
         Command::NatsPublish {
             nats_url,

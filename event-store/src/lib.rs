@@ -274,12 +274,15 @@ impl EventStore {
     /// `tx_id` at or above that bound, and will therefore sort *after* everything returned
     /// here: a reader that resumes from the last returned checkpoint never skips an event.
     /// A long-running writer delays readers; it never makes them lose events.
+    ///
+    /// `ORDER BY` names the table's columns: the bare `tx_id` would be the selected
+    /// `tx_id::text::bigint`, which no index covers (every page would sort the whole log).
     pub async fn read_all(&self, after: Checkpoint, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
              WHERE (tx_id, position) > ($1::text::xid8, $2) \
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id, position LIMIT $3"
+             ORDER BY events.tx_id, events.position LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx_id.to_string())

@@ -31,7 +31,7 @@ use crate::stack::{Inherit, Service, create_database};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 14] = [
     "append-1",
     "append-16",
     "append-64",
@@ -44,6 +44,8 @@ const SCENARIOS: [&str; 12] = [
     "hot-account",
     "transfers-64",
     "relay",
+    "rebuild",
+    "projection-lag",
 ];
 /// Concurrent writers (appends) or connections (deposits) of the scaled scenarios.
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
@@ -58,6 +60,12 @@ const DATABASE: &str = "tally_bench";
 const BASELINE_DATABASE: &str = "tally_bench_baseline";
 /// Database of the relay scenario: its backlog must be the whole log.
 const RELAY_DATABASE: &str = "tally_bench_relay";
+/// Database of the projection-lag scenario: the relay publishes only its own events.
+const LAG_DATABASE: &str = "tally_bench_lag";
+/// How long the relay and projector may take to catch up with the lag scenario's limit run.
+const LAG_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(180);
+/// Database of the rebuild scenario: a log of account events only.
+const REBUILD_DATABASE: &str = "tally_bench_rebuild";
 /// The command API's switch for group commit; `1` turns it off (the `-solo` runs).
 const GROUP_COMMIT_ENV: &str = "TALLY_GROUP_COMMIT_MAX";
 /// The HS256 secret of the benchmark's command APIs; `tally load` sends a teller token signed
@@ -86,6 +94,8 @@ struct Plan {
     window: Window,
     /// Events in the relay's backlog (and messages of its JetStream limit).
     relay_events: u64,
+    /// Events in the log the rebuild scenario reads and rebuilds.
+    rebuild_events: u64,
     /// Accounts the deposits and transfers spread over, opened once per run on each server.
     accounts: usize,
 }
@@ -99,6 +109,7 @@ impl Plan {
                     measure: Duration::from_millis(1_500),
                 },
                 relay_events: 20_000,
+                rebuild_events: 50_000,
                 accounts: 1_000,
             }
         } else {
@@ -108,6 +119,7 @@ impl Plan {
                     measure: Duration::from_secs(20),
                 },
                 relay_events: 200_000,
+                rebuild_events: 1_000_000,
                 accounts: 10_000,
             }
         }
@@ -146,6 +158,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "tally-bench",
         "-p",
         "tally-baseline",
+        "-p",
+        "tally-projectors",
     ])?;
 
     let dirs = Dirs::prepare()?;
@@ -246,6 +260,8 @@ struct Bench {
     database_url: String,
     baseline_database_url: String,
     relay_database_url: String,
+    rebuild_database_url: String,
+    lag_database_url: String,
     nats_url: String,
     /// Superuser pool on the bench database: `CHECKPOINT` before each measurement.
     admin: PgPool,
@@ -256,7 +272,7 @@ struct Bench {
 
 impl Bench {
     async fn new(pg: &Postgres, nats: &Nats, plan: Plan, dirs: &Dirs, started_at: String) -> anyhow::Result<Self> {
-        for database in [DATABASE, RELAY_DATABASE] {
+        for database in [DATABASE, RELAY_DATABASE, REBUILD_DATABASE, LAG_DATABASE] {
             create_database(pg, database).await?;
             let pool = PgPool::connect(&pg.primary_url(database)).await?;
             tally_event_store::migrate(&pool).await?;
@@ -275,6 +291,8 @@ impl Bench {
             database_url: pg.primary_url(DATABASE),
             baseline_database_url: pg.primary_url(BASELINE_DATABASE),
             relay_database_url: pg.primary_url(RELAY_DATABASE),
+            rebuild_database_url: pg.primary_url(REBUILD_DATABASE),
+            lag_database_url: pg.primary_url(LAG_DATABASE),
             nats_url: nats.url(),
             admin,
             report: Report::new(machine, started_at),
@@ -326,6 +344,14 @@ impl Bench {
         }
         if wanted("relay") {
             let row = self.relay().await?;
+            self.add(vec![row])?;
+        }
+        if wanted("rebuild") {
+            let row = self.rebuild().await?;
+            self.add(vec![row])?;
+        }
+        if wanted("projection-lag") {
+            let row = self.projection_lag().await?;
             self.add(vec![row])?;
         }
         Ok(())
@@ -447,6 +473,97 @@ impl Bench {
             errors: None,
             ..ScenarioResult::compare("relay", "events/s", &limit, &tally)
         })
+    }
+
+    /// `rebuild`: a log of account events rebuilt into the `accounts` read models
+    /// (`tally projections rebuild`) vs the same log read raw in commit order.
+    async fn rebuild(&mut self) -> anyhow::Result<ScenarioResult> {
+        let events = self.plan.rebuild_events.to_string();
+        let url = self.rebuild_database_url.clone();
+        println!("[rebuild] preloading {events} account events");
+        let _: Measurement = self
+            .tally_bench(&["rebuild-preload", "--database-url", &url, "--events", &events])
+            .await?;
+        let before = self.read_log_limit().await?;
+        self.checkpoint().await?;
+        println!("[rebuild] tally: rebuilding the accounts projection from the log");
+        let tally: Measurement = self.tally_bench(&["rebuild", "--database-url", &url]).await?;
+        let limit = bracket("rebuild", before, self.read_log_limit().await?);
+        Ok(ScenarioResult {
+            errors: None,
+            ..ScenarioResult::compare("rebuild", "events/s", &limit, &tally)
+        })
+    }
+
+    /// `projection-lag`: the whole pipeline running (command API, relay, projector); the most
+    /// deposits/s it takes (64 connections, closed loop) is the limit, then deposits arrive at
+    /// half of that, open loop, and each is timed from its `201` to the read model showing it.
+    async fn projection_lag(&mut self) -> anyhow::Result<ScenarioResult> {
+        let nats = [
+            ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
+            ("TALLY_NATS_URL", self.nats_url.clone()),
+            ("TALLY_NATS_STREAM", "BENCH_LAG".to_owned()),
+            ("TALLY_SUBJECT_PREFIX", "bench.lag".to_owned()),
+        ];
+        let pool = PgPool::connect(&self.lag_database_url).await?;
+        tally_projectors::migrate(&pool).await?;
+        let _relay = self.spawn_service("tally-relay", "relay", &nats)?;
+        let mut projector_env = nats.to_vec();
+        projector_env.push((
+            "TALLY_PROJECTOR_LISTEN",
+            format!("127.0.0.1:{}", tally_devstack::free_port()?),
+        ));
+        let _projector = self.spawn_service("tally-projector", "projector", &projector_env)?;
+        // A command API of its own: this scenario's log holds only its own events.
+        let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
+        let mut service = self.spawn_service(
+            "tally-command-api",
+            "command-api",
+            &[
+                ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
+                ("TALLY_COMMAND_LISTEN", listen.clone()),
+                ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
+            ],
+        )?;
+        let url = format!("http://{listen}");
+        service.wait_ready(&url).await?;
+        let api = Api {
+            _service: service,
+            url,
+            accounts_file: self.run_dir.join("lag-accounts.txt"),
+        };
+        self.checkpoint().await?;
+        println!("[projection-lag] limit: deposits, 64 connections, with relay and projector running");
+        let limit = self.load(&api, Load::Deposits, 64).await?;
+        let rate = (limit.ops_per_s / 2.0).max(1.0);
+        println!("[projection-lag] waiting for the relay and projector to catch up");
+        wait_caught_up(&pool).await?;
+        println!("[projection-lag] tally: {rate:.0} deposits/s, 201 to read model");
+        let tally: Measurement = self
+            .tally_bench(&[
+                "projection-lag",
+                "--database-url",
+                &self.lag_database_url,
+                "--command-url",
+                &api.url,
+                "--token",
+                &bench_token(),
+                "--rate",
+                &format!("{rate:.0}"),
+                "--duration-ms",
+                &self.plan.window.measure.as_millis().to_string(),
+            ])
+            .await?;
+        pool.close().await;
+        Ok(ScenarioResult::compare("projection-lag", "deposits/s", &limit, &tally))
+    }
+
+    /// The rebuild limit: the whole log read in commit order, after a checkpoint.
+    async fn read_log_limit(&self) -> anyhow::Result<Measurement> {
+        self.checkpoint().await?;
+        println!("[rebuild] limit: the whole log read in commit order");
+        self.tally_bench(&["read-log", "--database-url", &self.rebuild_database_url])
+            .await
     }
 
     /// The JetStream limit: as many messages as the backlog holds, of its events' size.
@@ -594,6 +711,27 @@ impl Bench {
         self.services_started += 1;
         let log = self.log_dir.join(format!("{:02}-{name}.log", self.services_started));
         Service::spawn(&self.bin_dir.join(bin), name, &log, env, Inherit::AllButTally)
+    }
+}
+
+/// Waits until `account_balances` reflects every account event in the log.
+async fn wait_caught_up(pool: &PgPool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + LAG_CATCH_UP_TIMEOUT;
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM events WHERE stream_type = 'account') \
+                  - (SELECT coalesce(sum(version), 0) FROM account_balances)::bigint",
+        )
+        .fetch_one(pool)
+        .await?;
+        if behind <= 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the projector is still {behind} events behind after {LAG_CATCH_UP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
