@@ -55,6 +55,8 @@ pub struct ConsistentWith {
          content_type = PROBLEM_JSON),
         (status = 404, description = "`account-not-found`: no account with this id (or the projection has not \
             reached it yet).", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
+         body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable`: the read database is unreachable; `not-yet-consistent`: \
             the write of the consistency token is not visible yet. Retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
@@ -147,7 +149,8 @@ const STATEMENT_CURSOR: &str = "statement.v1";
         (status = 400, description = "`invalid-parameter` (a malformed cursor, date or direction) or \
             `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 404, description = "`account-not-found`.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`limit-out-of-range`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
+            in the log.", body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )

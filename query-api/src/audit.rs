@@ -111,7 +111,7 @@ async fn log_source(state: &AppState, headers: &HeaderMap, consistent_with: Opti
     match consistency::requested(headers, consistent_with)? {
         None => Ok(state.sources.pick().0.clone()),
         Some(token) => {
-            consistency::wait_until(state.consistency_wait, || async move {
+            consistency::wait_until(state, &token, || async move {
                 let (pool, _) = state.sources.pick();
                 Ok(consistency::log_has(pool, &token).await?.then(|| pool.clone()))
             })
@@ -159,7 +159,8 @@ pub struct StreamHistory {
          content_type = PROBLEM_JSON),
         (status = 404, description = "`stream-not-found`: no event has this stream id.", body = Problem,
          content_type = PROBLEM_JSON),
-        (status = 422, description = "`limit-out-of-range`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
+            in the log.", body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
@@ -245,7 +246,8 @@ pub struct FeedPage {
         (status = 200, description = "One page of the feed.", body = FeedPage),
         (status = 400, description = "`invalid-parameter` (a malformed checkpoint) or `invalid-consistency-token`.",
          body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`limit-out-of-range`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
+            in the log.", body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
@@ -337,6 +339,8 @@ pub struct AccountAsOf {
          body = Problem, content_type = PROBLEM_JSON),
         (status = 404, description = "`account-not-found`: no such account at that point (not opened yet, or \
             no such version).", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
+         body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )

@@ -19,6 +19,7 @@ use tally_service::Problem;
 use tally_service::token::ConsistencyToken;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::routes::unavailable;
 
 /// The header a client sends the token in (as the command API returned it).
@@ -63,13 +64,16 @@ fn not_yet_consistent(waited: Duration) -> Response {
     .into_response()
 }
 
-/// Runs `attempt` until it yields a value, for at most `wait`. `attempt` answers `None` while
-/// the data it reads does not reflect the write yet.
-pub async fn wait_until<T, F, Fut>(wait: Duration, mut attempt: F) -> Result<T, Response>
+/// Runs `attempt` until it yields a value, for at most `state.consistency_wait`. `attempt`
+/// answers `None` while the data it reads does not reflect the write of `token` yet. When the
+/// wait runs out, the primary tells a write not replicated yet (503, retry) from one that
+/// never happened (422: the token is not one of a write).
+pub async fn wait_until<T, F, Fut>(state: &AppState, token: &ConsistencyToken, mut attempt: F) -> Result<T, Response>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
 {
+    let wait = state.consistency_wait;
     let started = Instant::now();
     let deadline = started + wait;
     let mut pause = POLL_MIN;
@@ -84,12 +88,27 @@ where
         }
         let now = Instant::now();
         if now >= deadline {
-            metrics::counter!("tally_query_consistency_timeouts_total").increment(1);
-            return Err(not_yet_consistent(wait));
+            return Err(match log_has(state.sources.primary(), token).await {
+                Ok(false) => unknown_token(),
+                Ok(true) | Err(_) => {
+                    metrics::counter!("tally_query_consistency_timeouts_total").increment(1);
+                    not_yet_consistent(wait)
+                }
+            });
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(POLL_MAX);
     }
+}
+
+fn unknown_token() -> Response {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown-consistency-token",
+        "Unknown consistency token",
+    )
+    .detail("The consistency token names a write that is not in the log.")
+    .into_response()
 }
 
 /// The version of `stream_id` a read must reflect for `token`: the token's own version for its

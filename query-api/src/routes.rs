@@ -222,7 +222,7 @@ where
         };
     };
     let load = &load;
-    consistency::wait_until(state.consistency_wait, || async move {
+    consistency::wait_until(state, &token, || async move {
         let (pool, _) = state.sources.pick();
         let Some(wanted) = consistency::version_wanted(pool, &token, id).await? else {
             return Ok(None);
@@ -259,7 +259,7 @@ where
     Fut: Future<Output = Result<Option<i64>, sqlx::Error>>,
 {
     let version_of = &version_of;
-    consistency::wait_until(state.consistency_wait, || async move {
+    consistency::wait_until(state, &token, || async move {
         let (pool, _) = state.sources.pick();
         let Some(wanted) = consistency::version_wanted(pool, &token, id).await? else {
             return Ok(None);

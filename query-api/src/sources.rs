@@ -157,6 +157,11 @@ impl Sources {
             })
     }
 
+    /// The primary: the fallback for reads, and the judge of whether a write exists at all.
+    pub fn primary(&self) -> &PgPool {
+        &self.primary
+    }
+
     pub fn replicas(&self) -> &[Replica] {
         &self.replicas
     }

@@ -47,6 +47,8 @@ pub const TRANSFER_STATUSES: [&str; 5] = ["completed", "pending", "posted", "voi
         (status = 400, description = "`invalid-consistency-token` or `invalid-parameter`.", body = Problem,
          content_type = PROBLEM_JSON),
         (status = 404, description = "`transfer-not-found`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
+         body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
@@ -120,7 +122,8 @@ const TRANSFERS_CURSOR: &str = "transfers.v1";
         (status = 200, description = "One page of transfers.", body = TransfersPage),
         (status = 400, description = "`invalid-parameter` (a malformed cursor or an unknown status) or \
             `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`limit-out-of-range`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
+            in the log.", body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
@@ -172,7 +175,7 @@ async fn account_transfers(
         None => state.sources.pick().0.clone(),
         // Every transfer the token's transaction wrote must show at least that version.
         Some(token) => {
-            consistency::wait_until(state.consistency_wait, || async move {
+            consistency::wait_until(state, &token, || async move {
                 let (pool, _) = state.sources.pick();
                 let Some(writes) =
                     consistency::writes_of_type(pool, &token, tally_domain::transfer::STREAM_TYPE).await?

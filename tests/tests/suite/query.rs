@@ -194,6 +194,13 @@ async fn a_read_with_a_token_waits_for_the_write_then_answers_503_until_the_repl
     assert!(body["version"].as_i64() >= Some(version));
     assert_eq!(body["balance"], 125);
 
+    // A well-formed token of a write that never happened: 422 once the wait runs out.
+    let forged = format!("v1.{}.7", Uuid::now_v7().simple());
+    let (status, _, body) = get(&client(), &url, &[("X-Consistency-Token", &forged)]).await;
+    assert_eq!(
+        (status, problem_code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "unknown-consistency-token")
+    );
     // A token that is not one is a 400, not a wait.
     let (status, _, body) = get(&client(), &url, &[("X-Consistency-Token", "v1.nope.1")]).await;
     assert_eq!(
