@@ -285,6 +285,9 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `bin` with `env`. A `tally-relay` not told where to listen gets an ephemeral
+    /// port (`TALLY_RELAY_LISTEN=127.0.0.1:0`), so relays of parallel tests never collide on
+    /// the default one; give it a port from [`free_port`] to reach its probes.
     pub fn spawn(bin: &str, env: &[(&str, String)]) -> Self {
         let path = bin_dir().join(bin);
         assert!(
@@ -294,7 +297,11 @@ impl Proc {
         );
         let log = std::env::temp_dir().join(format!("tally-{bin}-{}.log", Uuid::now_v7().simple()));
         let out = File::create(&log).expect("log file");
-        let child = Command::new(&path)
+        let mut command = Command::new(&path);
+        if bin == "tally-relay" && !env.iter().any(|(k, _)| *k == "TALLY_RELAY_LISTEN") {
+            command.env("TALLY_RELAY_LISTEN", "127.0.0.1:0");
+        }
+        let child = command
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("TALLY_LOG", "info,tally=debug")
             .stdin(Stdio::null())
@@ -528,6 +535,10 @@ pub struct Stack {
     pub command: String,
     /// Base URL of the query API (reading from the replica).
     pub query: String,
+    /// Base URL of the relay's probes and metrics.
+    pub relay: String,
+    /// Base URL of the projector's probes and metrics.
+    pub projector: String,
     pub procs: Vec<Proc>,
     pub db: TestDb,
     pub nats: TestNats,
@@ -535,13 +546,19 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Stack::start`], with `extra` in every service's environment.
+    pub async fn start_with(extra: &[(&'static str, String)]) -> Self {
         let db = TestDb::new().await;
         let nats = TestNats::new();
-        let (command_port, query_port) = (free_port(), free_port());
+        let (command_port, query_port, relay_port) = (free_port(), free_port(), free_port());
         let mut env = nats.env();
         env.extend(auth_env());
         env.push(("TALLY_DATABASE_URL", db.url.clone()));
         env.push(("TALLY_PARTITIONS", "4".into()));
+        env.extend(extra.iter().cloned());
         let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
             env.iter().cloned().chain(extra).collect()
         };
@@ -549,8 +566,17 @@ impl Stack {
             "tally-command-api",
             &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
         );
-        let relay = Proc::spawn("tally-relay", &with(vec![]));
-        let projector = Proc::spawn("tally-projector", &with(projector_env("w1")));
+        let relay = Proc::spawn(
+            "tally-relay",
+            &with(vec![("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}"))]),
+        );
+        let projector_env = projector_env("w1");
+        let projector_listen = projector_env
+            .iter()
+            .find(|(k, _)| *k == "TALLY_PROJECTOR_LISTEN")
+            .map(|(_, v)| format!("http://{v}"))
+            .expect("projector_env names the listen address");
+        let projector = Proc::spawn("tally-projector", &with(projector_env));
         let query_api = Proc::spawn(
             "tally-query-api",
             &with(vec![
@@ -568,6 +594,8 @@ impl Stack {
         Self {
             command,
             query,
+            relay: format!("http://127.0.0.1:{relay_port}"),
+            projector: projector_listen,
             procs: vec![command_api, relay, projector, query_api],
             db,
             nats,
