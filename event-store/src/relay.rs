@@ -65,11 +65,9 @@ pub enum Leadership {
     None,
 }
 
-/// Who holds the relay lock of `pool`'s database.
+/// Who holds the relay lock of `pool`'s database. Always asks Postgres, so an error also
+/// means Postgres is unreachable from here, the leader included.
 pub async fn leadership(pool: &PgPool, status: &RelayStatus) -> Result<Leadership, sqlx::Error> {
-    if status.is_leader() {
-        return Ok(Leadership::Leader);
-    }
     // A bigint advisory lock shows in pg_locks as its high and low 32 bits; the lock is per
     // database, and pg_locks shows the whole cluster's.
     let held: bool = sqlx::query_scalar(
@@ -81,7 +79,13 @@ pub async fn leadership(pool: &PgPool, status: &RelayStatus) -> Result<Leadershi
     .bind(RELAY_LOCK_KEY & 0xffff_ffff)
     .fetch_one(pool)
     .await?;
-    Ok(if held { Leadership::Standby } else { Leadership::None })
+    Ok(if status.is_leader() {
+        Leadership::Leader
+    } else if held {
+        Leadership::Standby
+    } else {
+        Leadership::None
+    })
 }
 
 /// How far behind the log relay `name` is: events committed but not yet published (at most
