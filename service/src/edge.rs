@@ -186,11 +186,11 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
             "served"
         )
     });
-    let method = method.to_string();
+    let method = method_label(&method);
     metrics::counter!(
         "tally_http_requests_total",
         "route" => route.clone(),
-        "method" => method.clone(),
+        "method" => method,
         "status" => status.as_u16().to_string()
     )
     .increment(1);
@@ -202,6 +202,21 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     }
     headers.insert(CORRELATION_ID_HEADER, correlation);
     response
+}
+
+/// The `method` label: a standard method's name, else `other`, so a client inventing methods
+/// cannot grow the series without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Request headers as the trace-context propagator reads them.
@@ -404,6 +419,8 @@ mod tests {
         assert!(counted("/things/{id}", "200"), "{scrape}");
         assert!(counted(UNMATCHED_ROUTE, "404"), "{scrape}");
         assert!(!scrape.contains("/things/42"), "paths never become labels: {scrape}");
+        assert_eq!(method_label(&"BREW".parse().unwrap()), "other");
+        assert_eq!(method_label(&axum::http::Method::POST), "POST");
     }
 
     #[tokio::test]

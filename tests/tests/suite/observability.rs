@@ -290,7 +290,7 @@ async fn relay_metrics_and_probes_report_lag_publishes_and_which_instance_leads(
     let leader = Scrape::of(&first).await;
     assert_eq!(leader.value("tally_relay_leader", &[]), 1.0);
     assert_eq!(leader.value("tally_relay_lag_seconds", &[]), 0.0);
-    assert!(leader.value("tally_relay_batch_events_sum", &[]) == 20.0);
+    assert_eq!(leader.value("tally_relay_batch_events_sum", &[]), 20.0);
     let standby = Scrape::of(&second).await;
     assert_eq!(standby.value("tally_relay_leader", &[]), 0.0);
     assert_eq!(standby.get("tally_relay_published_events_total", &[]), None);
