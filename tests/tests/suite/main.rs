@@ -9,6 +9,7 @@ mod idempotency;
 mod lifecycle;
 mod observability;
 mod projections;
+mod query;
 mod relay;
 mod schemas;
 mod transfers;
