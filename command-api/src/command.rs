@@ -35,6 +35,24 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's name: the `command` label of its metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Account { command, .. } => match command {
+                AccountCommand::Open { .. } => "open",
+                AccountCommand::Deposit { .. } => "deposit",
+                AccountCommand::Withdraw { .. } => "withdraw",
+                AccountCommand::Freeze { .. } => "freeze",
+                AccountCommand::Unfreeze => "unfreeze",
+                AccountCommand::Close => "close",
+            },
+            Command::Transfer(_) => "transfer",
+            Command::Post { .. } => "post",
+            Command::Void { .. } => "void",
+            Command::Expire { .. } => "expire",
+        }
+    }
+
     /// Every stream the command reads or may append to.
     pub fn streams(&self) -> Vec<(Uuid, StreamKind)> {
         use StreamKind::{Account, Transfer};

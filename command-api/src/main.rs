@@ -10,6 +10,7 @@ const WRITER_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10)
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("command-api");
+    tally_service::metrics::install();
     let config = Config::parse();
     // Refuses to start without a way to check tokens.
     let edge = Edge::from_config(&config.auth, &config.limits)?;
@@ -38,5 +39,6 @@ async fn main() -> anyhow::Result<()> {
     if tokio::time::timeout(WRITER_DRAIN_MAX, drained).await.is_err() {
         tracing::warn!("the writer did not drain in time");
     }
+    tally_service::telemetry::shutdown();
     Ok(())
 }

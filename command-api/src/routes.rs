@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
+        .route("/metrics", get(tally_service::metrics::serve))
         .merge(crate::transfers::routes())
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
@@ -203,7 +204,7 @@ pub(crate) fn required_idempotency(
 }
 
 /// Metadata from the request: the caller (its token's subject) as the actor, the correlation
-/// id and trace context when the client sent them.
+/// id (the client's, or the one the edge made for the request) and the request's trace context.
 pub(crate) fn metadata(caller: &Principal, headers: &HeaderMap, idempotency: Option<&Idempotency>) -> Metadata {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let correlation_id = header("x-correlation-id")
@@ -216,7 +217,10 @@ pub(crate) fn metadata(caller: &Principal, headers: &HeaderMap, idempotency: Opt
         // Each command is its own cause; events it emits all point at it.
         causation_id: Uuid::now_v7(),
         idempotency_key: idempotency.map(|i| i.key.as_str().to_owned()),
-        traceparent: header("traceparent").filter(|v| v.len() <= CORRELATION_ID_LEN_MAX),
+        // The request span's own context (a child of the client's `traceparent`, or a new
+        // trace): whoever handles the events continues the trace of the request that wrote them.
+        traceparent: tally_service::telemetry::traceparent(&tracing::Span::current())
+            .or_else(|| header("traceparent").filter(|v| v.len() <= CORRELATION_ID_LEN_MAX)),
     }
 }
 

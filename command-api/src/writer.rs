@@ -20,6 +20,12 @@
 //! The cache is only an optimisation: the store still checks every expected version, so a
 //! stale entry (another command-api instance wrote the stream) costs one conflict and a reload,
 //! never a wrong write.
+//!
+//! Observed through `tally_commands_total` and `tally_command_duration_seconds` (by `command`
+//! and `outcome`), `tally_idempotent_replays_total`, `tally_command_conflict_retries_total`,
+//! `tally_append_batch_commands` / `tally_append_batch_events` and `tally_writer_queue_commands`.
+//! Each batch runs in a span `writer.batch`, a child of its first command's request span that
+//! links the others' (`tally_event_store::trace`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -32,6 +38,7 @@ use tally_event_store::snapshot::{self, Snapshot};
 use tally_event_store::{EventStore, StoreError, StreamAppend, append_events_in};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::command::{Command, decide};
@@ -97,6 +104,8 @@ struct Job {
     /// Run in a batch of its own (after a batch failed for a reason not tied to one command).
     solo: bool,
     enqueued: Instant,
+    /// The span the command was submitted in (its request's): the batch joins its trace.
+    span: tracing::Span,
 }
 
 impl Job {
@@ -152,6 +161,26 @@ impl Writer {
         idempotency: Option<Idempotency>,
         respond: impl Fn(&Executed) -> StoredResponse + Send + Sync + 'static,
     ) -> Result<Outcome, CommandError> {
+        let started = Instant::now();
+        let name = command.name();
+        let result = self.submit(command, metadata, idempotency, respond).await;
+        let outcome = outcome_label(&result);
+        metrics::counter!("tally_commands_total", "command" => name, "outcome" => outcome).increment(1);
+        metrics::histogram!("tally_command_duration_seconds", "command" => name, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        if matches!(result, Ok(Outcome::Replayed(_))) {
+            metrics::counter!("tally_idempotent_replays_total", "command" => name).increment(1);
+        }
+        result
+    }
+
+    async fn submit(
+        &self,
+        command: Command,
+        metadata: &Metadata,
+        idempotency: Option<Idempotency>,
+        respond: impl Fn(&Executed) -> StoredResponse + Send + Sync + 'static,
+    ) -> Result<Outcome, CommandError> {
         let (reply, answer) = oneshot::channel();
         let mut streams = command.streams();
         streams.sort_unstable_by_key(|(s, _)| *s);
@@ -174,6 +203,7 @@ impl Writer {
             conflicts: 0,
             solo: false,
             enqueued: Instant::now(),
+            span: tracing::Span::current(),
         };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
@@ -182,6 +212,20 @@ impl Writer {
         answer
             .await
             .map_err(|_| CommandError::Internal("the writer dropped the command".into()))?
+    }
+}
+
+/// The `outcome` label of a command's metrics.
+fn outcome_label(result: &Result<Outcome, CommandError>) -> &'static str {
+    match result {
+        Ok(Outcome::Fresh(_)) => "accepted",
+        Ok(Outcome::Replayed(_)) => "replayed",
+        Err(CommandError::Rejected(_)) => "rejected",
+        Err(CommandError::ConflictRetriesExhausted) => "conflict",
+        Err(CommandError::IdempotencyKeyReused) => "key_reused",
+        Err(CommandError::Overloaded) => "overloaded",
+        Err(CommandError::Unavailable(_)) => "unavailable",
+        Err(CommandError::Internal(_)) => "error",
     }
 }
 
@@ -211,6 +255,7 @@ impl Dispatcher {
     async fn run(mut self) {
         loop {
             self.dispatch();
+            metrics::gauge!("tally_writer_queue_commands").set(self.pending.len() as f64);
             if self.closed && self.pending.is_empty() && self.lanes.is_empty() {
                 return;
             }
@@ -270,7 +315,12 @@ impl Dispatcher {
                 .iter()
                 .filter_map(|s| self.cache.remove(s).map(|loaded| (*s, loaded)))
                 .collect();
-            let lane = run_batch(self.store.clone(), batch, states, self.config.snapshot_every);
+            let span = tracing::info_span!("writer.batch", commands = batch.len());
+            tally_event_store::trace::join_batch(
+                &span,
+                batch.iter().filter_map(|j| tally_event_store::trace::of_span(&j.span)),
+            );
+            let lane = run_batch(self.store.clone(), batch, states, self.config.snapshot_every).instrument(span);
             let id = self.lanes.spawn(lane).id();
             self.claims.insert(id, (streams, keys));
         }
@@ -433,6 +483,8 @@ async fn run_batch(
                     retry.push(job);
                 }
             }
+            metrics::counter!("tally_command_conflict_retries_total", "reason" => "transient")
+                .increment(retry.len() as u64);
             tracing::debug!(%error, "transient database error; re-running the batch");
             Finished {
                 states: states.into_iter().collect(),
@@ -445,6 +497,7 @@ async fn run_batch(
             states.remove(&stream_id);
             let mut retry = Vec::with_capacity(jobs.len());
             let mut worst = 0;
+            let mut retried = 0u64;
             for mut job in jobs {
                 if job.touches(stream_id) {
                     job.conflicts += 1;
@@ -453,9 +506,11 @@ async fn run_batch(
                         job.answer(Err(CommandError::ConflictRetriesExhausted));
                         continue;
                     }
+                    retried += 1;
                 }
                 retry.push(job);
             }
+            metrics::counter!("tally_command_conflict_retries_total", "reason" => "conflict").increment(retried);
             let ceiling = CONFLICT_BACKOFF_BASE * worst;
             let wait = rand::rng().random_range(Duration::ZERO..=ceiling);
             tracing::debug!(%stream_id, conflicts = worst, ?wait, "version conflict; re-running the batch");
@@ -664,6 +719,9 @@ async fn commit(
     let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(k, r)| (*k, r)).collect();
     idempotency::complete_many(&mut tx, &responses).await?;
     tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
+    metrics::histogram!("tally_append_batch_commands").record(jobs.len() as f64);
+    metrics::histogram!("tally_append_batch_events").record(positions.len() as f64);
+    tracing::debug!(commands = jobs.len(), events = positions.len(), "batch committed");
     Ok(Committed {
         results,
         states: working.into_iter().collect(),

@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod partition;
 pub mod relay;
 pub mod snapshot;
+pub mod trace;
 pub mod verify;
 
 use chrono::{DateTime, SubsecRound, Utc};

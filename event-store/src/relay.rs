@@ -6,21 +6,123 @@
 //! publish acks in flight, and only after every ack of a batch stores its checkpoint. A crash
 //! anywhere re-publishes from the last checkpoint: JetStream drops duplicates inside its
 //! window, projectors drop the rest by stream version. Nothing is ever skipped.
+//!
+//! Observed through [`RelayStatus`] (is this instance the active one: the binary's `/ready`)
+//! and the metrics `tally_relay_leader`, `tally_relay_published_events_total`,
+//! `tally_relay_batch_events`, `tally_relay_batch_duration_seconds`, `tally_relay_errors_total`
+//! and, sampled every [`LAG_SAMPLE_INTERVAL`] from the database by every instance,
+//! `tally_relay_lag_events` / `tally_relay_lag_seconds`. Each batch is published in a span
+//! `relay.batch` that joins the traces of its events (`crate::trace`).
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use futures::stream::{FuturesOrdered, StreamExt};
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection};
 use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
+use tracing::Instrument;
 
 use crate::partition::Topology;
 use crate::{Checkpoint, EventStore, StoredEvent, hash::format_recorded_at};
 
 /// Advisory lock key electing the active relay ("tallyrly" in ASCII).
 pub const RELAY_LOCK_KEY: i64 = 0x7461_6c6c_7972_6c79;
+/// How often the relay's lag behind the log is measured.
+pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// The most unpublished events the lag sample counts (`tally_relay_lag_events` saturates
+/// there), so measuring a large backlog stays cheap.
+pub const LAG_EVENTS_COUNT_MAX: i64 = 100_000;
+
+/// What the relay's HTTP probes report about this instance.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    leader: AtomicBool,
+}
+
+impl RelayStatus {
+    /// Whether this instance holds the lock and publishes.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+        metrics::gauge!("tally_relay_leader").set(if leader { 1.0 } else { 0.0 });
+    }
+}
+
+/// Which relay publishes, as seen from one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// This instance holds the lock.
+    Leader,
+    /// Another session of this database holds it.
+    Standby,
+    /// Nobody holds it (an election is under way, or every relay is down).
+    None,
+}
+
+/// Who holds the relay lock of `pool`'s database. Always asks Postgres, so an error also
+/// means Postgres is unreachable from here, the leader included.
+pub async fn leadership(pool: &PgPool, status: &RelayStatus) -> Result<Leadership, sqlx::Error> {
+    // A bigint advisory lock shows in pg_locks as its high and low 32 bits; the lock is per
+    // database, and pg_locks shows the whole cluster's.
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1)",
+    )
+    .bind(RELAY_LOCK_KEY >> 32)
+    .bind(RELAY_LOCK_KEY & 0xffff_ffff)
+    .fetch_one(pool)
+    .await?;
+    Ok(if status.is_leader() {
+        Leadership::Leader
+    } else if held {
+        Leadership::Standby
+    } else {
+        Leadership::None
+    })
+}
+
+/// How far behind the log relay `name` is: events committed but not yet published (at most
+/// [`LAG_EVENTS_COUNT_MAX`]) and the age in seconds of the oldest of them (0 when none).
+pub async fn lag(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Error> {
+    let at = load_checkpoint(pool, name).await?;
+    // The relay's own read order (`EventStore::read_all`), so what it already published is
+    // never counted, however positions interleaved at commit.
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(recorded_at))::float8, 0) \
+         FROM (SELECT recorded_at FROM events \
+               WHERE (tx_id, position) > ($1::text::xid8, $2) \
+                 AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               ORDER BY tx_id, position LIMIT $3) AS behind",
+    )
+    .bind(at.tx_id.to_string())
+    .bind(at.position)
+    .bind(LAG_EVENTS_COUNT_MAX)
+    .fetch_one(pool)
+    .await
+}
+
+/// Sets the lag gauges every [`LAG_SAMPLE_INTERVAL`], forever.
+async fn sample_lag(pool: PgPool, name: String) {
+    let mut tick = tokio::time::interval(LAG_SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match lag(&pool, &name).await {
+            Ok((events, seconds)) => {
+                metrics::gauge!("tally_relay_lag_events").set(events as f64);
+                metrics::gauge!("tally_relay_lag_seconds").set(seconds.max(0.0));
+            }
+            Err(error) => tracing::debug!(%error, "cannot measure the relay lag"),
+        }
+    }
+}
 
 /// Tuning of the relay; every value bounded.
 #[derive(Debug, Clone)]
@@ -107,14 +209,26 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
 
 /// Runs the relay until `shutdown` resolves. Returns only on shutdown; every failure (Postgres
 /// or NATS down, lock lost) is logged and retried, because a relay that exits stops the flow.
-pub async fn run(pool: PgPool, js: jetstream::Context, config: RelayConfig, shutdown: impl Future<Output = ()>) {
+/// `status` tells the probes whether this instance is the active one.
+pub async fn run(
+    pool: PgPool,
+    js: jetstream::Context,
+    config: RelayConfig,
+    status: &RelayStatus,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut published_batches = 0;
+    status.set_leader(false);
+    let sampler = tokio::spawn(sample_lag(pool.clone(), config.name.clone()));
+    let _sampler = AbortOnDrop(sampler);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            result = lead(&pool, &js, &config, &mut published_batches) => {
+            result = lead(&pool, &js, &config, status, &mut published_batches) => {
+                status.set_leader(false);
                 if let Err(error) = result {
+                    metrics::counter!("tally_relay_errors_total").increment(1);
                     tracing::warn!(%error, "relay interrupted; retrying");
                 }
             }
@@ -126,12 +240,22 @@ pub async fn run(pool: PgPool, js: jetstream::Context, config: RelayConfig, shut
     }
 }
 
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Waits to become the active relay, then relays until an error. `published_batches` counts
 /// the batches published by this process (for [`RelayConfig::crash_after_publish_batches`]).
 async fn lead(
     pool: &PgPool,
     js: &jetstream::Context,
     config: &RelayConfig,
+    status: &RelayStatus,
     published_batches: &mut u32,
 ) -> anyhow::Result<()> {
     // The lock lives as long as this dedicated session: if the process dies, Postgres ends
@@ -152,6 +276,7 @@ async fn lead(
         }
         tokio::time::sleep(config.standby_retry).await;
     }
+    status.set_leader(true);
     tracing::info!(stream = %config.topology.stream_name, "relay is active");
     config.topology.ensure_stream(js).await?;
 
@@ -162,7 +287,22 @@ async fn lead(
     loop {
         let events = store.read_all(checkpoint, config.batch_events_max).await?;
         if let Some(last) = events.last() {
-            publish_batch(js, &config.topology, &events, config).await?;
+            let started = Instant::now();
+            let traces: Vec<Trace> = events.iter().map(|e| Trace::of(&e.metadata)).collect();
+            let span = tracing::info_span!("relay.batch", events = events.len());
+            crate::trace::join_batch(
+                &span,
+                traces
+                    .iter()
+                    .filter_map(|t| t.traceparent.as_deref())
+                    .filter_map(crate::trace::from_traceparent),
+            );
+            publish_batch(js, &config.topology, &events, &traces, config)
+                .instrument(span)
+                .await?;
+            metrics::counter!("tally_relay_published_events_total").increment(events.len() as u64);
+            metrics::histogram!("tally_relay_batch_events").record(events.len() as f64);
+            metrics::histogram!("tally_relay_batch_duration_seconds").record(started.elapsed().as_secs_f64());
             *published_batches += 1;
             if config.crash_after_publish_batches == Some(*published_batches) {
                 tracing::error!(
@@ -189,15 +329,16 @@ async fn lead(
 }
 
 /// Publishes `events` in order with at most `in_flight_max` acks outstanding, and returns once
-/// JetStream has acknowledged every one of them.
+/// JetStream has acknowledged every one of them. `traces` are the events' trace metadata.
 async fn publish_batch(
     js: &jetstream::Context,
     topology: &Topology,
     events: &[StoredEvent],
+    traces: &[Trace],
     config: &RelayConfig,
 ) -> anyhow::Result<()> {
     let mut in_flight = FuturesOrdered::new();
-    for event in events {
+    for (event, trace) in events.iter().zip(traces) {
         if in_flight.len() >= config.in_flight_max {
             await_ack(&mut in_flight, config.ack_timeout).await?;
         }
@@ -213,7 +354,7 @@ async fn publish_batch(
             .header("Tally-Stream-Id", event.stream_id.to_string().as_str())
             .header("Tally-Stream-Version", event.version.to_string().as_str())
             .header("Tally-Position", event.position.to_string().as_str());
-        let message = with_metadata_headers(message, &event.metadata);
+        let message = trace.headers(message);
         let subject = topology.subject(event.stream_id, &event.stream_type);
         let ack = js.send_publish(subject, message).await?;
         in_flight.push_back(ack.into_future());
@@ -236,23 +377,28 @@ where
     }
 }
 
-/// Copies the correlation id and trace context from the stored metadata into headers, so
-/// consumers can trace without parsing the body.
-fn with_metadata_headers(message: Publish, metadata: &str) -> Publish {
-    #[derive(serde::Deserialize)]
-    struct Trace {
-        correlation_id: Option<String>,
-        traceparent: Option<String>,
+/// The correlation id and trace context of an event's stored metadata.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Trace {
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Trace {
+    /// Read from metadata JSON; none when it does not parse.
+    fn of(metadata: &str) -> Self {
+        serde_json::from_str(metadata).unwrap_or_default()
     }
-    let Ok(trace) = serde_json::from_str::<Trace>(metadata) else {
-        return message;
-    };
-    let mut message = message;
-    if let Some(id) = trace.correlation_id {
-        message = message.header("Tally-Correlation-Id", id.as_str());
+
+    /// Copies them into headers, so consumers can trace without parsing the body.
+    fn headers(&self, message: Publish) -> Publish {
+        let mut message = message;
+        if let Some(id) = &self.correlation_id {
+            message = message.header("Tally-Correlation-Id", id.as_str());
+        }
+        if let Some(tp) = &self.traceparent {
+            message = message.header("traceparent", tp.as_str());
+        }
+        message
     }
-    if let Some(tp) = trace.traceparent {
-        message = message.header("traceparent", tp.as_str());
-    }
-    message
 }

@@ -22,6 +22,7 @@ use tally_event_store::EventStore;
 use tally_event_store::partition::Topology;
 use tally_schemas::envelope::EventEnvelope;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::catalog;
 use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection};
@@ -196,7 +197,8 @@ impl<P: Projection> Unit<P> {
                         _ => break,
                     }
                 }
-                if !self.handle(batch, &mut stop).await {
+                let span = self.batch_span(&batch);
+                if !self.handle(batch, &mut stop).instrument(span).await {
                     break; // stop taking messages; the gate decides when to go on
                 }
             }
@@ -220,6 +222,23 @@ impl<P: Projection> Unit<P> {
             )
             .await
             .map_err(|e| anyhow::anyhow!("creating consumer {name}: {e}"))
+    }
+
+    /// The span a batch is handled in: it continues the trace of the batch's first event (the
+    /// `traceparent` the relay copied from the event's metadata) and links the others'.
+    fn batch_span(&self, batch: &[jetstream::Message]) -> tracing::Span {
+        let span = tracing::info_span!(
+            "projector.batch",
+            projection = P::NAME,
+            partition = self.partition,
+            events = batch.len()
+        );
+        let traces = batch
+            .iter()
+            .filter_map(|m| m.headers.as_ref()?.get("traceparent"))
+            .filter_map(|v| tally_event_store::trace::from_traceparent(v.as_str()));
+        tally_event_store::trace::join_batch(&span, traces);
+        span
     }
 
     /// Applies a batch, retrying as the failure deserves; acks what was applied. Returns

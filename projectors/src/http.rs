@@ -15,12 +15,7 @@ struct Deps {
 }
 
 pub fn router(pool: PgPool, nats: async_nats::Client) -> Router {
-    Router::new()
-        .route("/health", get(tally_service::problem::health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(tally_service::metrics::serve))
-        .fallback(tally_service::problem::fallback)
-        .with_state(Deps { pool, nats })
+    tally_service::probes::router(get(ready)).with_state(Deps { pool, nats })
 }
 
 async fn ready(State(deps): State<Deps>) -> Response {

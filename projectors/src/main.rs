@@ -19,5 +19,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let js = async_nats::jetstream::new(nats);
-    tally_projectors::run(pool, js, config, tally_service::shutdown::signal()).await
+    let result = tally_projectors::run(pool, js, config, tally_service::shutdown::signal()).await;
+    tally_service::telemetry::shutdown();
+    result
 }

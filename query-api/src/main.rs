@@ -17,5 +17,6 @@ async fn main() -> anyhow::Result<()> {
         "query API listening"
     );
     tally_query_api::run(listener, state, &edge, tally_service::shutdown::signal()).await?;
+    tally_service::telemetry::shutdown();
     Ok(())
 }

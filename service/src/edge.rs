@@ -1,8 +1,16 @@
 //! What every request to a Tally API passes before its handler, in this order (outermost
-//! first): 5xx logging, the request timeout, authentication ([`crate::auth::authenticate`]),
-//! the per-client rate limit. Both APIs wrap their router with [`protect`], so the two cannot
-//! differ in how they bound and identify clients.
+//! first): observation (the request span, its ids, HTTP metrics), 5xx logging, the request
+//! timeout, authentication ([`crate::auth::authenticate`]), the per-client rate limit. Both
+//! APIs wrap their router with [`protect`], so the two cannot differ in how they bound,
+//! identify and measure clients.
 //!
+//! - **Observation** ([`observe`]): each request runs in a span `request` carrying its
+//!   `request_id` (the client's `X-Request-Id` when it is 1 to 128 visible ASCII characters,
+//!   else a new UUID), its `correlation_id` (the client's `X-Correlation-Id` when it is a UUID,
+//!   else a new one; the request's header is set to it, so handlers read the same value) and its
+//!   `trace_id`: the span continues the client's W3C `traceparent`, or starts a trace. Both ids
+//!   are echoed as response headers. Every request counts in `tally_http_requests_total`
+//!   (`route` template, `method`, `status`) and `tally_http_request_duration_seconds`.
 //! - **Timeout**: a request not answered within `TALLY_REQUEST_TIMEOUT_MS` (reading its body
 //!   included) is answered `503 request-timeout` with `Retry-After`. The work may still finish
 //!   (a command may commit): a client retries with the same `Idempotency-Key`.
@@ -17,18 +25,21 @@
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use governor::middleware::NoOpMiddleware;
 use tower_governor::GovernorError;
 use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
 use tower_governor::key_extractor::KeyExtractor;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
 
 use crate::Problem;
 use crate::auth::{AuthConfig, AuthConfigError, Authentication, Authenticator};
@@ -36,6 +47,15 @@ use crate::errors::ErrorReport;
 
 /// How often the rate limiter forgets clients whose buckets are full again.
 pub const RATE_LIMIT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Header naming one request (client-chosen or made here), echoed in the response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header tying the requests of one business operation together; a UUID.
+pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
+/// Longest `X-Request-Id` taken from a client, in bytes; a longer one is replaced.
+pub const REQUEST_ID_BYTES_MAX: usize = 128;
+/// The `route` label of a request no route matched (so unknown paths cannot grow the series).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Request limits of a server (flags or `TALLY_*` variables), flattened into its `Config`.
 #[derive(Debug, Clone, clap::Args)]
@@ -94,6 +114,8 @@ pub fn protect(router: Router, edge: &Edge) -> Router {
     prune_idle_clients(Arc::downgrade(&rate_limit));
     let governor = tower_governor::GovernorLayer::new(rate_limit).error_handler(too_many_requests);
     let timeout = Duration::from_millis(edge.limits.request_timeout_ms);
+    // `observe` records metrics: make sure they are kept from the first request on.
+    crate::metrics::install();
     // The last layer added runs first.
     router
         .layer(governor)
@@ -103,6 +125,111 @@ pub fn protect(router: Router, edge: &Edge) -> Router {
         ))
         .layer(middleware::from_fn_with_state(timeout, time_out))
         .layer(middleware::from_fn(crate::errors::log_server_errors))
+        .layer(middleware::from_fn(observe))
+}
+
+/// Middleware: runs the request in its span (ids, trace context), echoes the ids, counts and
+/// times it. Outermost, so the 5xx log, refusals and timeouts are inside the span and counted.
+pub async fn observe(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    // Layers of a `Router` run after routing, so the template of the matched route is known.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().clone();
+    let headers = request.headers();
+    let request_id = headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=REQUEST_ID_BYTES_MAX).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
+    let correlation_id = headers
+        .get(CORRELATION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::try_parse(v).ok())
+        .unwrap_or_else(Uuid::now_v7);
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+        correlation_id = %correlation_id,
+        trace_id = tracing::field::Empty,
+    );
+    // Before anything reads the span's context: once built, its parent is fixed.
+    let _ = span.set_parent(parent);
+    if let Some(trace_id) = crate::telemetry::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    let correlation = HeaderValue::from_str(&correlation_id.to_string()).expect("a UUID is a valid header value");
+    request.headers_mut().insert(CORRELATION_ID_HEADER, correlation.clone());
+
+    let mut response = next.run(request).instrument(span.clone()).await;
+
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "served"
+        )
+    });
+    let method = method_label(&method);
+    metrics::counter!(
+        "tally_http_requests_total",
+        "route" => route.clone(),
+        "method" => method,
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!("tally_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(elapsed.as_secs_f64());
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+    headers.insert(CORRELATION_ID_HEADER, correlation);
+    response
+}
+
+/// The `method` label: a standard method's name, else `other`, so a client inventing methods
+/// cannot grow the series without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Request headers as the trace-context propagator reads them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(axum::http::HeaderName::as_str).collect()
+    }
 }
 
 /// Who a request counts against: its token's subject, else its peer address.
@@ -256,6 +383,44 @@ mod tests {
         assert!((1..=2).contains(&retry_after), "{retry_after}");
         let other = app.oneshot(get_with(Some(&bob))).await.unwrap();
         assert_eq!(other.status(), StatusCode::OK, "another subject has its own bucket");
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_ids_echoed_and_is_counted_under_its_route_template() {
+        let app = protect(
+            Router::new().route("/things/{id}", get(|| async { "ok" })),
+            &edge(1_000, 1_000, 10_000),
+        );
+        let request = axum::http::Request::get("/things/42")
+            .header(REQUEST_ID_HEADER, "client-chosen-1")
+            .header(CORRELATION_ID_HEADER, "not a uuid")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[REQUEST_ID_HEADER], "client-chosen-1");
+        let correlation = response.headers()[CORRELATION_ID_HEADER].to_str().unwrap();
+        assert!(
+            Uuid::try_parse(correlation).is_ok(),
+            "a malformed one is replaced: {correlation}"
+        );
+        let unmatched = app.oneshot(get_with(None)).await.unwrap();
+        assert_eq!(unmatched.status(), StatusCode::NOT_FOUND);
+        assert!(Uuid::try_parse(unmatched.headers()[REQUEST_ID_HEADER].to_str().unwrap()).is_ok());
+
+        let scrape = crate::metrics::install().render();
+        let counted = |route: &str, status: &str| {
+            scrape.lines().any(|l| {
+                l.starts_with("tally_http_requests_total{")
+                    && l.contains(&format!("route=\"{route}\""))
+                    && l.contains(&format!("status=\"{status}\""))
+            })
+        };
+        assert!(counted("/things/{id}", "200"), "{scrape}");
+        assert!(counted(UNMATCHED_ROUTE, "404"), "{scrape}");
+        assert!(!scrape.contains("/things/42"), "paths never become labels: {scrape}");
+        assert_eq!(method_label(&"BREW".parse().unwrap()), "other");
+        assert_eq!(method_label(&axum::http::Method::POST), "POST");
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! RFC 9457 problem responses ([`problem`]), a JSON body extractor whose rejections are
 //! problems and which bounds nesting and string length ([`json`]), bearer-token authentication
 //! and roles ([`auth`]), the layers every request passes (timeout, authentication, per-client
-//! rate limit: [`edge`]), tracing set-up ([`telemetry`]), shutdown signals ([`shutdown`]) and
+//! rate limit, observation: [`edge`]), Prometheus metrics ([`metrics`]), a worker's probe
+//! listener ([`probes`]), logging and tracing set-up ([`telemetry`]), shutdown signals ([`shutdown`]) and
 //! how an OpenAPI document is rendered, served and checked in ([`openapi`]).
 //!
 //! Only the API crates and the binaries depend on this crate; it knows HTTP but no domain.
@@ -13,6 +14,7 @@ pub mod errors;
 pub mod json;
 pub mod metrics;
 pub mod openapi;
+pub mod probes;
 pub mod problem;
 pub mod shutdown;
 pub mod telemetry;

@@ -342,6 +342,9 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `bin` with `env`. A `tally-relay` not told where to listen gets an ephemeral
+    /// port (`TALLY_RELAY_LISTEN=127.0.0.1:0`), so relays of parallel tests never collide on
+    /// the default one; give it a port from [`free_port`] to reach its probes.
     pub fn spawn(bin: &str, env: &[(&str, String)]) -> Self {
         let path = bin_dir().join(bin);
         assert!(
@@ -351,7 +354,11 @@ impl Proc {
         );
         let log = std::env::temp_dir().join(format!("tally-{bin}-{}.log", Uuid::now_v7().simple()));
         let out = File::create(&log).expect("log file");
-        let child = Command::new(&path)
+        let mut command = Command::new(&path);
+        if bin == "tally-relay" && !env.iter().any(|(k, _)| *k == "TALLY_RELAY_LISTEN") {
+            command.env("TALLY_RELAY_LISTEN", "127.0.0.1:0");
+        }
+        let child = command
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("TALLY_LOG", "info,tally=debug")
             .stdin(Stdio::null())
@@ -585,6 +592,10 @@ pub struct Stack {
     pub command: String,
     /// Base URL of the query API (reading from the replica).
     pub query: String,
+    /// Base URL of the relay's probes and metrics.
+    pub relay: String,
+    /// Base URL of the projector's probes and metrics.
+    pub projector: String,
     pub procs: Vec<Proc>,
     /// What every service of the stack is started with (database, NATS, auth).
     pub env: Vec<(&'static str, String)>,
@@ -597,14 +608,30 @@ impl Stack {
         Self::start_on(TestDb::new().await, &[]).await
     }
 
+    /// Like [`Stack::start`], with `extra` in every service's environment.
+    pub async fn start_with(extra: &[(&'static str, String)]) -> Self {
+        Self::start_configured(TestDb::new().await, extra, &[]).await
+    }
+
     /// Every service on `db`, the query API with `query_env` added to its environment.
     pub async fn start_on(db: TestDb, query_env: &[(&'static str, String)]) -> Self {
+        Self::start_configured(db, &[], query_env).await
+    }
+
+    /// Every service on `db` with `extra` in its environment, the query API with `query_env`
+    /// too.
+    async fn start_configured(
+        db: TestDb,
+        extra: &[(&'static str, String)],
+        query_env: &[(&'static str, String)],
+    ) -> Self {
         let nats = TestNats::new();
-        let command_port = free_port();
+        let (command_port, relay_port) = (free_port(), free_port());
         let mut env = nats.env();
         env.extend(auth_env());
         env.push(("TALLY_DATABASE_URL", db.url.clone()));
         env.push(("TALLY_PARTITIONS", "4".into()));
+        env.extend(extra.iter().cloned());
         let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
             env.iter().cloned().chain(extra).collect()
         };
@@ -612,12 +639,23 @@ impl Stack {
             "tally-command-api",
             &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
         );
-        let relay = Proc::spawn("tally-relay", &with(vec![]));
-        let projector = Proc::spawn("tally-projector", &with(projector_env("w1")));
+        let relay = Proc::spawn(
+            "tally-relay",
+            &with(vec![("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}"))]),
+        );
+        let projector_env = projector_env("w1");
+        let projector_listen = projector_env
+            .iter()
+            .find(|(k, _)| *k == "TALLY_PROJECTOR_LISTEN")
+            .map(|(_, v)| format!("http://{v}"))
+            .expect("projector_env names the listen address");
+        let projector = Proc::spawn("tally-projector", &with(projector_env));
         let command = format!("http://127.0.0.1:{command_port}");
         let mut stack = Self {
             command,
             query: String::new(),
+            relay: format!("http://127.0.0.1:{relay_port}"),
+            projector: projector_listen,
             procs: vec![command_api, relay, projector],
             env,
             db,

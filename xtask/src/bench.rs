@@ -507,13 +507,18 @@ impl Bench {
         ];
         let pool = PgPool::connect(&self.lag_database_url).await?;
         tally_projectors::migrate(&pool).await?;
-        let _relay = self.spawn_service("tally-relay", "relay", &nats)?;
-        let mut projector_env = nats.to_vec();
-        projector_env.push((
-            "TALLY_PROJECTOR_LISTEN",
-            format!("127.0.0.1:{}", tally_devstack::free_port()?),
-        ));
-        let _projector = self.spawn_service("tally-projector", "projector", &projector_env)?;
+        // Each worker's probe listener on a port of its own.
+        let with_listener = |variable: &'static str| -> anyhow::Result<Vec<(&'static str, String)>> {
+            let mut env = nats.to_vec();
+            env.push((variable, format!("127.0.0.1:{}", tally_devstack::free_port()?)));
+            Ok(env)
+        };
+        let _relay = self.spawn_service("tally-relay", "relay", &with_listener("TALLY_RELAY_LISTEN")?)?;
+        let _projector = self.spawn_service(
+            "tally-projector",
+            "projector",
+            &with_listener("TALLY_PROJECTOR_LISTEN")?,
+        )?;
         // A command API of its own: this scenario's log holds only its own events.
         let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
         let mut service = self.spawn_service(
@@ -597,6 +602,10 @@ impl Bench {
                 ("TALLY_NATS_URL", self.nats_url.clone()),
                 ("TALLY_NATS_STREAM", "BENCH_RELAY".into()),
                 ("TALLY_SUBJECT_PREFIX", "bench.relay".into()),
+                (
+                    "TALLY_RELAY_LISTEN",
+                    format!("127.0.0.1:{}", tally_devstack::free_port()?),
+                ),
             ],
         )?;
         let name = RelayConfig::default().name;

@@ -32,7 +32,7 @@ const KUBERNETES_VERSIONS: &[&str] = &["1.29.0", "1.37.0"];
 const COMPOSE_IMAGE: &str = "tally:dev";
 const K8S_IMAGE: &str = "tally";
 /// Variables read outside clap, by every binary (`tally_service::telemetry`).
-const TELEMETRY_VARIABLES: &[&str] = &["TALLY_LOG", "TALLY_LOG_FORMAT"];
+const TELEMETRY_VARIABLES: &[&str] = &["TALLY_LOG", "TALLY_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
 /// Variables the deployment already passes for work in progress elsewhere: reported, not
 /// failed, while the binary does not read them yet. Remove an entry once it has landed.
 const PENDING_VARIABLES: &[(&str, &str)] = &[];

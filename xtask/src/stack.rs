@@ -322,10 +322,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "command-api",
             &with(vec![("TALLY_COMMAND_LISTEN", args.command_listen.to_string())]),
         )?,
-        spawn("tally-relay", "relay", &with(vec![]))?,
+        spawn(
+            "tally-relay",
+            "relay",
+            &with(vec![("TALLY_RELAY_LISTEN", RELAY_LISTEN.to_owned())]),
+        )?,
     ];
     // Two projector workers: they split the (projection, partition) units between them.
-    for (i, listen) in ["127.0.0.1:9090", "127.0.0.1:9091"].iter().enumerate() {
+    for (i, listen) in PROJECTOR_LISTEN.iter().enumerate() {
         let name = format!("projector-{}", i + 1);
         services.push(spawn(
             "tally-projector",
@@ -396,6 +400,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// Where `up` runs the relay's probe listener and the projectors'.
+const RELAY_LISTEN: &str = "127.0.0.1:9092";
+const PROJECTOR_LISTEN: [&str; 2] = ["127.0.0.1:9090", "127.0.0.1:9091"];
+
 fn print_banner(
     command: &str,
     queries: &[String],
@@ -406,6 +414,14 @@ fn print_banner(
     seeded: &[String],
 ) {
     let q = &queries[0];
+    let workers: Vec<String> = std::iter::once(RELAY_LISTEN)
+        .chain(PROJECTOR_LISTEN)
+        .map(|listen| format!("http://{listen}"))
+        .collect();
+    println!(
+        "\nProbes and Prometheus metrics (/health, /ready, /metrics): the APIs above, relay and projectors at {}",
+        workers.join("  ")
+    );
     println!(
         "\nTally is up.\n\n  command API   {command}\n  query API     {}\n  Postgres      {} (primary)\n                {} (replica)\n  NATS          {}\n  env exports   {}   (source it for psql / tally)\n  logs          {}\n",
         queries.join("  "),

@@ -1,10 +1,22 @@
 //! `tally-relay`: publishes the event log to NATS JetStream. Run two or more; one is active.
+//!
+//! Its HTTP listener (`TALLY_RELAY_LISTEN`) serves `/health` (the process answers), `/ready`
+//! (Postgres and NATS reachable and some relay holds the lock; the body says whether it is
+//! this one) and `/metrics` (Prometheus).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use clap::Parser;
+use sqlx::PgPool;
 use tally_event_store::partition::{self, Topology};
-use tally_event_store::relay::RelayConfig;
+use tally_event_store::relay::{Leadership, RelayConfig, RelayStatus};
+use tally_service::Problem;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +34,9 @@ struct Config {
     database_url: String,
     #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// Address of the HTTP listener: `/health`, `/ready`, `/metrics`.
+    #[arg(long, env = "TALLY_RELAY_LISTEN", default_value = "0.0.0.0:9092")]
+    listen: SocketAddr,
     #[arg(long, env = "TALLY_NATS_STREAM", default_value = partition::STREAM_NAME_DEFAULT)]
     nats_stream: String,
     #[arg(long, env = "TALLY_SUBJECT_PREFIX", default_value = partition::SUBJECT_PREFIX_DEFAULT)]
@@ -46,12 +61,27 @@ struct Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("relay");
+    tally_service::metrics::install();
     let config = Config::parse();
     let pool = tally_event_store::connect(&config.database_url, 4)?;
+    // Connects in the background: the probes answer (503) while NATS is unreachable.
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(&config.nats_url)
         .await?;
+    let status = Arc::new(RelayStatus::default());
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "relay probes listening");
+    let probes = router(Probes {
+        pool: pool.clone(),
+        nats: nats.clone(),
+        status: status.clone(),
+    });
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, probes).await {
+            tracing::error!(%error, "the health and metrics endpoint stopped");
+        }
+    });
     let js = async_nats::jetstream::new(nats);
     let relay = RelayConfig {
         topology: Topology {
@@ -65,6 +95,45 @@ async fn main() -> anyhow::Result<()> {
         crash_after_publish_batches: config.fault_crash_after_publish,
         ..RelayConfig::default()
     };
-    tally_event_store::relay::run(pool, js, relay, tally_service::shutdown::signal()).await;
+    tally_event_store::relay::run(pool, js, relay, &status, tally_service::shutdown::signal()).await;
+    tally_service::telemetry::shutdown();
     Ok(())
+}
+
+/// What the probes look at.
+#[derive(Clone)]
+struct Probes {
+    pool: PgPool,
+    nats: async_nats::Client,
+    status: Arc<RelayStatus>,
+}
+
+fn router(probes: Probes) -> Router {
+    tally_service::probes::router(get(ready)).with_state(probes)
+}
+
+/// `GET /ready`: 200 `{"role": "leader"|"standby"}` while Postgres and NATS are reachable and
+/// some relay holds the lock (this one, or another that this one stands by for); else 503.
+async fn ready(State(probes): State<Probes>) -> Response {
+    let leadership = match tally_event_store::relay::leadership(&probes.pool, &probes.status).await {
+        Ok(leadership) => leadership,
+        Err(_) => {
+            return Problem::unavailable(1)
+                .detail("Postgres is unreachable.")
+                .into_response();
+        }
+    };
+    if probes.nats.connection_state() != async_nats::connection::State::Connected {
+        return Problem::unavailable(1).detail("NATS is unreachable.").into_response();
+    }
+    let role = match leadership {
+        Leadership::Leader => "leader",
+        Leadership::Standby => "standby",
+        Leadership::None => {
+            return Problem::unavailable(1)
+                .detail("No relay holds the lock yet: an election is under way, or none is running.")
+                .into_response();
+        }
+    };
+    axum::Json(serde_json::json!({ "role": role })).into_response()
 }

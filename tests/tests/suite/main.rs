@@ -7,6 +7,7 @@ mod e2e;
 mod event_store;
 mod idempotency;
 mod lifecycle;
+mod observability;
 mod projections;
 mod query;
 mod relay;
