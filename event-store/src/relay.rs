@@ -15,6 +15,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection};
 use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
+use tokio::sync::watch;
 
 use crate::partition::Topology;
 use crate::{Checkpoint, EventStore, StoredEvent, hash::format_recorded_at};
@@ -105,34 +106,68 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
     Ok(())
 }
 
-/// Runs the relay until `shutdown` resolves. Returns only on shutdown; every failure (Postgres
-/// or NATS down, lock lost) is logged and retried, because a relay that exits stops the flow.
-pub async fn run(pool: PgPool, js: jetstream::Context, config: RelayConfig, shutdown: impl Future<Output = ()>) {
-    let mut shutdown = std::pin::pin!(shutdown);
+/// Runs the relay until `shutdown` resolves. Every failure (Postgres or NATS down, lock lost)
+/// is logged and retried, because a relay that exits stops the flow.
+///
+/// On shutdown the active relay finishes the batch in hand (publish, acks, checkpoint), then
+/// unlocks and closes its lock session, so a standby takes over at its next try
+/// ([`RelayConfig::standby_retry`]) and re-publishes nothing. A standby just leaves. When that
+/// takes longer than `drain`, the work is dropped: the lock goes with the process's session and
+/// the next relay re-publishes from the last checkpoint (duplicates are dropped downstream).
+pub async fn run(
+    pool: PgPool,
+    js: jetstream::Context,
+    config: RelayConfig,
+    drain: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop) = watch::channel(false);
+    let signal = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(drain).await;
+        tracing::warn!(?drain, "the relay did not stop in time; dropping the batch in hand");
+    };
+    tokio::select! {
+        () = relay(&pool, &js, &config, stop) => tracing::info!("relay stopped"),
+        () = signal => {}
+    }
+}
+
+/// Leads or stands by, again and again, until `stop` turns true.
+async fn relay(pool: &PgPool, js: &jetstream::Context, config: &RelayConfig, mut stop: watch::Receiver<bool>) {
     let mut published_batches = 0;
     loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            result = lead(&pool, &js, &config, &mut published_batches) => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "relay interrupted; retrying");
-                }
-            }
+        if let Err(error) = lead(pool, js, config, &mut published_batches, &mut stop).await {
+            tracing::warn!(%error, "relay interrupted; retrying");
         }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(config.standby_retry) => {}
+        if sleep_or_stop(&mut stop, config.standby_retry).await {
+            return;
         }
     }
 }
 
-/// Waits to become the active relay, then relays until an error. `published_batches` counts
-/// the batches published by this process (for [`RelayConfig::crash_after_publish_batches`]).
+/// Sleeps for `duration` unless `stop` turns true first; returns whether to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = stop.changed() => true,
+        () = tokio::time::sleep(duration) => *stop.borrow(),
+    }
+}
+
+/// Waits to become the active relay, then relays until an error or until `stop` turns true
+/// (then returns `Ok` after the batch in hand, with the lock released). `published_batches`
+/// counts the batches published by this process (for
+/// [`RelayConfig::crash_after_publish_batches`]).
 async fn lead(
     pool: &PgPool,
     js: &jetstream::Context,
     config: &RelayConfig,
     published_batches: &mut u32,
+    stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // The lock lives as long as this dedicated session: if the process dies, Postgres ends
     // the session and a standby acquires the lock.
@@ -150,7 +185,10 @@ async fn lead(
             tracing::info!("another relay is active; standing by");
             announced = true;
         }
-        tokio::time::sleep(config.standby_retry).await;
+        if sleep_or_stop(stop, config.standby_retry).await {
+            lock_conn.close().await?;
+            return Ok(());
+        }
     }
     tracing::info!(stream = %config.topology.stream_name, "relay is active");
     config.topology.ensure_stream(js).await?;
@@ -160,6 +198,9 @@ async fn lead(
     let mut idle = config.poll_interval_min;
     let mut last_lock_check = tokio::time::Instant::now();
     loop {
+        if *stop.borrow() {
+            break;
+        }
         let events = store.read_all(checkpoint, config.batch_events_max).await?;
         if let Some(last) = events.last() {
             publish_batch(js, &config.topology, &events, config).await?;
@@ -177,7 +218,9 @@ async fn lead(
             tracing::debug!(events = events.len(), position = checkpoint.position, "relayed batch");
             idle = config.poll_interval_min;
         } else {
-            tokio::time::sleep(idle).await;
+            if sleep_or_stop(stop, idle).await {
+                break;
+            }
             idle = (idle * 2).min(config.poll_interval_max);
         }
         // A dead lock session means another relay may be active: stop and re-elect.
@@ -186,6 +229,14 @@ async fn lead(
             last_lock_check = tokio::time::Instant::now();
         }
     }
+    // Every batch read is published and checkpointed: hand the lock over.
+    let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(RELAY_LOCK_KEY)
+        .fetch_one(&mut lock_conn)
+        .await?;
+    lock_conn.close().await?;
+    tracing::info!(position = checkpoint.position, "checkpoint stored, lock released");
+    Ok(())
 }
 
 /// Publishes `events` in order with at most `in_flight_max` acks outstanding, and returns once

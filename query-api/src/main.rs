@@ -10,6 +10,13 @@ async fn main() -> anyhow::Result<()> {
     let state = AppState::connect(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, replica = config.replica_url.is_some(), "query API listening");
-    tally_query_api::run(listener, state, &edge, tally_service::shutdown::signal()).await?;
+    tally_query_api::run(
+        listener,
+        state,
+        &edge,
+        &config.shutdown,
+        tally_service::shutdown::signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -37,7 +37,8 @@ pub fn router(state: AppState) -> Router {
     summary = "Readiness: the read database answers",
     responses(
         (status = 200, description = "The read database is reachable.", body = String, content_type = "text/plain"),
-        (status = 503, description = "`unavailable`: the read database is unreachable.", body = Problem,
+        (status = 503, description = "`unavailable`: the read database is unreachable; `shutting-down`: the \
+         instance is stopping (SIGTERM).", body = Problem,
          content_type = PROBLEM_JSON),
     )
 )]

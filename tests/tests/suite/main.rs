@@ -10,5 +10,6 @@ mod lifecycle;
 mod projections;
 mod relay;
 mod schemas;
+mod shutdown;
 mod transfers;
 mod writer;
