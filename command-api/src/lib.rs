@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use tally_event_store::EventStore;
 use tally_service::auth::AuthConfig;
 use tally_service::edge::{Edge, LimitsConfig};
+use tally_service::shutdown::ShutdownConfig;
 use writer::{Writer, WriterConfig};
 
 /// Configuration of the `tally-command-api` binary (flags or `TALLY_*` variables).
@@ -78,6 +79,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[command(flatten)]
     pub limits: LimitsConfig,
+    #[command(flatten)]
+    pub shutdown: ShutdownConfig,
 }
 
 impl Config {
@@ -124,15 +127,15 @@ pub fn app(state: AppState, edge: &Edge) -> axum::Router {
     tally_service::edge::protect(routes::router(state), edge)
 }
 
-/// Serves the command API on `listener` until `shutdown` resolves, then drains in-flight
-/// requests.
+/// Serves the command API on `listener` until `shutdown` resolves, then drains as `config`
+/// says (`tally_service::shutdown::serve`: grace with `/ready` at 503, stop accepting, finish
+/// the requests in flight, bounded).
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     edge: &Edge,
+    config: &ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Peer addresses tell anonymous clients apart for the rate limit.
-    let app = app(state, edge).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    tally_service::shutdown::serve(listener, app(state, edge), config, shutdown).await
 }

@@ -30,7 +30,14 @@ async fn main() -> anyhow::Result<()> {
         expiry_interval,
     ));
     let state = AppState { store, writer };
-    tally_command_api::run(listener, state, &edge, tally_service::shutdown::signal()).await?;
+    tally_command_api::run(
+        listener,
+        state,
+        &edge,
+        &config.shutdown,
+        tally_service::shutdown::signal(),
+    )
+    .await?;
     // The worker holds a writer handle too; stop it so the writer can drain and end.
     expiry.abort();
     let _ = expiry.await;

@@ -61,7 +61,8 @@ pub fn router(state: AppState) -> Router {
     summary = "Readiness: the event store answers",
     responses(
         (status = 200, description = "The event store is reachable.", body = String, content_type = "text/plain"),
-        (status = 503, description = "`unavailable`: the event store is unreachable.", body = Problem,
+        (status = 503, description = "`unavailable`: the event store is unreachable; `shutting-down`: the \
+         instance is stopping (SIGTERM).", body = Problem,
          content_type = PROBLEM_JSON),
     )
 )]

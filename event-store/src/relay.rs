@@ -23,6 +23,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection};
 use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::partition::Topology;
@@ -207,35 +208,58 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
     Ok(())
 }
 
-/// Runs the relay until `shutdown` resolves. Returns only on shutdown; every failure (Postgres
-/// or NATS down, lock lost) is logged and retried, because a relay that exits stops the flow.
-/// `status` tells the probes whether this instance is the active one.
+/// Runs the relay until `shutdown` resolves. Every failure (Postgres or NATS down, lock lost)
+/// is logged and retried, because a relay that exits stops the flow. `status` tells the probes
+/// whether this instance is the active one.
+///
+/// On shutdown the active relay finishes the batch in hand (publish, acks, checkpoint), then
+/// unlocks and closes its lock session, so a standby takes over at its next try
+/// ([`RelayConfig::standby_retry`]) and re-publishes nothing. A standby just leaves. When that
+/// takes longer than `drain`, the work is dropped: the lock goes with the process's session and
+/// the next relay re-publishes from the last checkpoint (duplicates are dropped downstream).
 pub async fn run(
     pool: PgPool,
     js: jetstream::Context,
     config: RelayConfig,
     status: &RelayStatus,
+    drain: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut shutdown = std::pin::pin!(shutdown);
+    let (stop_tx, stop) = watch::channel(false);
+    let signal = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(drain).await;
+        tracing::warn!(?drain, "the relay did not stop in time; dropping the batch in hand");
+    };
+    tokio::select! {
+        () = relay(&pool, &js, &config, status, stop) => tracing::info!("relay stopped"),
+        () = signal => {}
+    }
+    status.set_leader(false);
+}
+
+/// Leads or stands by, again and again, until `stop` turns true.
+async fn relay(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    config: &RelayConfig,
+    status: &RelayStatus,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut published_batches = 0;
     status.set_leader(false);
     let sampler = tokio::spawn(sample_lag(pool.clone(), config.name.clone()));
     let _sampler = AbortOnDrop(sampler);
     loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            result = lead(&pool, &js, &config, status, &mut published_batches) => {
-                status.set_leader(false);
-                if let Err(error) = result {
-                    metrics::counter!("tally_relay_errors_total").increment(1);
-                    tracing::warn!(%error, "relay interrupted; retrying");
-                }
-            }
+        let result = lead(pool, js, config, status, &mut published_batches, &mut stop).await;
+        status.set_leader(false);
+        if let Err(error) = result {
+            metrics::counter!("tally_relay_errors_total").increment(1);
+            tracing::warn!(%error, "relay interrupted; retrying");
         }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(config.standby_retry) => {}
+        if sleep_or_stop(&mut stop, config.standby_retry).await {
+            return;
         }
     }
 }
@@ -249,14 +273,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Waits to become the active relay, then relays until an error. `published_batches` counts
-/// the batches published by this process (for [`RelayConfig::crash_after_publish_batches`]).
+/// Sleeps for `duration` unless `stop` turns true first; returns whether to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = stop.changed() => true,
+        () = tokio::time::sleep(duration) => *stop.borrow(),
+    }
+}
+
+/// Waits to become the active relay, then relays until an error or until `stop` turns true
+/// (then returns `Ok` after the batch in hand, with the lock released). `published_batches`
+/// counts the batches published by this process (for
+/// [`RelayConfig::crash_after_publish_batches`]).
 async fn lead(
     pool: &PgPool,
     js: &jetstream::Context,
     config: &RelayConfig,
     status: &RelayStatus,
     published_batches: &mut u32,
+    stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // The lock lives as long as this dedicated session: if the process dies, Postgres ends
     // the session and a standby acquires the lock.
@@ -274,7 +312,10 @@ async fn lead(
             tracing::info!("another relay is active; standing by");
             announced = true;
         }
-        tokio::time::sleep(config.standby_retry).await;
+        if sleep_or_stop(stop, config.standby_retry).await {
+            lock_conn.close().await?;
+            return Ok(());
+        }
     }
     status.set_leader(true);
     tracing::info!(stream = %config.topology.stream_name, "relay is active");
@@ -285,6 +326,9 @@ async fn lead(
     let mut idle = config.poll_interval_min;
     let mut last_lock_check = tokio::time::Instant::now();
     loop {
+        if *stop.borrow() {
+            break;
+        }
         let events = store.read_all(checkpoint, config.batch_events_max).await?;
         if let Some(last) = events.last() {
             let started = Instant::now();
@@ -317,7 +361,9 @@ async fn lead(
             tracing::debug!(events = events.len(), position = checkpoint.position, "relayed batch");
             idle = config.poll_interval_min;
         } else {
-            tokio::time::sleep(idle).await;
+            if sleep_or_stop(stop, idle).await {
+                break;
+            }
             idle = (idle * 2).min(config.poll_interval_max);
         }
         // A dead lock session means another relay may be active: stop and re-elect.
@@ -326,6 +372,14 @@ async fn lead(
             last_lock_check = tokio::time::Instant::now();
         }
     }
+    // Every batch read is published and checkpointed: hand the lock over.
+    let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(RELAY_LOCK_KEY)
+        .fetch_one(&mut lock_conn)
+        .await?;
+    lock_conn.close().await?;
+    tracing::info!(position = checkpoint.position, "checkpoint stored, lock released");
+    Ok(())
 }
 
 /// Publishes `events` in order with at most `in_flight_max` acks outstanding, and returns once

@@ -32,6 +32,8 @@ use tally_schemas::invalidation::{INVALIDATION_ROWS_MAX, InvalidatedRow, Invalid
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Unacknowledged messages a consumer may have outstanding.
 const ACK_PENDING_MAX: i64 = 20_000;
+/// How long a stopping unit hands back the messages it had pulled and not applied.
+const GIVE_BACK_MAX: Duration = Duration::from_millis(100);
 /// How often a stopped unit (paused, failed, needing a rebuild) looks whether it may go on.
 const GATE_POLL: Duration = Duration::from_millis(500);
 
@@ -179,7 +181,10 @@ impl<P: Projection> Unit<P> {
             };
             loop {
                 let first = tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => {
+                        give_back(&mut messages).await;
+                        return;
+                    }
                     next = messages.next() => next,
                 };
                 let mut batch = match first {
@@ -201,6 +206,12 @@ impl<P: Projection> Unit<P> {
                 if !self.handle(batch, &mut stop).instrument(span).await {
                     break; // stop taking messages; the gate decides when to go on
                 }
+                if *stop.borrow() {
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                give_back(&mut messages).await;
             }
         }
     }
@@ -556,6 +567,22 @@ async fn ack_all(batch: &[jetstream::Message]) {
 async fn nak_all(batch: &[jetstream::Message], delay: Option<Duration>) {
     for message in batch {
         let _ = message.ack_with(AckKind::Nak(delay)).await;
+    }
+}
+
+/// Hands back what the pull had delivered and no batch took (a nak without delay), so the
+/// unit's next owner gets it at once instead of after [`ACK_WAIT`]. Best effort, for at most
+/// [`GIVE_BACK_MAX`]: a message missed here is redelivered after [`ACK_WAIT`], and meanwhile the
+/// next owner fills the version gap from the log.
+async fn give_back(messages: &mut pull::Stream) {
+    let deadline = tokio::time::Instant::now() + GIVE_BACK_MAX;
+    let mut returned = 0usize;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, messages.next()).await {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        returned += 1;
+    }
+    if returned > 0 {
+        tracing::debug!(returned, "pulled messages handed back on stop");
     }
 }
 

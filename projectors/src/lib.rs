@@ -87,6 +87,11 @@ pub struct Config {
     /// `/health`, `/ready` and `/metrics`.
     #[arg(long, env = "TALLY_PROJECTOR_LISTEN", default_value = "0.0.0.0:9090")]
     pub listen: String,
+    /// On SIGTERM, the longest wait for the batches in hand to commit and be acked, in
+    /// milliseconds; the leases are given back either way.
+    #[arg(long, env = "TALLY_SHUTDOWN_DRAIN_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub shutdown_drain_ms: u64,
 }
 
 /// Longest back-off between retries of a failing batch.
@@ -114,8 +119,10 @@ impl Config {
 }
 
 /// Runs this worker until `shutdown` resolves: claims its share of the (projection, partition)
-/// units and consumes them. On shutdown every unit finishes (commits and acks) its batch and
-/// the leases are given back.
+/// units and consumes them. On shutdown every unit finishes (commits and acks) its batch, what
+/// it had pulled and not applied goes back to the stream, and the leases are given back, so
+/// another worker takes the units over at its next lease round instead of after the lease
+/// expires.
 pub async fn run(
     pool: PgPool,
     js: jetstream::Context,
@@ -146,6 +153,7 @@ pub async fn run(
         worker_id: worker_id.clone(),
         ttl: Duration::from_millis(config.lease_ms.max(500)),
         partitions: config.partitions,
+        drain: Duration::from_millis(config.shutdown_drain_ms),
     };
     tracing::info!(worker = %worker_id, partitions = config.partitions, "projector running");
     worker::run(shared, leases, shutdown).await;

@@ -35,6 +35,8 @@ pub(crate) struct Leases {
     pub worker_id: String,
     pub ttl: Duration,
     pub partitions: u32,
+    /// On shutdown, the longest wait for the units to finish their batches in hand.
+    pub drain: Duration,
 }
 
 impl Leases {
@@ -144,12 +146,28 @@ pub(crate) async fn run(shared: Arc<Shared>, leases: Leases, shutdown: impl Futu
         }
     }
     tracing::info!(units = running.len(), "stopping: finishing the batches in hand");
+    // Every unit is told at once and they finish side by side, within one bound.
+    let mut tasks = Vec::with_capacity(running.len());
     for (_, unit) in running.drain() {
         let _ = unit.stop.send(true);
-        let _ = unit.task.await;
+        tasks.push(unit.task);
     }
-    if let Err(error) = leases.leave().await {
-        tracing::warn!(%error, "cannot give back the leases; they lapse on their own");
+    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+    if tokio::time::timeout(leases.drain, futures::future::join_all(tasks))
+        .await
+        .is_err()
+    {
+        // A dropped batch rolls back and its messages are redelivered: nothing is lost. The
+        // lease fence (`FOR UPDATE` on the partition row) makes the release below wait for
+        // a commit still in flight.
+        tracing::warn!(drain = ?leases.drain, "units did not finish their batches in time; abandoning them");
+        for abort in aborts {
+            abort.abort();
+        }
+    }
+    match leases.leave().await {
+        Ok(()) => tracing::info!("leases given back; stopped"),
+        Err(error) => tracing::warn!(%error, "cannot give back the leases; they lapse on their own"),
     }
 }
 

@@ -16,7 +16,14 @@ async fn main() -> anyhow::Result<()> {
         cache_max_entries = config.cache_max_entries,
         "query API listening"
     );
-    tally_query_api::run(listener, state, &edge, tally_service::shutdown::signal()).await?;
+    tally_query_api::run(
+        listener,
+        state,
+        &edge,
+        &config.shutdown,
+        tally_service::shutdown::signal(),
+    )
+    .await?;
     tally_service::telemetry::shutdown();
     Ok(())
 }

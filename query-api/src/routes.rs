@@ -76,7 +76,8 @@ pub struct Readiness {
     summary = "Readiness: where reads go, and each replica's lag",
     responses(
         (status = 200, description = "Reads are served.", body = Readiness),
-        (status = 503, description = "The database reads go to is unreachable (the body says which).", body = Readiness),
+        (status = 503, description = "The database reads go to is unreachable (the body says which). While the \
+         instance is stopping (SIGTERM) a `shutting-down` problem instead.", body = Readiness),
     )
 )]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {

@@ -400,6 +400,15 @@ impl Proc {
         }
     }
 
+    /// SIGTERM: the process is asked to stop and shut down gracefully.
+    #[allow(unsafe_code)]
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "sending SIGTERM to {}", self.name);
+    }
+
     /// SIGKILL: the process gets no chance to clean up (crash simulation).
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

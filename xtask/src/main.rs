@@ -2,13 +2,16 @@
 //!
 //! - `up`: the whole stack on this machine (Postgres primary + replica and NATS from the
 //!   installed binaries, then every Tally service), until Ctrl-C.
-//! - `test`: the same ephemeral services, then the whole workspace test suite.
+//! - `test`: the same ephemeral services, then the whole workspace test suite, then
+//!   `schemathesis` (unless runner arguments were given).
+//! - `schemathesis`: generated requests against both APIs' OpenAPI documents (schemathesis).
 //! - `bench`: the write-path benchmark (limits vs Tally, same run), see BENCHMARKS.md.
 //! - `schemas`: rewrites the checked-in JSON Schemas and OpenAPI documents from the code.
 //! - `check-deploy`: validates `docker-compose.yml` and `deploy/` and checks them against the code.
 
 mod bench;
 mod deploy;
+mod schemathesis;
 mod stack;
 
 use std::path::PathBuf;
@@ -28,14 +31,19 @@ struct Cli {
 enum Task {
     /// Run the whole stack locally until Ctrl-C.
     Up(stack::UpArgs),
-    /// Start ephemeral Postgres (primary + replica) and NATS, run every test, stop them.
+    /// Start ephemeral Postgres (primary + replica) and NATS, run every test and then
+    /// schemathesis against both APIs, stop them.
     Test {
-        /// Extra arguments for the test runner (cargo nextest run / cargo test).
+        /// Extra arguments for the test runner (cargo nextest run / cargo test). With any,
+        /// only the runner runs (schemathesis is skipped).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Measure the write path against its limits (release build, durable Postgres, NATS).
     Bench(bench::BenchArgs),
+    /// Run schemathesis (from PyPI, in a venv under the target directory) against both APIs'
+    /// OpenAPI documents on a stack of its own.
+    Schemathesis,
     /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
     Schemas,
     /// Validate docker-compose.yml and deploy/ (docker-compose config, Kubernetes schemas) and
@@ -78,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Task::Up(args) => stack::up(args),
         Task::Test { args } => stack::test(&args),
         Task::Bench(args) => bench::bench(args),
+        Task::Schemathesis => schemathesis::schemathesis(),
         Task::Schemas => write_schemas(),
         Task::CheckDeploy => deploy::check_deploy(),
     }

@@ -203,7 +203,7 @@ pub(crate) async fn create_database(pg: &Postgres, database: &str) -> anyhow::Re
 }
 
 /// Creates `database` if absent and applies every migration.
-async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
+pub(crate) async fn prepare_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
     create_database(pg, database).await?;
     let pool = sqlx::PgPool::connect(&pg.primary_url(database)).await?;
     tally_event_store::migrate(&pool).await?;
@@ -512,11 +512,19 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("TALLY_BIN_DIR", target_dir().join("debug"))
         .status()
         .context("running the test suite")?;
+    // Hostile input against both APIs, on the same servers (a database of its own). A filtered
+    // run (runner arguments given) is a developer's quick loop: it is skipped there.
+    let fuzzed = if extra.is_empty() {
+        crate::schemathesis::run(&pg, &nats)
+    } else {
+        println!("runner arguments given: schemathesis skipped (cargo xtask schemathesis runs it alone)");
+        Ok(())
+    };
     drop(nats);
     pg.stop();
     let _ = std::fs::remove_dir(root.parent().unwrap_or(&root));
     if !status.success() {
         bail!("tests failed ({status})");
     }
-    Ok(())
+    fuzzed
 }

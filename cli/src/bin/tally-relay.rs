@@ -52,6 +52,11 @@ struct Config {
     /// Longest idle poll interval, in milliseconds.
     #[arg(long, env = "TALLY_RELAY_POLL_MAX_MS", default_value_t = 50)]
     poll_interval_max_ms: u64,
+    /// On SIGTERM, the longest wait for the batch in hand to be published and checkpointed
+    /// before the lock is released, in milliseconds.
+    #[arg(long, env = "TALLY_SHUTDOWN_DRAIN_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    shutdown_drain_ms: u64,
     /// TEST ONLY, never set in production (fault injection): abort the process right after the
     /// Nth batch was published and acknowledged by JetStream, before its checkpoint is stored.
     #[arg(long, env = "TALLY_RELAY_FAULT_CRASH_AFTER_PUBLISH", value_name = "BATCHES")]
@@ -95,7 +100,8 @@ async fn main() -> anyhow::Result<()> {
         crash_after_publish_batches: config.fault_crash_after_publish,
         ..RelayConfig::default()
     };
-    tally_event_store::relay::run(pool, js, relay, &status, tally_service::shutdown::signal()).await;
+    let drain = Duration::from_millis(config.shutdown_drain_ms);
+    tally_event_store::relay::run(pool, js, relay, &status, drain, tally_service::shutdown::signal()).await;
     tally_service::telemetry::shutdown();
     Ok(())
 }

@@ -12,5 +12,6 @@ mod projections;
 mod query;
 mod relay;
 mod schemas;
+mod shutdown;
 mod transfers;
 mod writer;

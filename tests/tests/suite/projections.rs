@@ -15,24 +15,24 @@ use tally_event_store::partition::partition_of;
 use tally_tests::{Api, Proc, TestDb, TestNats, bin_dir, command_api, eventually, fold, projector_env};
 use uuid::Uuid;
 
-const PARTITIONS: u32 = 4;
+pub(super) const PARTITIONS: u32 = 4;
 /// Units: 2 projections × `PARTITIONS`.
-const UNITS: i64 = 8;
+pub(super) const UNITS: i64 = 8;
 const CONVERGE: Duration = Duration::from_secs(90);
 
 /// A command API, a relay and projector workers on one database and NATS stream.
-struct Rig {
-    db: TestDb,
-    nats: TestNats,
-    api: Api,
-    procs: Vec<Proc>,
-    workers: HashMap<String, Proc>,
+pub(super) struct Rig {
+    pub(super) db: TestDb,
+    pub(super) nats: TestNats,
+    pub(super) api: Api,
+    pub(super) procs: Vec<Proc>,
+    pub(super) workers: HashMap<String, Proc>,
     /// Each worker's `/health`, `/ready` and `/metrics` address.
-    listen: HashMap<String, String>,
+    pub(super) listen: HashMap<String, String>,
 }
 
 impl Rig {
-    async fn start(nats: TestNats, workers: &[&str], extra: &[(&'static str, &str)]) -> Self {
+    pub(super) async fn start(nats: TestNats, workers: &[&str], extra: &[(&'static str, &str)]) -> Self {
         let db = TestDb::new().await;
         let (api, command) = command_api(&db, &[]).await;
         let mut rig = Self {
@@ -50,7 +50,7 @@ impl Rig {
         rig
     }
 
-    fn env(&self, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    pub(super) fn env(&self, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
         let mut env = self.nats.env();
         env.push(("TALLY_DATABASE_URL", self.db.url.clone()));
         env.push(("TALLY_PARTITIONS", PARTITIONS.to_string()));
@@ -58,7 +58,7 @@ impl Rig {
         env
     }
 
-    fn start_worker(&mut self, id: &str, extra: &[(&'static str, &str)]) {
+    pub(super) fn start_worker(&mut self, id: &str, extra: &[(&'static str, &str)]) {
         let mut env = projector_env(id);
         let listen = env
             .iter()
@@ -72,7 +72,7 @@ impl Rig {
         self.workers.insert(id.to_owned(), proc);
     }
 
-    fn logs(&self) -> String {
+    pub(super) fn logs(&self) -> String {
         self.procs
             .iter()
             .chain(self.workers.values())
@@ -82,7 +82,7 @@ impl Rig {
     }
 
     /// Units each worker holds a current lease on.
-    async fn leases(&self) -> HashMap<String, i64> {
+    pub(super) async fn leases(&self) -> HashMap<String, i64> {
         sqlx::query_as::<_, (String, i64)>(
             "SELECT worker, count(*) FROM projection_partitions WHERE lease_until > now() GROUP BY worker",
         )
@@ -94,7 +94,7 @@ impl Rig {
     }
 
     /// Waits until every read model equals the fold of the whole log, and returns the fold.
-    async fn converged(&self) -> fold::Expected {
+    pub(super) async fn converged(&self) -> fold::Expected {
         let expected = fold::expected(&self.db.pool).await;
         let mut last_diff = String::new();
         let result = tokio::time::timeout(CONVERGE, async {
@@ -117,7 +117,7 @@ impl Rig {
     }
 
     /// `tally <args>` against this rig's database; returns stdout, panics on failure.
-    fn tally(&self, args: &[&str]) -> String {
+    pub(super) fn tally(&self, args: &[&str]) -> String {
         let output = std::process::Command::new(bin_dir().join("tally"))
             .args(args)
             .env("TALLY_DATABASE_URL", &self.db.url)
@@ -133,7 +133,7 @@ impl Rig {
         stdout
     }
 
-    fn status(&self) -> Vec<Value> {
+    pub(super) fn status(&self) -> Vec<Value> {
         self.tally(&["projections", "status", "--json"])
             .lines()
             .map(|l| serde_json::from_str(l).expect("status lines are JSON"))
@@ -142,7 +142,7 @@ impl Rig {
 }
 
 /// Opens `n` accounts, each funded with 10,000.
-async fn open_accounts(api: &Api, n: usize) -> Vec<Uuid> {
+pub(super) async fn open_accounts(api: &Api, n: usize) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
         let opened = futures::future::join_all(chunk.iter().map(|_| api.funded("EUR", 10_000))).await;
@@ -154,7 +154,13 @@ async fn open_accounts(api: &Api, n: usize) -> Vec<Uuid> {
 /// `clients` clients sending random money-moving commands (deposits, withdrawals, immediate
 /// transfers, pending transfers then posted or voided) until `commands` were answered or
 /// `stop` is set. Every answer must be 201 or a 422 refusal. Returns the commands sent.
-async fn drive(api: &Api, accounts: &[Uuid], clients: usize, commands: usize, stop: Option<Arc<AtomicBool>>) -> usize {
+pub(super) async fn drive(
+    api: &Api,
+    accounts: &[Uuid],
+    clients: usize,
+    commands: usize,
+    stop: Option<Arc<AtomicBool>>,
+) -> usize {
     let sent = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -212,7 +218,7 @@ async fn drive(api: &Api, accounts: &[Uuid], clients: usize, commands: usize, st
     sent.load(Ordering::Relaxed).min(commands)
 }
 
-fn assert_whole(expected: &fold::Expected) {
+pub(super) fn assert_whole(expected: &fold::Expected) {
     assert!(fold::duplicate_lines(&expected.lines).is_empty());
     assert!(!expected.transfers.is_empty() && !expected.lines.is_empty());
 }

@@ -16,7 +16,7 @@ use tally_tests::{Proc, TestDb, TestNats, eventually};
 use uuid::Uuid;
 
 /// Generous bound for "the relay has caught up" on a loaded 2-core machine.
-const CATCH_UP: Duration = Duration::from_secs(30);
+pub(super) const CATCH_UP: Duration = Duration::from_secs(30);
 
 fn event() -> NewEvent {
     NewEvent {
@@ -51,7 +51,7 @@ async fn append_round_robin(store: &EventStore, streams: usize, per_stream: usiz
 }
 
 /// The environment of a `tally-relay` on this test's database and NATS stream.
-fn relay_env(db: &TestDb, nats: &TestNats, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+pub(super) fn relay_env(db: &TestDb, nats: &TestNats, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
     let mut env = nats.env();
     env.push(("TALLY_DATABASE_URL", db.url.clone()));
     env.push(("TALLY_PARTITIONS", "4".into()));
@@ -60,13 +60,13 @@ fn relay_env(db: &TestDb, nats: &TestNats, extra: &[(&'static str, &str)]) -> Ve
 }
 
 /// The whole log file of a process (its tail may have scrolled past a line we look for).
-fn full_log(proc: &Proc) -> String {
+pub(super) fn full_log(proc: &Proc) -> String {
     std::fs::read_to_string(&proc.log).unwrap_or_default()
 }
 
 /// Whether a relay's log says it took the advisory lock (the standby's "another relay is
 /// active; standing by" does not count).
-fn became_active(proc: &Proc) -> bool {
+pub(super) fn became_active(proc: &Proc) -> bool {
     full_log(proc)
         .lines()
         .any(|line| line.contains("relay is active") && !line.contains("another relay"))
@@ -83,7 +83,7 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
-async fn jetstream_for(nats: &TestNats) -> jetstream::Context {
+pub(super) async fn jetstream_for(nats: &TestNats) -> jetstream::Context {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(&nats.url)
@@ -94,9 +94,19 @@ async fn jetstream_for(nats: &TestNats) -> jetstream::Context {
 
 /// How many messages the test's JetStream stream holds (None while it does not exist or NATS
 /// cannot be reached).
-async fn message_count(js: &jetstream::Context, nats: &TestNats) -> Option<u64> {
+pub(super) async fn message_count(js: &jetstream::Context, nats: &TestNats) -> Option<u64> {
     let stream = js.get_stream(&nats.stream).await.ok()?;
     Some(stream.get_info().await.ok()?.state.messages)
+}
+
+/// Waits until the stored relay checkpoint is the end of the log (`what` names who should get
+/// there, for the timeout message).
+pub(super) async fn wait_checkpointed_to_the_end(db: &TestDb, what: &str) {
+    let last = last_checkpoint(db).await;
+    eventually(CATCH_UP, what, || async {
+        (relay_checkpoint(db).await == Some(last)).then_some(())
+    })
+    .await;
 }
 
 /// The stored relay checkpoint, if the relay ever stored one.
@@ -110,13 +120,13 @@ async fn relay_checkpoint(db: &TestDb) -> Option<Checkpoint> {
 
 /// An event as the database holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Committed {
+pub(super) struct Committed {
     event_id: Uuid,
     stream_id: Uuid,
     version: i64,
 }
 
-async fn committed(db: &TestDb) -> Vec<Committed> {
+pub(super) async fn committed(db: &TestDb) -> Vec<Committed> {
     let rows: Vec<(Uuid, Uuid, i64)> =
         sqlx::query_as("SELECT event_id, stream_id, version FROM events ORDER BY position")
             .fetch_all(&db.pool)
@@ -143,7 +153,7 @@ async fn last_checkpoint(db: &TestDb) -> Checkpoint {
 
 /// Every message of the test's stream, in stream order, read with an ordered consumer from the
 /// first message (`DeliverPolicy::All`). Call once nothing publishes any more.
-async fn published(js: &jetstream::Context, nats: &TestNats) -> Vec<Committed> {
+pub(super) async fn published(js: &jetstream::Context, nats: &TestNats) -> Vec<Committed> {
     let stream = js.get_stream(&nats.stream).await.expect("the relay created the stream");
     let total = stream.get_info().await.expect("stream info").state.messages;
     let consumer = stream
@@ -230,7 +240,7 @@ fn audit(published: &[Committed], committed: &[Committed]) -> Audit {
 
 /// Asserts every committed event is in JetStream exactly once, and nothing else is. With
 /// `in_order`, also that each stream's versions arrive as 1, 2, 3, ...
-fn assert_exactly_once(published: &[Committed], committed: &[Committed], in_order: bool, logs: &str) {
+pub(super) fn assert_exactly_once(published: &[Committed], committed: &[Committed], in_order: bool, logs: &str) {
     let audit = audit(published, committed);
     assert!(
         audit.duplicates.is_empty(),
@@ -260,7 +270,7 @@ fn assert_exactly_once(published: &[Committed], committed: &[Committed], in_orde
     }
 }
 
-fn logs_of(procs: &[&Proc]) -> String {
+pub(super) fn logs_of(procs: &[&Proc]) -> String {
     procs
         .iter()
         .map(|p| format!("--- {} (pid {}) ---\n{}", p.name, p.pid(), p.log_tail()))
@@ -270,14 +280,14 @@ fn logs_of(procs: &[&Proc]) -> String {
 
 /// Writer tasks appending to streams of their own until stopped: each task owns `streams_each`
 /// streams and appends one to three events to one of them, then pauses.
-struct Writers {
+pub(super) struct Writers {
     stop: Arc<AtomicBool>,
     written: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Writers {
-    fn start(store: &EventStore, tasks: usize, streams_each: usize, pause: Duration) -> Self {
+    pub(super) fn start(store: &EventStore, tasks: usize, streams_each: usize, pause: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicUsize::new(0));
         let tasks = (0..tasks)
@@ -302,12 +312,12 @@ impl Writers {
         Self { stop, written, tasks }
     }
 
-    fn written(&self) -> usize {
+    pub(super) fn written(&self) -> usize {
         self.written.load(Ordering::Relaxed)
     }
 
     /// Stops every writer and returns how many events they appended.
-    async fn stop(self) -> usize {
+    pub(super) async fn stop(self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.expect("a writer failed");
@@ -317,7 +327,7 @@ impl Writers {
 }
 
 /// Waits until the stream holds at least `n` messages.
-async fn wait_published(js: &jetstream::Context, nats: &TestNats, n: u64, timeout: Duration, what: &str) {
+pub(super) async fn wait_published(js: &jetstream::Context, nats: &TestNats, n: u64, timeout: Duration, what: &str) {
     eventually(timeout, what, || async {
         message_count(js, nats).await.filter(|count| *count >= n).map(|_| ())
     })
@@ -371,13 +381,7 @@ async fn a_relay_killed_between_publish_and_checkpoint_republishes_and_every_eve
         &relay_env(&db, &nats, &[("TALLY_RELAY_BATCH_MAX", "100")]),
     );
     wait_published(&js, &nats, 500, CATCH_UP, "all 500 events in JetStream").await;
-    let last = last_checkpoint(&db).await;
-    eventually(
-        CATCH_UP,
-        "the restarted relay to checkpoint the end of the log",
-        || async { (relay_checkpoint(&db).await == Some(last)).then_some(()) },
-    )
-    .await;
+    wait_checkpointed_to_the_end(&db, "the restarted relay to checkpoint the end of the log").await;
     let logs = logs_of(&[&crashing, &relay]);
     drop(relay);
 
@@ -416,13 +420,7 @@ async fn a_relay_killed_with_sigkill_mid_stream_while_writers_append_republishes
     let written = writers.stop().await;
     let committed = committed(&db).await;
     assert_eq!(committed.len(), written, "every acknowledged append is in the log");
-    let last = last_checkpoint(&db).await;
-    eventually(
-        CATCH_UP,
-        "the restarted relay to checkpoint the end of the log",
-        || async { (relay_checkpoint(&db).await == Some(last)).then_some(()) },
-    )
-    .await;
+    wait_checkpointed_to_the_end(&db, "the restarted relay to checkpoint the end of the log").await;
     let logs = logs_of(&[&first, &second]);
     drop(second);
 
@@ -476,11 +474,7 @@ async fn events_written_while_nats_is_down_for_ten_seconds_are_all_published_aft
         "every event written around the outage in JetStream",
     )
     .await;
-    let last = last_checkpoint(&db).await;
-    eventually(CATCH_UP, "the relay to checkpoint the end of the log", || async {
-        (relay_checkpoint(&db).await == Some(last)).then_some(())
-    })
-    .await;
+    wait_checkpointed_to_the_end(&db, "the relay to checkpoint the end of the log").await;
     assert!(
         !has_exited(relay.pid()),
         "the relay must ride out the outage, not exit:\n{}",
@@ -541,13 +535,7 @@ async fn a_standby_relay_takes_over_within_seconds_when_the_active_one_dies() {
         "the standby must have taken the lock:\n{}",
         relays[standby].log_tail()
     );
-    let last = last_checkpoint(&db).await;
-    eventually(
-        CATCH_UP,
-        "the new active relay to checkpoint the end of the log",
-        || async { (relay_checkpoint(&db).await == Some(last)).then_some(()) },
-    )
-    .await;
+    wait_checkpointed_to_the_end(&db, "the new active relay to checkpoint the end of the log").await;
     let logs = logs_of(&[&relays[0], &relays[1]]);
     println!("standby published the new events {took_over:?} after the active relay was killed");
     drop(relays);
