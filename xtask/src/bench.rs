@@ -74,6 +74,8 @@ const BENCH_JWT_SECRET: &str = "tally-bench-hs256-secret-0123456789abcdef";
 /// A limit whose measurements before and after Tally differ by more than this share is
 /// reported as drifting: the machine's speed changed during the scenario.
 const LIMIT_DRIFT_WARN: f64 = 0.25;
+/// Under `target/bench/`: held by the running benchmark (see `Dirs::_lock`).
+const RUN_LOCK_FILE: &str = "run.lock";
 /// How long the relay may take to drain its backlog before the run fails.
 const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -208,6 +210,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Where a run keeps its things, all under `target/bench/`.
 struct Dirs {
+    /// Held (an exclusive `flock`) for the whole run: a second run with the same target
+    /// directory would otherwise delete this one's `run/` folder, servers' data and all, as a
+    /// stale leftover (Postgres then fails in whatever it was doing, e.g. initdb).
+    _lock: std::fs::File,
     /// `report.json` and `report.png`.
     out: PathBuf,
     /// The servers' data and the accounts file; deleted when the run ends.
@@ -220,7 +226,9 @@ impl Dirs {
     /// Clears what an earlier run left (servers' data, logs, report) and creates the log folder.
     fn prepare() -> anyhow::Result<Self> {
         let out = target_dir().join("bench");
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let dirs = Self {
+            _lock: lock_run(&out.join(RUN_LOCK_FILE))?,
             run: out.join("run"),
             logs: out.join("logs"),
             out,
@@ -245,6 +253,39 @@ impl Dirs {
     fn chart(&self) -> PathBuf {
         self.out.join("report.png")
     }
+}
+
+/// Takes the exclusive lock of `path` (created if missing), waiting for another run that holds
+/// it; writes this process's id into it, so the next waiting run can say whom it waits for.
+fn lock_run(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            println!(
+                "another `cargo xtask bench` (pid {}) is running with this target directory ({}); \
+                 waiting for it to finish (or set CARGO_TARGET_DIR to another folder)",
+                holder.trim(),
+                path.display()
+            );
+            file.lock().with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// One benchmark run: where things are, and the report so far.
