@@ -664,6 +664,9 @@ async fn commit(
     let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(k, r)| (*k, r)).collect();
     idempotency::complete_many(&mut tx, &responses).await?;
     tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
+    // Wakes the relay now rather than at its next poll (also after a batch that appended
+    // nothing: a spurious wake-up costs the relay one empty read).
+    store.committed();
     Ok(Committed {
         results,
         states: working.into_iter().collect(),

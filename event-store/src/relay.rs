@@ -2,25 +2,31 @@
 //!
 //! One relay is active per database, elected with a session-level advisory lock; others stand
 //! by and take over when its session ends. The active relay reads the log gap-safely in commit
-//! order, publishes each event with `Nats-Msg-Id` = event id, keeps a bounded window of
+//! order (woken by the writers' commit notifications, see [`crate::notify`], and polling with
+//! a back-off besides), publishes each event with `Nats-Msg-Id` = event id, keeps a bounded window of
 //! publish acks in flight, and only after every ack of a batch stores its checkpoint. A crash
 //! anywhere re-publishes from the last checkpoint: JetStream drops duplicates inside its
 //! window, projectors drop the rest by stream version. Nothing is ever skipped.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use futures::stream::{FuturesOrdered, StreamExt};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, PgConnection};
 use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
+use tokio::sync::Notify;
 
 use crate::partition::Topology;
 use crate::{Checkpoint, EventStore, StoredEvent, hash::format_recorded_at};
 
 /// Advisory lock key electing the active relay ("tallyrly" in ASCII).
 pub const RELAY_LOCK_KEY: i64 = 0x7461_6c6c_7972_6c79;
+
+/// How long the relay waits before listening again for commit notifications after losing them.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Tuning of the relay; every value bounded.
 #[derive(Debug, Clone)]
@@ -92,7 +98,9 @@ pub async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sq
         .unwrap_or_default())
 }
 
-async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(), sqlx::Error> {
+/// Stores the checkpoint on the relay's own session, whose commits do not wait for the WAL
+/// flush (see `lead`).
+async fn store_checkpoint(conn: &mut PgConnection, name: &str, at: Checkpoint) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO relay_checkpoints (name, tx_id, position) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",
@@ -100,7 +108,7 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
     .bind(name)
     .bind(at.tx_id)
     .bind(at.position)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -152,9 +160,17 @@ async fn lead(
         }
         tokio::time::sleep(config.standby_retry).await;
     }
+    // The checkpoint is written on this session, with commits that do not wait for their WAL
+    // flush: a checkpoint lost in a Postgres crash only makes the relay re-publish from an
+    // older one (JetStream drops the duplicates in its window, projectors by version), and a
+    // flush per batch on the relay's critical path is a few milliseconds of lag per event.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut lock_conn)
+        .await?;
     tracing::info!(stream = %config.topology.stream_name, "relay is active");
     config.topology.ensure_stream(js).await?;
 
+    let wake = Wake::listen(pool);
     let store = EventStore::new(pool.clone());
     let mut checkpoint = load_checkpoint(pool, &config.name).await?;
     let mut idle = config.poll_interval_min;
@@ -172,12 +188,13 @@ async fn lead(
                 std::process::abort();
             }
             // Only now is every event of the batch durably in JetStream.
-            store_checkpoint(pool, &config.name, last.checkpoint()).await?;
+            store_checkpoint(&mut lock_conn, &config.name, last.checkpoint()).await?;
             checkpoint = last.checkpoint();
             tracing::debug!(events = events.len(), position = checkpoint.position, "relayed batch");
             idle = config.poll_interval_min;
+        } else if wake.wait(idle).await {
+            idle = config.poll_interval_min;
         } else {
-            tokio::time::sleep(idle).await;
             idle = (idle * 2).min(config.poll_interval_max);
         }
         // A dead lock session means another relay may be active: stop and re-elect.
@@ -185,6 +202,53 @@ async fn lead(
             lock_conn.ping().await?;
             last_lock_check = tokio::time::Instant::now();
         }
+    }
+}
+
+/// Wakes the relay on the writers' commit notifications ([`crate::notify`]); the listening
+/// task stops when this is dropped.
+struct Wake {
+    notified: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Wake {
+    /// Listens through a connection of `pool` of its own (re-connecting after a loss, as
+    /// `PgListener` does); each notification stores one wake-up, many fold into one.
+    fn listen(pool: &PgPool) -> Self {
+        let notified = Arc::new(Notify::new());
+        let wake = notified.clone();
+        let pool = pool.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let error = match PgListener::connect_with(&pool).await {
+                    Ok(mut listener) => match listener.listen(crate::notify::LOG_CHANNEL).await {
+                        Ok(()) => loop {
+                            match listener.recv().await {
+                                Ok(_) => wake.notify_one(),
+                                Err(error) => break error,
+                            }
+                        },
+                        Err(error) => error,
+                    },
+                    Err(error) => error,
+                };
+                tracing::warn!(%error, "commit notifications lost; polling until they are back");
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        });
+        Self { notified, task }
+    }
+
+    /// Waits up to `idle` for a notification; returns whether one came.
+    async fn wait(&self, idle: Duration) -> bool {
+        tokio::time::timeout(idle, self.notified.notified()).await.is_ok()
+    }
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
