@@ -6,6 +6,7 @@
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
 //! when it could not read the log (clap also uses 2 for a malformed command line).
 
+mod export;
 mod load;
 mod progress;
 mod projections;
@@ -62,6 +63,8 @@ enum AuditCommand {
         #[arg(long, value_name = "UUID")]
         stream: Option<Uuid>,
     },
+    /// Write the global feed (from a query API, `auditor` role) as JSON Lines, with its SHA-256.
+    Export(export::ExportArgs),
 }
 
 /// Exit code: the log was read and a chain is broken.
@@ -87,6 +90,9 @@ async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { stream },
         } => audit_verify(&cli.database_url, stream).await,
+        Command::Audit {
+            command: AuditCommand::Export(args),
+        } => exit_code(export::run(args).await),
         Command::Projections { command } => projections::run(&cli.database_url, command).await,
         Command::Token(args) => exit_code(token::run(&args)),
         Command::Load(args) => exit_code(load::run(args).await),

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::catalog;
 use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection, WriteMode};
+use tally_schemas::invalidation::{INVALIDATION_ROWS_MAX, InvalidatedRow, Invalidation, invalidation_subject};
 
 /// How long JetStream waits for an ack before redelivering.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -234,6 +235,7 @@ impl<P: Projection> Unit<P> {
                 Ok(outcome) => {
                     self.record(&outcome, batch.len(), started.elapsed());
                     ack_all(&batch).await;
+                    self.invalidate(&outcome).await;
                     return true;
                 }
                 Err(BatchError::Gate(gate)) => {
@@ -278,6 +280,7 @@ impl<P: Projection> Unit<P> {
                 Ok(outcome) => {
                     self.record(&outcome, 1, started.elapsed());
                     ack_all(one).await;
+                    self.invalidate(&outcome).await;
                 }
                 Err(BatchError::Gate(_)) => {
                     nak_all(&batch[i..], None).await;
@@ -297,6 +300,30 @@ impl<P: Projection> Unit<P> {
             }
         }
         true
+    }
+
+    /// Tells every query API which rows the committed batch changed (see
+    /// `tally_schemas::invalidation`). Best effort by design: a query API that misses one
+    /// has lost its connection, and it clears its cache when that happens.
+    async fn invalidate(&self, outcome: &BatchOutcome) {
+        if outcome.changed.is_empty() {
+            return;
+        }
+        let subject = invalidation_subject(&self.shared.topology.subject_prefix, P::NAME);
+        let client = self.shared.js.client();
+        for rows in outcome.changed.chunks(INVALIDATION_ROWS_MAX) {
+            let message = Invalidation {
+                projection: P::NAME.to_owned(),
+                rows: rows
+                    .iter()
+                    .map(|&(id, version)| InvalidatedRow { id, version })
+                    .collect(),
+            };
+            let body = serde_json::to_vec(&message).expect("an invalidation always serializes");
+            if let Err(error) = client.publish(subject.clone(), body.into()).await {
+                tracing::warn!(projection = P::NAME, partition = self.partition, %error, "publishing cache invalidations failed");
+            }
+        }
     }
 
     async fn dead_letter(&self, message: &jetstream::Message, error: &ApplyError) {

@@ -193,7 +193,7 @@ pub enum WriteMode {
 }
 
 /// What a batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub applied: u64,
     pub duplicates: u64,
@@ -201,6 +201,9 @@ pub struct BatchOutcome {
     pub filled: u64,
     /// Events of other stream types, acknowledged without reading.
     pub ignored: u64,
+    /// The rows the batch changed: `(stream id, version it now reflects)`, what the live path
+    /// publishes as cache invalidations once the batch has committed.
+    pub changed: Vec<(Uuid, i64)>,
 }
 
 /// Rows already loaded, kept across batches by a caller that is the only writer of the
@@ -276,6 +279,7 @@ pub async fn apply_batch<P: Projection>(
         outcome.applied += 1;
     }
     let rows: Vec<P::Row> = changed.iter().filter_map(|id| cache.get(id).cloned()).collect();
+    outcome.changed = rows.iter().map(|row| (P::stream_id_of(row), P::version(row))).collect();
     P::store(conn, generation, rows, effects, mode).await?;
     Ok(outcome)
 }

@@ -1,21 +1,42 @@
-//! The query API: stateless reads of the read models, from a Postgres read replica.
+//! The query API: stateless reads of the read models and of the event log, from Postgres
+//! read replicas through an in-process cache.
 //!
 //! Instances share nothing, so more of them can be added behind a load balancer at will.
-//! Reads go to the replica pool; the primary is used only when no replica URL is configured.
-//! Every route but `/health`, `/ready` and `/openapi.json` needs the `reader` role; [`app`]
-//! puts the router behind `tally_service::edge` (timeout, authentication, per-client rate limit).
+//! - `sources`: the replica pool with the primary as fallback, and the lag monitor.
+//! - `cache` + `invalidations`: moka caches of account and transfer rows, kept honest by the
+//!   projectors' invalidations over NATS (a row older than an invalidation seen is never kept).
+//! - `consistency`: read-your-writes with the command API's consistency tokens.
+//! - `accounts`, `transfers`, `audit`: the handlers; `routes`: the router and what they share.
+//!
+//! Reads need the `reader` role, audit reads the `auditor` role; `/health`, `/ready` and
+//! `/openapi.json` are open. [`app`] puts the router behind `tally_service::edge` (timeout,
+//! authentication, per-client rate limit).
 
+// The handlers' helpers fail with the finished `Response` (a problem): it is built only on
+// the error path, and boxing it would add an allocation to no one's benefit.
+#![allow(clippy::result_large_err)]
+
+pub mod accounts;
+pub mod audit;
+pub mod cache;
+pub mod consistency;
+pub mod invalidations;
 pub mod openapi;
 pub mod routes;
+pub mod sources;
+pub mod transfers;
+pub mod views;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tally_service::auth::AuthConfig;
 use tally_service::edge::{Edge, LimitsConfig};
+
+use crate::invalidations::{CacheConfig, Caches};
+use crate::sources::{LagBounds, Sources};
 
 /// Configuration of the `tally-query-api` binary (flags or `TALLY_*` variables).
 #[derive(Debug, Clone, clap::Parser)]
@@ -24,10 +45,14 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "TALLY_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
-    /// Read replica to read from. Without it, reads go to the primary.
+    /// Read replicas, comma-separated. Reads go round-robin to those within the lag bounds,
+    /// to the primary when none is.
+    #[arg(long, env = "TALLY_REPLICA_URLS", value_delimiter = ',', hide_env_values = true)]
+    pub replica_urls: Vec<String>,
+    /// One more read replica (the single-replica form, kept for existing deployments).
     #[arg(long, env = "TALLY_REPLICA_URL", hide_env_values = true)]
     pub replica_url: Option<String>,
-    /// Postgres primary, the fallback when no replica is configured.
+    /// Postgres primary: the fallback when no replica is usable (and for lag measurements).
     #[arg(
         long,
         env = "TALLY_DATABASE_URL",
@@ -35,9 +60,33 @@ pub struct Config {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Upper bound on connections to the replica.
+    /// Upper bound on connections to each database.
     #[arg(long, env = "TALLY_DB_CONNECTIONS_MAX", default_value_t = 32)]
     pub db_connections_max: u32,
+    /// A replica further behind than this (milliseconds) leaves the rotation.
+    #[arg(long, env = "TALLY_REPLICA_LAG_MAX_MS", default_value_t = 5_000)]
+    pub replica_lag_max_ms: u64,
+    /// A replica further behind than this (bytes of WAL) leaves the rotation.
+    #[arg(long, env = "TALLY_REPLICA_LAG_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub replica_lag_max_bytes: u64,
+    /// How often each replica's health and lag are checked (milliseconds).
+    #[arg(long, env = "TALLY_REPLICA_CHECK_MS", default_value_t = 1_000)]
+    pub replica_check_ms: u64,
+    /// NATS, for the projectors' cache invalidations.
+    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix of the events (invalidations come on `<prefix>-invalidations.>`).
+    #[arg(long, env = "TALLY_SUBJECT_PREFIX", default_value = tally_event_store::partition::SUBJECT_PREFIX_DEFAULT)]
+    pub subject_prefix: String,
+    /// Rows kept per cache (accounts, transfers); 0 turns the cache off.
+    #[arg(long, env = "TALLY_QUERY_CACHE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub cache_max_entries: u64,
+    /// A cached row is dropped this long after it was loaded (milliseconds), as a safety net.
+    #[arg(long, env = "TALLY_QUERY_CACHE_TTL_MS", default_value_t = 60_000)]
+    pub cache_ttl_ms: u64,
+    /// How long a read with a consistency token waits for its write (milliseconds).
+    #[arg(long, env = "TALLY_CONSISTENCY_WAIT_MS", default_value_t = 2_000)]
+    pub consistency_wait_ms: u64,
     #[command(flatten)]
     pub auth: AuthConfig,
     #[command(flatten)]
@@ -45,31 +94,65 @@ pub struct Config {
 }
 
 impl Config {
-    /// The database this instance reads from.
-    pub fn read_url(&self) -> &str {
-        self.replica_url.as_deref().unwrap_or(&self.database_url)
+    /// Every replica configured, in order.
+    pub fn replicas(&self) -> Vec<String> {
+        self.replica_urls
+            .iter()
+            .chain(&self.replica_url)
+            .filter(|url| !url.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    fn replica_lag_max(&self) -> Duration {
+        Duration::from_millis(self.replica_lag_max_ms)
     }
 }
-
-/// How long a read waits for a pooled connection before answering 503.
-pub const READ_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The read pool (a replica when configured).
-    pub reads: PgPool,
+    pub sources: Arc<Sources>,
+    pub caches: Arc<Caches>,
+    /// How long a read with a consistency token waits.
+    pub consistency_wait: Duration,
 }
 
 impl AppState {
     /// Lazy, like every Tally pool: the instance starts and answers `/ready` with 503 until
-    /// its database is reachable.
-    pub fn connect(config: &Config) -> Result<Self, sqlx::Error> {
-        let reads = PgPoolOptions::new()
-            .max_connections(config.db_connections_max)
-            .acquire_timeout(READ_ACQUIRE_TIMEOUT)
-            .connect_lazy(config.read_url())?;
-        Ok(Self { reads })
+    /// a database it reads from is reachable. Starts the replica monitor and the invalidation
+    /// listener (so it must run inside a Tokio runtime).
+    pub fn start(config: &Config) -> Result<Self, sqlx::Error> {
+        let bounds = LagBounds {
+            bytes_max: config.replica_lag_max_bytes,
+            seconds_max: config.replica_lag_max().as_secs_f64(),
+        };
+        let sources = Arc::new(Sources::connect(
+            &config.replicas(),
+            &config.database_url,
+            config.db_connections_max,
+            bounds,
+        )?);
+        let caches = Arc::new(Caches::new(CacheConfig {
+            entries_max: config.cache_max_entries,
+            ttl: Duration::from_millis(config.cache_ttl_ms),
+            replica_lag_max: config.replica_lag_max(),
+        }));
+        tokio::spawn(
+            sources
+                .clone()
+                .monitor(Duration::from_millis(config.replica_check_ms.max(10))),
+        );
+        tokio::spawn(invalidations::listen(
+            caches.clone(),
+            config.nats_url.clone(),
+            config.subject_prefix.clone(),
+        ));
+        Ok(Self {
+            sources,
+            caches,
+            consistency_wait: Duration::from_millis(config.consistency_wait_ms),
+        })
     }
 }
 

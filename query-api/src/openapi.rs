@@ -9,26 +9,55 @@ use axum::response::Response;
 use tally_service::Problem;
 use utoipa::OpenApi;
 
-use crate::routes::AccountView;
+use crate::accounts::StatementPage;
+use crate::audit::{AccountAsOf, AuditEvent, FeedPage, StreamHistory};
+use crate::routes::Readiness;
+use crate::sources::ReplicaState;
+use crate::transfers::TransfersPage;
+use crate::views::{AccountView, StatementLine, TransferView};
 
 /// The routes and schemas of the query API.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Tally query API",
-        description = "Reads of the Tally ledger's read models. Money is an integer number of minor \
-                       units with an ISO 4217 currency. Reads need a bearer token with the `reader` role \
-                       (`bearerAuth`). Every error is an RFC 9457 \
-                       `application/problem+json` whose `type` is `https://tally.dev/problems/<code>`."
+        description = "Reads of the Tally ledger's read models, and of its event log for auditors. Money \
+                       is an integer number of minor units with an ISO 4217 currency. Reads need a bearer \
+                       token with the `reader` role, audit reads the `auditor` role (`bearerAuth`). A read \
+                       that sends a command response's consistency token (`X-Consistency-Token` or \
+                       `consistent_with`) reflects that write, or answers 503 `not-yet-consistent`. Every \
+                       error is an RFC 9457 `application/problem+json` whose `type` is \
+                       `https://tally.dev/problems/<code>`."
     ),
     paths(
-        crate::routes::get_account,
+        crate::accounts::get_account,
+        crate::accounts::get_statement,
+        crate::transfers::get_transfer,
+        crate::transfers::list_account_transfers,
+        crate::audit::get_stream_events,
+        crate::audit::get_feed,
+        crate::audit::get_account_as_of,
         tally_service::problem::health,
         crate::routes::ready,
     ),
-    components(schemas(AccountView, Problem)),
+    components(schemas(
+        AccountView,
+        StatementLine,
+        StatementPage,
+        TransferView,
+        TransfersPage,
+        AuditEvent,
+        StreamHistory,
+        FeedPage,
+        AccountAsOf,
+        Readiness,
+        ReplicaState,
+        Problem
+    )),
     tags(
-        (name = "accounts", description = "Account balances and status."),
+        (name = "accounts", description = "Account balances, status and statements."),
+        (name = "transfers", description = "Transfers and their status."),
+        (name = "audit", description = "The event log itself: stream histories, the global feed, past states."),
         (name = "ops", description = "Liveness and readiness probes."),
     )
 )]

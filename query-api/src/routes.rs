@@ -1,137 +1,274 @@
-//! HTTP routes of the query API. Each handler carries its `#[utoipa::path]` annotation, from
-//! which [`crate::openapi`] builds the document served at `GET /openapi.json`.
+//! The router of the query API, its probes, and what every handler shares: the cached,
+//! version-aware read of one row, query parameters as problems, cursors and `ETag`s. Each
+//! handler carries its `#[utoipa::path]` annotation, from which [`crate::openapi`] builds the
+//! document served at `GET /openapi.json`.
 
-use axum::extract::{Path, State};
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
 use tally_service::Problem;
-use tally_service::auth::{Reader, Require};
 use tally_service::errors::ErrorReport;
+use tally_service::token::ConsistencyToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::cache::{Read, ReadFailed, Versioned, VersionedCache};
+use crate::consistency;
+use crate::sources::ReplicaState;
 
 /// Every route of the query API. Serve it wrapped in [`tally_service::edge::protect`] (see
 /// [`crate::app`]): its handlers expect the authentication the edge performs.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/accounts/{id}", get(crate::accounts::get_account))
+        .route("/v1/accounts/{id}/statement", get(crate::accounts::get_statement))
+        .route(
+            "/v1/accounts/{id}/transfers",
+            get(crate::transfers::list_account_transfers),
+        )
+        .route("/v1/accounts/{id}/as-of", get(crate::audit::get_account_as_of))
+        .route("/v1/transfers/{id}", get(crate::transfers::get_transfer))
+        .route(
+            "/v1/audit/streams/{stream_id}/events",
+            get(crate::audit::get_stream_events),
+        )
+        .route("/v1/audit/events", get(crate::audit::get_feed))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
+        .route("/metrics", get(tally_service::metrics::serve))
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .with_state(state)
 }
 
-/// `GET /ready`: 200 when the read database answers, else 503.
+/// What `/ready` reports.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// Where reads go now: `replica`, `primary` (no replica configured) or `primary-fallback`
+    /// (no replica is usable).
+    #[schema(example = "replica")]
+    pub source: &'static str,
+    /// Whether the cache is in use (it is off while the invalidation feed from NATS is down).
+    pub cache_live: bool,
+    pub replicas: Vec<ReplicaState>,
+}
+
+/// `GET /ready`: 200 when the database reads go to answers, else 503; the body says where
+/// reads go and why each replica is in or out of the rotation.
 #[utoipa::path(
     get,
     path = "/ready",
     tag = "ops",
-    summary = "Readiness: the read database answers",
+    summary = "Readiness: where reads go, and each replica's lag",
     responses(
-        (status = 200, description = "The read database is reachable.", body = String, content_type = "text/plain"),
-        (status = 503, description = "`unavailable`: the read database is unreachable.", body = Problem,
-         content_type = PROBLEM_JSON),
+        (status = 200, description = "Reads are served.", body = Readiness),
+        (status = 503, description = "The database reads go to is unreachable (the body says which).", body = Readiness),
     )
 )]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
-    match sqlx::query("SELECT 1").execute(&state.reads).await {
-        Ok(_) => "ready".into_response(),
-        Err(_) => Problem::unavailable(1)
-            .detail("The read database is unreachable.")
-            .into_response(),
-    }
+    let (pool, source) = state.sources.pick();
+    let reachable = sqlx::query("SELECT 1").execute(pool).await.is_ok();
+    let readiness = Readiness {
+        status: if reachable { "ready" } else { "unavailable" },
+        source: source.as_str(),
+        cache_live: state.caches.is_live(),
+        replicas: state.sources.replicas().iter().map(|r| r.state()).collect(),
+    };
+    let status = if reachable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
 }
 
 /// Content type of every error response.
 pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 
-/// An account as its read model shows it (`GET /v1/accounts/{id}`).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AccountView {
-    pub account_id: Uuid,
-    #[schema(example = "Ada")]
-    pub owner: String,
-    /// ISO 4217 code.
-    #[schema(example = "EUR")]
-    pub currency: String,
-    /// Minor units on the account.
-    pub balance: i64,
-    /// Minor units reserved by pending transfers (holds).
-    pub held: i64,
-    /// `balance - held`: what a debit may use (plus the overdraft limit).
-    pub available: i64,
-    /// `open`, `frozen` or `closed`.
-    #[schema(example = "open")]
-    pub status: String,
-    /// The account stream version this view reflects.
-    pub version: i64,
-    pub updated_at: DateTime<Utc>,
+/// A database failure: 503 (retryable) with the cause logged, never sent.
+pub(crate) fn unavailable(error: &sqlx::Error) -> Response {
+    unavailable_because(error.to_string())
 }
 
-/// A database failure: 503 (retryable) with the cause logged, never sent.
-fn unavailable(error: &sqlx::Error) -> Response {
+pub(crate) fn unavailable_because(cause: String) -> Response {
     let mut response = Problem::unavailable(1).into_response();
     // 503 is a server error: the logging middleware reports the attached cause.
-    response.extensions_mut().insert(ErrorReport(error.to_string()));
+    response.extensions_mut().insert(ErrorReport(cause));
     response
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/accounts/{id}",
-    tag = "accounts",
-    security(("bearerAuth" = ["reader"])),
-    summary = "An account's balance and status, as projected from its events",
-    params(("id" = Uuid, Path, description = "The account's id (a UUID).")),
-    responses(
-        (status = 200, description = "The account as of `version`.", body = AccountView),
-        (status = 404, description = "`account-not-found`: no account with this id (or the projection has not \
-            reached it yet).", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable`: the read database is unreachable; retry after \
-            `Retry-After` seconds.", body = Problem, content_type = PROBLEM_JSON),
-    )
-)]
-pub(crate) async fn get_account(_: Require<Reader>, State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let Ok(account_id) = Uuid::try_parse(&id) else {
-        return Problem::not_found("account-not-found", "No account with this id.").into_response();
-    };
-    let row = sqlx::query(
-        "SELECT account_id, owner, currency, balance, held, status, version, updated_at \
-         FROM account_balances WHERE account_id = $1",
-    )
-    .bind(account_id)
-    .fetch_optional(&state.reads)
-    .await;
-    let row = match row {
-        Ok(Some(row)) => row,
-        Ok(None) => return Problem::not_found("account-not-found", "No account with this id.").into_response(),
-        Err(error) => return unavailable(&error),
-    };
-    let view = (|| -> Result<AccountView, sqlx::Error> {
-        let balance: i64 = row.try_get("balance")?;
-        let held: i64 = row.try_get("held")?;
-        Ok(AccountView {
-            account_id: row.try_get("account_id")?,
-            owner: row.try_get("owner")?,
-            currency: row.try_get("currency")?,
-            balance,
-            held,
-            available: balance - held,
-            status: row.try_get("status")?,
-            version: row.try_get("version")?,
-            updated_at: row.try_get("updated_at")?,
-        })
-    })();
-    match view {
-        Ok(view) => Json(view).into_response(),
-        Err(error) => unavailable(&error),
+/// A path segment that must be a UUID; anything else is the resource's 404.
+pub(crate) fn path_id(text: &str, code: &str, what: &str) -> Result<Uuid, Response> {
+    Uuid::try_parse(text).map_err(|_| Problem::not_found(code, format!("No {what} with this id.")).into_response())
+}
+
+/// Query parameters as `T`; a malformed one is a 400 problem naming it.
+pub(crate) struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(params)| Params(params))
+            .map_err(|rejection| invalid_parameter(rejection.body_text()))
     }
+}
+
+pub(crate) fn invalid_parameter(detail: impl Into<String>) -> Response {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid-parameter", "Invalid query parameter")
+        .detail(detail)
+        .into_response()
+}
+
+/// `limit` checked against its bounds (1..=`max`), `default` when absent.
+pub(crate) fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64, Response> {
+    match limit {
+        None => Ok(default),
+        Some(limit) if (1..=max).contains(&limit) => Ok(limit),
+        Some(limit) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "limit-out-of-range",
+            "Page size out of range",
+        )
+        .detail(format!("limit must be between 1 and {max}; got {limit}."))
+        .extension("limit_max", max)
+        .into_response()),
+    }
+}
+
+/// An opaque cursor: `parts` joined and hex-encoded. Clients pass it back unchanged.
+pub(crate) fn encode_cursor(parts: &[&str]) -> String {
+    hex::encode(parts.join("|"))
+}
+
+/// The parts of a cursor made by [`encode_cursor`] with `tag` first; a cursor of another kind
+/// or from elsewhere is a 400.
+pub(crate) fn decode_cursor(cursor: &str, tag: &str, parts: usize) -> Result<Vec<String>, Response> {
+    let bad = || invalid_parameter("cursor is not one this API returned for this listing");
+    let bytes = hex::decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let fields: Vec<String> = text.split('|').map(str::to_owned).collect();
+    if fields.len() != parts + 1 || fields[0] != tag {
+        return Err(bad());
+    }
+    Ok(fields[1..].to_vec())
+}
+
+/// The strong `ETag` of a resource at `version`.
+pub(crate) fn etag(version: i64) -> String {
+    format!("\"{version}\"")
+}
+
+/// A versioned resource as JSON with its `ETag`, or `304 Not Modified` when the client's
+/// `If-None-Match` already names that version.
+pub(crate) fn versioned_json<V: Serialize + Versioned>(headers: &HeaderMap, value: &V) -> Response {
+    let tag = etag(value.version());
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().trim_start_matches("W/"))
+        .any(|v| v == tag || v == "*");
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        Json(value).into_response()
+    };
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        headers.insert(header::ETAG, value);
+    }
+    // Clients and proxies may keep it, but must ask again before using it.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
+    response
+}
+
+/// One row by stream id: through `cache` without a token; with one, from the source until the
+/// row reflects the token's write (see [`crate::consistency`]). `Ok(None)`: no such row.
+pub(crate) async fn read_row<V, L, Fut>(
+    state: &AppState,
+    cache: &VersionedCache<V>,
+    id: Uuid,
+    token: Option<ConsistencyToken>,
+    load: L,
+) -> Result<Option<Arc<V>>, Response>
+where
+    V: Versioned,
+    L: Fn(PgPool, Uuid) -> Fut,
+    Fut: Future<Output = Result<Option<V>, sqlx::Error>>,
+{
+    let Some(token) = token else {
+        let (pool, _) = state.sources.pick();
+        return match cache.get_or_load(id, load(pool.clone(), id)).await {
+            Ok(Read::Found(value)) => Ok(Some(value)),
+            Ok(Read::Missing) => Ok(None),
+            Err(ReadFailed(cause)) => Err(unavailable_because(cause)),
+        };
+    };
+    let load = &load;
+    consistency::wait_until(state.consistency_wait, || async move {
+        let (pool, _) = state.sources.pick();
+        let Some(wanted) = consistency::version_wanted(pool, &token, id).await? else {
+            return Ok(None);
+        };
+        if let Some(value) = cache.cached(id, wanted).await {
+            return Ok(Some(Some(value)));
+        }
+        match load(pool.clone(), id).await? {
+            Some(value) if value.version() >= wanted => {
+                let value = Arc::new(value);
+                cache.offer(id, value.clone()).await;
+                Ok(Some(Some(value)))
+            }
+            // The token's write did not touch this stream, and it does not exist.
+            None if wanted == 0 => Ok(Some(None)),
+            _ => Ok(None),
+        }
+    })
+    .await
+}
+
+/// For a listing read with a token: a source whose copy of `id`'s row (`version_of` reads its
+/// version there, `None` when absent) reflects the token's write, so the listing can then be
+/// read from that same source. `Ok(None)`: the row does not exist there and the token's write
+/// did not create it.
+pub(crate) async fn source_reflecting<F, Fut>(
+    state: &AppState,
+    token: ConsistencyToken,
+    id: Uuid,
+    version_of: F,
+) -> Result<Option<PgPool>, Response>
+where
+    F: Fn(PgPool, Uuid) -> Fut,
+    Fut: Future<Output = Result<Option<i64>, sqlx::Error>>,
+{
+    let version_of = &version_of;
+    consistency::wait_until(state.consistency_wait, || async move {
+        let (pool, _) = state.sources.pick();
+        let Some(wanted) = consistency::version_wanted(pool, &token, id).await? else {
+            return Ok(None);
+        };
+        Ok(match version_of(pool.clone(), id).await? {
+            Some(version) if version >= wanted => Some(Some(pool.clone())),
+            None if wanted == 0 => Some(None),
+            _ => None,
+        })
+    })
+    .await
 }

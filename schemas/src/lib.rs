@@ -10,6 +10,7 @@
 //! beside this crate; the message published to NATS in `ENVELOPE.md`.
 
 pub mod envelope;
+pub mod invalidation;
 pub mod legacy;
 
 use std::path::PathBuf;

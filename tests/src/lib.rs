@@ -127,9 +127,66 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
+/// A Postgres primary and streaming replica of one test's own, for tests that stop the
+/// replica's replay (`pg_wal_replay_pause()`), which would stall every other test on the shared
+/// one. Stopped and deleted when dropped.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    pg: tally_devstack::Postgres,
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let root = std::env::temp_dir().join(format!("tally-private-pg-{}", Uuid::now_v7().simple()));
+        let pg = tally_devstack::Postgres::start(
+            &root,
+            tally_devstack::PgOptions {
+                replica: true,
+                durable: false,
+            },
+        )
+        .expect("starting a private Postgres primary and replica");
+        Self { pg }
+    }
+
+    /// These servers, and the shared NATS.
+    pub fn services(&self) -> Services {
+        Services {
+            primary_admin_url: self.pg.primary_url("postgres"),
+            replica_admin_url: self.pg.replica_url("postgres"),
+            nats_url: services().nats_url.clone(),
+        }
+    }
+
+    /// Stops (`true`) or resumes (`false`) WAL replay on the replica: it stays up and answers
+    /// reads, with the data it had.
+    pub async fn pause_replay(&self, paused: bool) {
+        let url = self
+            .pg
+            .replica_url("postgres")
+            .expect("the private cluster has a replica");
+        let replica = PgPool::connect(&url).await.expect("connecting to the private replica");
+        let sql = if paused {
+            "SELECT pg_wal_replay_pause()"
+        } else {
+            "SELECT pg_wal_replay_resume()"
+        };
+        sqlx::query(sql)
+            .execute(&replica)
+            .await
+            .expect("pausing or resuming replay");
+        replica.close().await;
+    }
+}
+
 impl TestDb {
+    /// A database on the shared servers.
     pub async fn new() -> Self {
-        let services = services();
+        Self::on(services()).await
+    }
+
+    /// A database on `services` (e.g. a [`PrivateCluster`]'s).
+    pub async fn on(services: &Services) -> Self {
         let name = format!("t_{}", Uuid::now_v7().simple());
         let admin = PgPool::connect(&services.primary_admin_url)
             .await
@@ -529,15 +586,21 @@ pub struct Stack {
     /// Base URL of the query API (reading from the replica).
     pub query: String,
     pub procs: Vec<Proc>,
+    /// What every service of the stack is started with (database, NATS, auth).
+    pub env: Vec<(&'static str, String)>,
     pub db: TestDb,
     pub nats: TestNats,
 }
 
 impl Stack {
     pub async fn start() -> Self {
-        let db = TestDb::new().await;
+        Self::start_on(TestDb::new().await, &[]).await
+    }
+
+    /// Every service on `db`, the query API with `query_env` added to its environment.
+    pub async fn start_on(db: TestDb, query_env: &[(&'static str, String)]) -> Self {
         let nats = TestNats::new();
-        let (command_port, query_port) = (free_port(), free_port());
+        let command_port = free_port();
         let mut env = nats.env();
         env.extend(auth_env());
         env.push(("TALLY_DATABASE_URL", db.url.clone()));
@@ -551,27 +614,40 @@ impl Stack {
         );
         let relay = Proc::spawn("tally-relay", &with(vec![]));
         let projector = Proc::spawn("tally-projector", &with(projector_env("w1")));
-        let query_api = Proc::spawn(
-            "tally-query-api",
-            &with(vec![
-                ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}")),
-                (
-                    "TALLY_REPLICA_URL",
-                    db.replica_url.clone().unwrap_or_else(|| db.url.clone()),
-                ),
-            ]),
-        );
         let command = format!("http://127.0.0.1:{command_port}");
-        let query = format!("http://127.0.0.1:{query_port}");
-        wait_ready(&command, &command_api).await;
-        wait_ready(&query, &query_api).await;
-        Self {
+        let mut stack = Self {
             command,
-            query,
-            procs: vec![command_api, relay, projector, query_api],
+            query: String::new(),
+            procs: vec![command_api, relay, projector],
+            env,
             db,
             nats,
-        }
+        };
+        stack.query = stack.spawn_query_api(query_env).await;
+        wait_ready(&stack.command, &stack.procs[0]).await;
+        stack
+    }
+
+    /// Starts one more query API instance (reading from the replica, with `extra` in its
+    /// environment), waits until it is ready and returns its base URL.
+    pub async fn spawn_query_api(&mut self, extra: &[(&'static str, String)]) -> String {
+        let port = free_port();
+        let replica = self.db.replica_url.clone().unwrap_or_else(|| self.db.url.clone());
+        let env: Vec<(&'static str, String)> = self
+            .env
+            .iter()
+            .cloned()
+            .chain([
+                ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{port}")),
+                ("TALLY_REPLICA_URLS", replica),
+            ])
+            .chain(extra.iter().cloned())
+            .collect();
+        let proc = Proc::spawn("tally-query-api", &env);
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&base, &proc).await;
+        self.procs.push(proc);
+        base
     }
 
     /// The tail of every service's log, for failure messages.

@@ -346,7 +346,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             &format!("query-api-{}", i + 1),
             &with(vec![
                 ("TALLY_QUERY_LISTEN", listen.to_string()),
-                ("TALLY_REPLICA_URL", replica_url.clone()),
+                ("TALLY_REPLICA_URLS", replica_url.clone()),
             ]),
         )?);
     }
@@ -434,7 +434,10 @@ fn print_banner(
   curl -s -X POST {command}/v1/accounts/$ID/withdrawals -H 'content-type: application/json' \
        -H "Authorization: Bearer $TALLY_TOKEN_TELLER" \
        -H "Idempotency-Key: rent-$ID" -d '{{"amount":300,"reference":"rent"}}'
-  curl -s {q}/v1/accounts/$ID -H "Authorization: Bearer $TALLY_TOKEN_READER""#,
+  curl -s {q}/v1/accounts/$ID -H "Authorization: Bearer $TALLY_TOKEN_READER"
+  curl -s "{q}/v1/accounts/$ID/statement?limit=20" -H "Authorization: Bearer $TALLY_TOKEN_READER"
+  curl -s "{q}/v1/audit/streams/$ID/events" -H "Authorization: Bearer $TALLY_TOKEN_AUDITOR"
+  tally audit export --token "$TALLY_TOKEN_AUDITOR" --output feed.jsonl""#,
         env = env_file.display(),
     );
 }

@@ -8,6 +8,7 @@ mod event_store;
 mod idempotency;
 mod lifecycle;
 mod projections;
+mod query;
 mod relay;
 mod schemas;
 mod transfers;

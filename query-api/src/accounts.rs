@@ -1,0 +1,255 @@
+//! `GET /v1/accounts/{id}` and its statement.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tally_service::Problem;
+use tally_service::auth::{Reader, Require};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::consistency;
+use crate::routes::{
+    PROBLEM_JSON, Params, decode_cursor, encode_cursor, invalid_parameter, page_limit, path_id, read_row,
+    source_reflecting, unavailable, versioned_json,
+};
+use crate::views::{AccountView, StatementLine};
+
+/// Lines per statement page when the client does not say.
+pub const STATEMENT_LIMIT_DEFAULT: i64 = 50;
+/// The most lines one statement page holds.
+pub const STATEMENT_LIMIT_MAX: i64 = 500;
+
+/// What every read accepts: the consistency token of a write to wait for.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsistentWith {
+    /// A command response's `consistency_token` (or send it as `X-Consistency-Token`): the read
+    /// waits until it reflects that write, else answers 503 `not-yet-consistent`.
+    pub consistent_with: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}",
+    tag = "accounts",
+    security(("bearerAuth" = ["reader"])),
+    summary = "An account's balance and status, as projected from its events",
+    params(
+        ("id" = Uuid, Path, description = "The account's id (a UUID)."),
+        ("X-Consistency-Token" = Option<String>, Header, description = "A command response's consistency token: \
+            wait until the account reflects that write."),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier response: 304 while \
+            the account is still at that version."),
+        ConsistentWith,
+    ),
+    responses(
+        (status = 200, description = "The account as of `version`.", body = AccountView,
+         headers(("ETag" = String, description = "The account's version, quoted."))),
+        (status = 304, description = "Not modified: still at the version `If-None-Match` named."),
+        (status = 400, description = "`invalid-consistency-token` or `invalid-parameter`.", body = Problem,
+         content_type = PROBLEM_JSON),
+        (status = 404, description = "`account-not-found`: no account with this id (or the projection has not \
+            reached it yet).", body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = "`unavailable`: the read database is unreachable; `not-yet-consistent`: \
+            the write of the consistency token is not visible yet. Retry after `Retry-After` seconds.",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn get_account(
+    _: Require<Reader>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Params(query): Params<ConsistentWith>,
+) -> Response {
+    match account(&state, &id, &headers, query.consistent_with.as_deref()).await {
+        Ok(view) => versioned_json(&headers, &*view),
+        Err(response) => response,
+    }
+}
+
+/// The account `id`, waiting for the request's consistency token if it has one.
+async fn account(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    consistent_with: Option<&str>,
+) -> Result<std::sync::Arc<AccountView>, Response> {
+    let account_id = path_id(id, "account-not-found", "account")?;
+    let token = consistency::requested(headers, consistent_with)?;
+    read_row(
+        state,
+        &state.caches.accounts,
+        account_id,
+        token,
+        |pool, id| async move { AccountView::load(&pool, id).await },
+    )
+    .await?
+    .ok_or_else(account_not_found)
+}
+
+fn account_not_found() -> Response {
+    Problem::not_found("account-not-found", "No account with this id.").into_response()
+}
+
+/// Filters and paging of a statement.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatementQuery {
+    /// Lines per page, 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only lines recorded at or after this instant (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Only lines recorded before this instant (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// Only `credit` (money in) or `debit` (money out) lines.
+    pub direction: Option<String>,
+    /// A command response's consistency token (or send `X-Consistency-Token`).
+    pub consistent_with: Option<String>,
+}
+
+/// One page of a statement.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatementPage {
+    pub account_id: Uuid,
+    /// In account version order, oldest first.
+    pub lines: Vec<StatementLine>,
+    /// Whether more lines matched than this page holds.
+    pub has_more: bool,
+    /// Pass as `cursor` to continue after this page (also after the last page, to see lines
+    /// written since). Lines written later come after the last one returned, so walking the
+    /// pages never repeats or skips a line. Absent only when nothing was read yet.
+    pub next_cursor: Option<String>,
+}
+
+const STATEMENT_CURSOR: &str = "statement.v1";
+
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}/statement",
+    tag = "accounts",
+    security(("bearerAuth" = ["reader"])),
+    summary = "An account's statement: one line per posting, oldest first, in pages",
+    params(
+        ("id" = Uuid, Path, description = "The account's id (a UUID)."),
+        ("X-Consistency-Token" = Option<String>, Header, description = "Wait until the statement reflects that write."),
+        StatementQuery,
+    ),
+    responses(
+        (status = 200, description = "One page of lines.", body = StatementPage),
+        (status = 400, description = "`invalid-parameter` (a malformed cursor, date or direction) or \
+            `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "`account-not-found`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn get_statement(
+    _: Require<Reader>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Params(query): Params<StatementQuery>,
+) -> Response {
+    match statement(&state, &id, &headers, query).await {
+        Ok(page) => Json(page).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn statement(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    query: StatementQuery,
+) -> Result<StatementPage, Response> {
+    let limit = page_limit(query.limit, STATEMENT_LIMIT_DEFAULT, STATEMENT_LIMIT_MAX)?;
+    let direction = match query.direction.as_deref() {
+        None => None,
+        Some(d @ ("credit" | "debit")) => Some(d.to_owned()),
+        Some(other) => {
+            return Err(invalid_parameter(format!(
+                "direction must be credit or debit; got {other:?}."
+            )));
+        }
+    };
+    let account_id = path_id(id, "account-not-found", "account")?;
+    let after_version = match &query.cursor {
+        None => 0,
+        Some(cursor) => {
+            let parts = decode_cursor(cursor, STATEMENT_CURSOR, 2)?;
+            if parts[0] != account_id.simple().to_string() {
+                return Err(invalid_parameter("cursor belongs to another account's statement"));
+            }
+            parts[1]
+                .parse::<i64>()
+                .map_err(|_| invalid_parameter("cursor is not one this API returned for this listing"))?
+        }
+    };
+    // The account must exist. With a token, the page is read from a source whose balance row
+    // reflects the write: statement lines commit in the same transaction as that row. Lines
+    // are immutable and keyed by version, so a page read from any replica continues the
+    // previous one exactly.
+    let pool = match consistency::requested(headers, query.consistent_with.as_deref())? {
+        Some(token) => source_reflecting(state, token, account_id, |pool, id| async move {
+            sqlx::query_scalar::<_, i64>("SELECT version FROM account_balances WHERE account_id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+        })
+        .await?
+        .ok_or_else(account_not_found)?,
+        None => {
+            account(state, id, headers, None).await?;
+            state.sources.pick().0.clone()
+        }
+    };
+    let rows = sqlx::query(
+        "SELECT version, position, recorded_at, kind, direction, amount, currency, counterparty, transfer_id, \
+                reference, balance_after \
+         FROM account_statement \
+         WHERE account_id = $1 AND version > $2 \
+           AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
+           AND ($4::timestamptz IS NULL OR recorded_at < $4) \
+           AND ($5::text IS NULL OR direction = $5) \
+         ORDER BY version LIMIT $6",
+    )
+    .bind(account_id)
+    .bind(after_version)
+    .bind(query.from)
+    .bind(query.to)
+    .bind(direction)
+    .bind(limit + 1)
+    .fetch_all(&pool)
+    .await
+    .map_err(|e| unavailable(&e))?;
+    let mut lines = rows
+        .iter()
+        .map(StatementLine::from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(&e))?;
+    let has_more = lines.len() as i64 > limit;
+    lines.truncate(limit as usize);
+    let next_cursor = match lines.last() {
+        Some(last) => Some(encode_cursor(&[
+            STATEMENT_CURSOR,
+            &account_id.simple().to_string(),
+            &last.version.to_string(),
+        ])),
+        None => query.cursor,
+    };
+    Ok(StatementPage {
+        account_id,
+        lines,
+        has_more,
+        next_cursor,
+    })
+}
