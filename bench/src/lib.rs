@@ -11,6 +11,7 @@
 //! - [`relay`]: watches a running `tally-relay` drain a backlog.
 //! - [`lag`]: the time from a deposit's `201` to the read model showing it.
 //! - [`rebuild`]: a log of account events, read raw (the limit) and rebuilt into read models.
+//! - [`reads`]: the read scenarios' accounts and limits (a fixed-body and a one-query server).
 //! - [`runner`], [`measurement`]: closed-loop workers and what a measurement reports.
 //! - [`report`]: `target/bench/report.json`, the table and the machine's description.
 //! - [`chart`]: `target/bench/report.png`, the ratios and latencies as bar charts.
@@ -24,6 +25,7 @@ pub mod measurement;
 pub mod nats;
 pub mod preload;
 pub mod raw;
+pub mod reads;
 pub mod rebuild;
 pub mod relay;
 pub mod report;

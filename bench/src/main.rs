@@ -66,6 +66,30 @@ enum Command {
         #[arg(long)]
         duration_ms: u64,
     },
+    /// Writes and projects the accounts the read scenarios read; lists them in a file.
+    ReadsPrepare {
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Account events to write (an opening and 99 deposits per account).
+        #[arg(long)]
+        events: u64,
+        #[arg(long, default_value_t = partition::PARTITIONS_DEFAULT)]
+        partitions: u32,
+        #[arg(long)]
+        accounts_file: std::path::PathBuf,
+    },
+    /// The read limits: a minimal HTTP server on the query API's paths (runs until killed).
+    ServeLimit {
+        #[arg(long, value_enum, env = "TALLY_BENCH_LIMIT_MODE")]
+        mode: tally_bench::reads::LimitMode,
+        #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, env = "TALLY_BENCH_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// Database connections (row mode), as many as the query API's pool.
+        #[arg(long, env = "TALLY_BENCH_DB_CONNECTIONS", default_value_t = 32)]
+        connections: u32,
+    },
     /// The JetStream limit: pipelined publishes with `Nats-Msg-Id`.
     NatsPublish {
         #[arg(long, env = "TALLY_NATS_URL")]
@@ -171,6 +195,21 @@ async fn main() -> anyhow::Result<()> {
             };
             print(&tally_bench::lag::measure(&pool, &plan).await?)
         }
+        Command::ReadsPrepare {
+            database_url,
+            events,
+            partitions,
+            accounts_file,
+        } => {
+            let store = EventStore::new(tally_event_store::connect(&database_url, 4)?);
+            print(&tally_bench::reads::prepare(&store, events, partitions, &accounts_file).await?)
+        }
+        Command::ServeLimit {
+            mode,
+            database_url,
+            listen,
+            connections,
+        } => tally_bench::reads::serve(mode, &database_url, listen, connections).await,
         Command::NatsPublish {
             nats_url,
             messages,

@@ -54,6 +54,24 @@ impl ScenarioResult {
         }
     }
 
+    /// A row with only its limit: Tally's side could not be measured in this run (e.g. the
+    /// feature it needs has not landed), so its columns are null.
+    pub fn limit_only(name: &str, unit: &str, limit: &Measurement) -> Self {
+        Self {
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+            limit: Some(round(limit.ops_per_s, 1)),
+            baseline: None,
+            tally: None,
+            ratio_limit: None,
+            ratio_baseline: None,
+            p50_ms: None,
+            p99_ms: None,
+            errors: None,
+            baseline_errors: None,
+        }
+    }
+
     /// The row with the baseline measured next to Tally: its throughput, `tally / baseline`,
     /// and its failures.
     pub fn with_baseline(self, baseline: &Measurement) -> Self {

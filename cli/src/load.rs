@@ -11,7 +11,11 @@
 //! `--accounts` pre-opened ones; `hot-account` posts every deposit to one account; `transfers`
 //! funds the `--accounts` accounts once, then moves 1 between two of them picked at random
 //! (an immediate transfer: both legs and the transfer record in one transaction). Every
-//! request carries a unique `Idempotency-Key` and, with `--token`, the bearer token.
+//! command carries a unique `Idempotency-Key` and, with `--token`, the bearer token. The read
+//! scenarios go to a query API (`--url`) and read accounts listed in `--accounts-file`:
+//! `account-reads` gets `/v1/accounts/{id}` of one picked at random, `statement-pages` walks an
+//! account's statement page by page (`/v1/accounts/{id}/statement?limit=50`, then the body's
+//! `next_cursor` while `has_more` is true) and then picks another.
 //! Connections are kept alive. Latencies go into HdrHistograms; non-2xx answers are counted by
 //! status; the generator reports its own CPU time so a reader can tell it was not the
 //! bottleneck.
@@ -84,6 +88,10 @@ pub enum Scenario {
     HotAccount,
     /// Immediate transfers of 1 between two of --accounts funded accounts, picked at random.
     Transfers,
+    /// `GET /v1/accounts/{id}` of accounts from --accounts-file (a query API), picked at random.
+    AccountReads,
+    /// Statement pages of accounts from --accounts-file (a query API), each walked to its end.
+    StatementPages,
 }
 
 impl Scenario {
@@ -92,9 +100,18 @@ impl Scenario {
             Self::Deposits => "deposits",
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
+            Self::AccountReads => "account-reads",
+            Self::StatementPages => "statement-pages",
         }
     }
+
+    fn reads(self) -> bool {
+        matches!(self, Self::AccountReads | Self::StatementPages)
+    }
 }
+
+/// Statement lines per page of the `statement-pages` scenario.
+const STATEMENT_PAGE_LINES: u32 = 50;
 
 /// Minor units deposited once into each account of the `transfers` scenario: enough that no
 /// run of 1-unit transfers drains one.
@@ -113,6 +130,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             fund_accounts(&setup, &base, &accounts).await?;
             accounts
         }
+        // A query API opens nothing: the accounts must exist already.
+        Scenario::AccountReads | Scenario::StatementPages => {
+            let path = args
+                .accounts_file
+                .as_deref()
+                .context("the read scenarios need --accounts-file with the ids of existing accounts")?;
+            let mut ids = read_ids(path)?;
+            if ids.is_empty() {
+                bail!("{} lists no accounts", path.display());
+            }
+            ids.truncate(args.accounts);
+            ids
+        }
     };
     let target = Arc::new(Target::new(&base, &accounts, args.scenario));
     let report = drive(&args, target).await?;
@@ -130,6 +160,12 @@ fn check(args: &LoadArgs) -> anyhow::Result<()> {
     }
     if args.accounts == 0 {
         bail!("--accounts must be at least 1");
+    }
+    if args.scenario.reads() && args.accounts_file.is_none() {
+        bail!(
+            "--scenario {} reads the accounts listed in --accounts-file",
+            args.scenario.name()
+        );
     }
     if args.duration.is_zero() {
         bail!("--duration must be longer than zero");
@@ -257,6 +293,26 @@ enum Target {
     Deposits { urls: Vec<String> },
     /// A transfer between two of these accounts, chosen uniformly at random.
     Transfers { url: String, accounts: Vec<String> },
+    /// A GET of one of these URLs, chosen uniformly at random.
+    Reads { urls: Vec<String> },
+    /// The next statement page of the worker's account, or the first of one chosen at random.
+    Statements { urls: Vec<String> },
+}
+
+/// Where a worker is in its walk through a statement (`statement-pages`).
+#[derive(Debug, Default)]
+struct Walk {
+    /// The statement URL being walked and the cursor of its next page.
+    next: Option<(usize, String)>,
+}
+
+/// The part of a statement page the walk reads: the query API also returns a cursor after
+/// the last page (to see lines written later), so `has_more` says whether to follow it.
+#[derive(Debug, serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    has_more: bool,
+    next_cursor: Option<String>,
 }
 
 impl Target {
@@ -272,13 +328,29 @@ impl Target {
                 url: format!("{base}/v1/transfers"),
                 accounts: accounts.to_vec(),
             },
+            Scenario::AccountReads => Self::Reads {
+                urls: accounts.iter().map(|id| format!("{base}/v1/accounts/{id}")).collect(),
+            },
+            Scenario::StatementPages => Self::Statements {
+                urls: accounts
+                    .iter()
+                    .map(|id| format!("{base}/v1/accounts/{id}/statement"))
+                    .collect(),
+            },
         }
     }
 
-    /// The URL and body of the next request.
-    fn next(&self) -> (&str, String) {
+    /// Sends one request; `walk` is the worker's place in a statement.
+    async fn send(&self, client: &reqwest::Client, walk: &mut Walk) -> Outcome {
         match self {
-            Self::Deposits { urls } => (&urls[rand::random_range(0..urls.len())], DEPOSIT_BODY.to_owned()),
+            Self::Deposits { urls } => {
+                post(
+                    client,
+                    &urls[rand::random_range(0..urls.len())],
+                    DEPOSIT_BODY.to_owned(),
+                )
+                .await
+            }
             Self::Transfers { url, accounts } => {
                 let from = rand::random_range(0..accounts.len());
                 // Any other account: shift by 1..len, wrapping.
@@ -287,33 +359,61 @@ impl Target {
                     r#"{{"from":"{}","to":"{}","amount":1,"currency":"EUR","mode":"immediate"}}"#,
                     accounts[from], accounts[to]
                 );
-                (url, body)
+                post(client, url, body).await
             }
+            Self::Reads { urls } => {
+                send_reading(client.get(&urls[rand::random_range(0..urls.len())]))
+                    .await
+                    .0
+            }
+            Self::Statements { urls } => next_page(client, urls, walk).await,
         }
     }
+}
 
-    /// Sends one request.
-    async fn send(&self, client: &reqwest::Client) -> Outcome {
-        let (url, body) = self.next();
-        let sent = client
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", Uuid::new_v4().to_string())
-            .body(body)
-            .send()
-            .await;
-        match sent {
-            // The body must be read to the end for the connection to be reused.
-            Ok(response) => {
-                let status = response.status().as_u16();
-                match response.bytes().await {
-                    Ok(_) => Outcome::Status(status),
-                    Err(e) => Outcome::from_error(&e),
-                }
+/// Posts a command with a fresh `Idempotency-Key`.
+async fn post(client: &reqwest::Client, url: &str, body: String) -> Outcome {
+    let request = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", Uuid::new_v4().to_string())
+        .body(body);
+    send_reading(request).await.0
+}
+
+/// Sends a request and reads the answer's body to the end (so the connection is reused).
+async fn send_reading(request: reqwest::RequestBuilder) -> (Outcome, Option<Vec<u8>>) {
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            match response.bytes().await {
+                Ok(body) => (Outcome::Status(status), Some(body.to_vec())),
+                Err(e) => (Outcome::from_error(&e), None),
             }
-            Err(e) => Outcome::from_error(&e),
         }
+        Err(e) => (Outcome::from_error(&e), None),
     }
+}
+
+/// Gets the next page of the statement `walk` is in (the first page of a random account's
+/// when it is in none) and remembers the page's `next_cursor`.
+async fn next_page(client: &reqwest::Client, urls: &[String], walk: &mut Walk) -> Outcome {
+    let (account, cursor) = match walk.next.take() {
+        Some((account, cursor)) => (account, Some(cursor)),
+        None => (rand::random_range(0..urls.len()), None),
+    };
+    let mut query = vec![("limit", STATEMENT_PAGE_LINES.to_string())];
+    query.extend(cursor.map(|cursor| ("cursor", cursor)));
+    let (outcome, body) = send_reading(client.get(&urls[account]).query(&query)).await;
+    if outcome.is_success()
+        && let Some(page) = body.and_then(|body| serde_json::from_slice::<Page>(&body).ok())
+    {
+        walk.next = page
+            .next_cursor
+            .filter(|_| page.has_more)
+            .map(|cursor| (account, cursor));
+    }
+    outcome
 }
 
 /// When requests are due and which of them count.
@@ -417,9 +517,10 @@ async fn drive(args: &LoadArgs, target: Arc<Target>) -> anyhow::Result<LoadRepor
 
 async fn work(client: reqwest::Client, target: Arc<Target>, schedule: Arc<Schedule>, live: Arc<Live>) -> Recorder {
     let mut recorder = Recorder::default();
+    let mut walk = Walk::default();
     while let Some(due) = schedule.next_due() {
         tokio::time::sleep_until(due).await;
-        let outcome = target.send(&client).await;
+        let outcome = target.send(&client, &mut walk).await;
         let done = Instant::now();
         live.count(outcome);
         if schedule.counts(due, done) {

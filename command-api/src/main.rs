@@ -17,7 +17,8 @@ async fn main() -> anyhow::Result<()> {
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "command API listening");
-    let store = EventStore::new(pool);
+    // Commits notify the relay (`tally_event_store::notify`), which then need not poll often.
+    let store = EventStore::new(pool).notifying();
     let (writer, drained) = Writer::spawn(store.clone(), config.writer());
     if let Some(days) = config.idempotency_retention_days {
         let retention = std::time::Duration::from_secs(u64::from(days) * 86_400);

@@ -722,6 +722,9 @@ async fn commit(
     metrics::histogram!("tally_append_batch_commands").record(jobs.len() as f64);
     metrics::histogram!("tally_append_batch_events").record(positions.len() as f64);
     tracing::debug!(commands = jobs.len(), events = positions.len(), "batch committed");
+    // Wakes the relay now rather than at its next poll (also after a batch that appended
+    // nothing: a spurious wake-up costs the relay one empty read).
+    store.committed();
     Ok(Committed {
         results,
         states: working.into_iter().collect(),

@@ -4,8 +4,7 @@
 //! root-folder rules.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -39,6 +38,7 @@ const PORT_IN_USE_MARKER: &str = "address already in use";
 /// it (and anything it forked) if it exceeds `timeout`.
 pub(crate) fn run_logged(mut command: Command, log: &Path, timeout: Duration, what: &str) -> Result<()> {
     let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let output = Output::open(log)?;
     command
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -46,15 +46,84 @@ pub(crate) fn run_logged(mut command: Command, log: &Path, timeout: Duration, wh
     let mut child = sys::spawn(command).with_context(|| format!("spawning {what}"))?;
     match wait_timeout(&mut child, timeout)? {
         Some(status) if status.success() => Ok(()),
-        Some(status) => bail!("{what} failed ({status}); {}", describe_log(log, 0)),
+        Some(status) => bail!("{what} failed ({status}); {}", output.describe(0, what)),
         None => {
             kill_group_and_reap(&mut child);
             bail!(
                 "{what} did not finish within {} s; {}",
                 timeout.as_secs(),
-                describe_log(log, 0)
+                output.describe(0, what)
             )
         }
+    }
+}
+
+/// A child's log file, also held open for reading: what the child wrote can be quoted even
+/// when the file is deleted while it runs (its folder removed by another process), which
+/// otherwise reads as an empty log and hides both the child's own error and the cause.
+pub(crate) struct Output {
+    path: PathBuf,
+    reader: File,
+}
+
+impl Output {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let reader = File::open(path).with_context(|| format!("opening {} to read it back", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            reader,
+        })
+    }
+
+    /// The log from byte `offset`, lossily decoded.
+    fn read(&self, offset: u64) -> String {
+        let mut bytes = Vec::new();
+        let mut chunk = vec![0; 64 * 1024];
+        let mut at = offset;
+        while let Ok(n) = self.reader.read_at(&mut chunk, at) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&chunk[..n]);
+            at += n as u64;
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// "last N lines of LOG:\n..." for error messages, reading from byte `offset`; says so
+    /// when the log (and so its folder) was deleted while `what` ran.
+    pub(crate) fn describe(&self, offset: u64, what: &str) -> String {
+        let text = self.read(offset);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        let said = if tail.is_empty() {
+            format!("{} is empty", self.path.display())
+        } else {
+            format!(
+                "last {} lines of {}:\n{}",
+                tail.len(),
+                self.path.display(),
+                tail.join("\n")
+            )
+        };
+        if self.path.exists() {
+            return said;
+        }
+        let folder = self.path.parent().unwrap_or(&self.path);
+        format!(
+            "{} was deleted while {what} ran: another process removed {} (is a second run \
+             using the same folder, e.g. the same target directory?); {said}",
+            self.path.display(),
+            existing_ancestor_note(folder),
+        )
+    }
+}
+
+/// `folder` and, when it is gone, the nearest ancestor that still exists.
+fn existing_ancestor_note(folder: &Path) -> String {
+    match folder.ancestors().find(|dir| dir.exists()) {
+        Some(kept) if kept != folder => format!("{} (only {} is left)", folder.display(), kept.display()),
+        _ => folder.display().to_string(),
     }
 }
 
@@ -136,8 +205,9 @@ pub(crate) fn start_server<P: Copy + std::fmt::Debug>(
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let log_offset = log_file.metadata()?.len();
+        let output = Output::open(log)?;
         let mut child = launch(ports, log_file).with_context(|| format!("spawning {what}"))?;
-        match wait_ready(&mut child, what, log, log_offset, || ready(ports)) {
+        match wait_ready(&mut child, what, &output, log_offset, || ready(ports)) {
             Ok(()) => return Ok((child, ports)),
             Err(LaunchError::PortInUse(error)) => {
                 kill_group_and_reap(&mut child);
@@ -159,7 +229,7 @@ pub(crate) fn start_server<P: Copy + std::fmt::Debug>(
 fn wait_ready(
     child: &mut Child,
     what: &str,
-    log: &Path,
+    output: &Output,
     log_offset: u64,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), LaunchError> {
@@ -168,10 +238,10 @@ fn wait_ready(
         if let Some(status) = child.try_wait().context("waiting for server process")? {
             let error = anyhow!(
                 "{what} exited during startup ({status}); {}",
-                describe_log(log, log_offset)
+                output.describe(log_offset, what)
             );
-            let output = read_log(log, log_offset).to_ascii_lowercase();
-            return Err(if output.contains(PORT_IN_USE_MARKER) {
+            let printed = output.read(log_offset).to_ascii_lowercase();
+            return Err(if printed.contains(PORT_IN_USE_MARKER) {
                 LaunchError::PortInUse(error)
             } else {
                 LaunchError::Fatal(error)
@@ -184,33 +254,10 @@ fn wait_ready(
             return Err(LaunchError::Fatal(anyhow!(
                 "{what} did not accept connections within {} s; {}",
                 READY_TIMEOUT_MS / 1000,
-                describe_log(log, log_offset)
+                output.describe(log_offset, what)
             )));
         }
         thread::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS));
-    }
-}
-
-/// The log's contents from byte `offset`, lossily decoded; empty if unreadable.
-fn read_log(log: &Path, offset: u64) -> String {
-    let mut bytes = Vec::new();
-    if let Ok(mut file) = File::open(log)
-        && file.seek(SeekFrom::Start(offset)).is_ok()
-    {
-        let _ = file.read_to_end(&mut bytes);
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// "last N lines of LOG:\n..." for error messages, reading from byte `offset`.
-pub(crate) fn describe_log(log: &Path, offset: u64) -> String {
-    let text = read_log(log, offset);
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-    if tail.is_empty() {
-        format!("{} is empty", log.display())
-    } else {
-        format!("last {} lines of {}:\n{}", tail.len(), log.display(), tail.join("\n"))
     }
 }
 
@@ -339,6 +386,29 @@ mod tests {
         assert_ne!(port, taken);
         shutdown(&mut child, sys::SIGTERM);
         remove_root(&root);
+    }
+
+    #[test]
+    fn a_tool_whose_folder_is_deleted_while_it_runs_is_reported_with_what_it_printed() {
+        let dir =
+            prepare_root(&std::env::temp_dir().join(format!("tally-devstack-unit-deleted-{}", std::process::id())))
+                .unwrap();
+        let log = dir.join("tool.log");
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo could not write the data folder >&2; sleep 0.5; exit 1"]);
+        let remover = {
+            let dir = dir.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(200));
+                fs::remove_dir_all(&dir).unwrap();
+            })
+        };
+        let error = run_logged(command, &log, Duration::from_secs(10), "tool")
+            .unwrap_err()
+            .to_string();
+        remover.join().unwrap();
+        assert!(error.contains("was deleted while tool ran"), "{error}");
+        assert!(error.contains("could not write the data folder"), "{error}");
     }
 
     #[test]

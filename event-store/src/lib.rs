@@ -12,6 +12,7 @@
 
 pub mod hash;
 pub mod idempotency;
+pub mod notify;
 pub mod partition;
 pub mod relay;
 pub mod snapshot;
@@ -202,11 +203,29 @@ pub(crate) fn stored_event(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, s
 #[derive(Debug, Clone)]
 pub struct EventStore {
     pool: PgPool,
+    /// Set by [`EventStore::notifying`]: who tells the relay about commits.
+    notifier: Option<notify::CommitNotifier>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, notifier: None }
+    }
+
+    /// The same store, also sending a commit notification ([`notify`]) after every append it
+    /// commits and whenever [`EventStore::committed`] is called; for the processes that write
+    /// the log (the command API). Needs a Tokio runtime.
+    pub fn notifying(self) -> Self {
+        let notifier = Some(notify::CommitNotifier::spawn(self.pool.clone()));
+        Self { notifier, ..self }
+    }
+
+    /// Events were committed in a transaction of the caller's (see [`append_in`]): wakes the
+    /// relay when this store is [`EventStore::notifying`].
+    pub fn committed(&self) {
+        if let Some(notifier) = &self.notifier {
+            notifier.committed();
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -222,6 +241,7 @@ impl EventStore {
         let mut tx = self.pool.begin().await?;
         let appended = append_in(&mut tx, appends).await?;
         tx.commit().await?;
+        self.committed();
         Ok(appended)
     }
 

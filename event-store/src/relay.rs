@@ -2,7 +2,8 @@
 //!
 //! One relay is active per database, elected with a session-level advisory lock; others stand
 //! by and take over when its session ends. The active relay reads the log gap-safely in commit
-//! order, publishes each event with `Nats-Msg-Id` = event id, keeps a bounded window of
+//! order (woken by the writers' commit notifications, see [`crate::notify`], and polling with
+//! a back-off besides), publishes each event with `Nats-Msg-Id` = event id, keeps a bounded window of
 //! publish acks in flight, and only after every ack of a batch stores its checkpoint. A crash
 //! anywhere re-publishes from the last checkpoint: JetStream drops duplicates inside its
 //! window, projectors drop the rest by stream version. Nothing is ever skipped.
@@ -15,15 +16,16 @@
 //! `relay.batch` that joins the traces of its events (`crate::trace`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use futures::stream::{FuturesOrdered, StreamExt};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, PgConnection};
 use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use crate::partition::Topology;
@@ -125,6 +127,9 @@ async fn sample_lag(pool: PgPool, name: String) {
     }
 }
 
+/// How long the relay waits before listening again for commit notifications after losing them.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
 /// Tuning of the relay; every value bounded.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -195,7 +200,9 @@ pub async fn load_checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sq
         .unwrap_or_default())
 }
 
-async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(), sqlx::Error> {
+/// Stores the checkpoint on the relay's own session, whose commits do not wait for the WAL
+/// flush (see `lead`).
+async fn store_checkpoint(conn: &mut PgConnection, name: &str, at: Checkpoint) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO relay_checkpoints (name, tx_id, position) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",
@@ -203,7 +210,7 @@ async fn store_checkpoint(pool: &PgPool, name: &str, at: Checkpoint) -> Result<(
     .bind(name)
     .bind(at.tx_id)
     .bind(at.position)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -318,9 +325,17 @@ async fn lead(
         }
     }
     status.set_leader(true);
+    // The checkpoint is written on this session, with commits that do not wait for their WAL
+    // flush: a checkpoint lost in a Postgres crash only makes the relay re-publish from an
+    // older one (JetStream drops the duplicates in its window, projectors by version), and a
+    // flush per batch on the relay's critical path is a few milliseconds of lag per event.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut lock_conn)
+        .await?;
     tracing::info!(stream = %config.topology.stream_name, "relay is active");
     config.topology.ensure_stream(js).await?;
 
+    let wake = Wake::listen(pool);
     let store = EventStore::new(pool.clone());
     let mut checkpoint = load_checkpoint(pool, &config.name).await?;
     let mut idle = config.poll_interval_min;
@@ -356,15 +371,22 @@ async fn lead(
                 std::process::abort();
             }
             // Only now is every event of the batch durably in JetStream.
-            store_checkpoint(pool, &config.name, last.checkpoint()).await?;
+            store_checkpoint(&mut lock_conn, &config.name, last.checkpoint()).await?;
             checkpoint = last.checkpoint();
             tracing::debug!(events = events.len(), position = checkpoint.position, "relayed batch");
             idle = config.poll_interval_min;
         } else {
-            if sleep_or_stop(stop, idle).await {
-                break;
+            tokio::select! {
+                woken = wake.wait(idle) => {
+                    idle = if woken {
+                        config.poll_interval_min
+                    } else {
+                        (idle * 2).min(config.poll_interval_max)
+                    };
+                }
+                // Stopping (or the sender gone): hand the lock over below.
+                _ = stop.changed() => break,
             }
-            idle = (idle * 2).min(config.poll_interval_max);
         }
         // A dead lock session means another relay may be active: stop and re-elect.
         if last_lock_check.elapsed() >= config.standby_retry {
@@ -380,6 +402,53 @@ async fn lead(
     lock_conn.close().await?;
     tracing::info!(position = checkpoint.position, "checkpoint stored, lock released");
     Ok(())
+}
+
+/// Wakes the relay on the writers' commit notifications ([`crate::notify`]); the listening
+/// task stops when this is dropped.
+struct Wake {
+    notified: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Wake {
+    /// Listens through a connection of `pool` of its own (re-connecting after a loss, as
+    /// `PgListener` does); each notification stores one wake-up, many fold into one.
+    fn listen(pool: &PgPool) -> Self {
+        let notified = Arc::new(Notify::new());
+        let wake = notified.clone();
+        let pool = pool.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let error = match PgListener::connect_with(&pool).await {
+                    Ok(mut listener) => match listener.listen(crate::notify::LOG_CHANNEL).await {
+                        Ok(()) => loop {
+                            match listener.recv().await {
+                                Ok(_) => wake.notify_one(),
+                                Err(error) => break error,
+                            }
+                        },
+                        Err(error) => error,
+                    },
+                    Err(error) => error,
+                };
+                tracing::warn!(%error, "commit notifications lost; polling until they are back");
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        });
+        Self { notified, task }
+    }
+
+    /// Waits up to `idle` for a notification; returns whether one came.
+    async fn wait(&self, idle: Duration) -> bool {
+        tokio::time::timeout(idle, self.notified.notified()).await.is_ok()
+    }
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Publishes `events` in order with at most `in_flight_max` acks outstanding, and returns once

@@ -18,7 +18,8 @@ use sqlx::{PgConnection, Row};
 use tally_domain::AccountEvent;
 use uuid::Uuid;
 
-use crate::model::{EventMeta, Generation, Projection, TableDef};
+use crate::copy::BinaryRows;
+use crate::model::{EventMeta, Generation, Projection, TableDef, WriteMode};
 
 pub struct Accounts;
 
@@ -376,9 +377,14 @@ impl Projection for Accounts {
         generation: &Generation,
         rows: Vec<BalanceRow>,
         effects: AccountEffects,
+        mode: WriteMode,
     ) -> Result<(), sqlx::Error> {
         store_balances(conn, &generation.table(BALANCES.name), &rows).await?;
-        store_lines(conn, &generation.table(STATEMENT.name), &effects.lines).await?;
+        let statement = generation.table(STATEMENT.name);
+        match mode {
+            WriteMode::Live => store_lines(conn, &statement, &effects.lines).await?,
+            WriteMode::Fresh => copy_lines(conn, &statement, &effects.lines).await?,
+        }
         store_totals(conn, &generation.table(TOTALS.name), &effects.totals).await
     }
 }
@@ -431,8 +437,7 @@ async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLin
     }
     // A line is written once: `(account_id, version)` is its identity.
     let sql = format!(
-        "INSERT INTO {table} (account_id, version, position, recorded_at, kind, direction, amount, currency, \
-                              counterparty, transfer_id, reference, balance_after) \
+        "INSERT INTO {table} ({STATEMENT_COLUMNS}) \
          SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], \
                               $7::bigint[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::bigint[]) \
          ON CONFLICT (account_id, version) DO NOTHING"
@@ -452,6 +457,37 @@ async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLin
         .bind(lines.iter().map(|l| l.balance_after).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// The statement's columns, in the order [`copy_lines`] sends them.
+const STATEMENT_COLUMNS: &str = "account_id, version, position, recorded_at, kind, direction, amount, currency, \
+                                 counterparty, transfer_id, reference, balance_after";
+/// Fields of a statement line in [`copy_lines`].
+const STATEMENT_FIELDS: i16 = 12;
+/// A guess of a statement line's size in the binary COPY body, to size the buffer once.
+const STATEMENT_LINE_BYTES: usize = 200;
+
+/// [`store_lines`] for a generation only the caller writes ([`WriteMode::Fresh`]): binary COPY,
+/// with no conflict to handle.
+async fn copy_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLine]) -> Result<(), sqlx::Error> {
+    let mut rows = BinaryRows::new(lines.len() * STATEMENT_LINE_BYTES);
+    for l in lines {
+        rows.row(STATEMENT_FIELDS)
+            .uuid(l.account_id)
+            .bigint(l.version)
+            .bigint(l.position)
+            .timestamptz(l.recorded_at)
+            .text(l.kind)
+            .text(l.direction)
+            .bigint(l.amount)
+            .text(&l.currency)
+            .uuid_or_null(l.counterparty)
+            .uuid_or_null(l.transfer_id)
+            .text(&l.reference)
+            .bigint(l.balance_after);
+    }
+    rows.copy_into(conn, table, STATEMENT_COLUMNS).await?;
     Ok(())
 }
 

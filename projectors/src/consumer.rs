@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::catalog;
-use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection};
+use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection, WriteMode};
 use tally_schemas::invalidation::{INVALIDATION_ROWS_MAX, InvalidatedRow, Invalidation, invalidation_subject};
 
 /// How long JetStream waits for an ack before redelivering.
@@ -195,8 +195,11 @@ impl<P: Projection> Unit<P> {
                     }
                     None => break,
                 };
+                // Wait for more only while JetStream says more are pending for this consumer:
+                // at a light load the batch is committed at once (the wait would be pure lag),
+                // under load it fills while the previous one commits anyway.
                 let deadline = tokio::time::Instant::now() + self.shared.batch_wait;
-                while batch.len() < self.shared.batch_events_max {
+                while batch.len() < self.shared.batch_events_max && more_pending(&batch) {
                     match tokio::time::timeout_at(deadline, messages.next()).await {
                         Ok(Some(Ok(m))) => batch.push(m),
                         _ => break,
@@ -484,8 +487,15 @@ impl<P: Projection> Unit<P> {
             Some(_) => {}
         }
         let mut rows = model::RowCache::<P>::new();
-        let outcome =
-            model::apply_batch::<P>(&mut tx, &self.shared.store, &live.generation, &mut rows, &incoming).await?;
+        let outcome = model::apply_batch::<P>(
+            &mut tx,
+            &self.shared.store,
+            &live.generation,
+            &mut rows,
+            &incoming,
+            WriteMode::Live,
+        )
+        .await?;
         let last = incoming.iter().max_by_key(|e| e.meta.position);
         sqlx::query(
             "UPDATE projection_partitions SET stream_sequence = GREATEST(stream_sequence, $3), \
@@ -553,6 +563,15 @@ impl<P: Projection> Unit<P> {
             "applied batch"
         );
     }
+}
+
+/// Whether JetStream had more messages pending for the consumer when it delivered the last of
+/// `batch` (a message without its metadata counts as "maybe": wait, as before).
+fn more_pending(batch: &[jetstream::Message]) -> bool {
+    batch
+        .last()
+        .and_then(|m| m.info().ok())
+        .is_none_or(|info| info.pending > 0)
 }
 
 /// Acks are best effort: a lost ack means a redelivery, dropped as a duplicate by version.

@@ -16,6 +16,7 @@
 pub mod accounts;
 pub mod catalog;
 pub mod consumer;
+pub mod copy;
 pub mod http;
 pub mod model;
 pub mod ops;
@@ -68,7 +69,8 @@ pub struct Config {
     /// Most events applied in one transaction.
     #[arg(long, env = "TALLY_PROJECTOR_BATCH_MAX", default_value_t = 500)]
     pub batch_events_max: usize,
-    /// Longest wait for more events once a batch has its first, in milliseconds.
+    /// Longest wait for more events once a batch has its first, in milliseconds; only taken
+    /// while JetStream reports more events pending for the partition.
     #[arg(long, env = "TALLY_PROJECTOR_BATCH_WAIT_MS", default_value_t = 5)]
     pub batch_wait_ms: u64,
     /// This worker's name in leases and status (default: host name and process id).

@@ -4,8 +4,10 @@
 //! 1. Under an advisory lock (one rebuild of a projection at a time), create generation N+1's
 //!    tables from the code's current DDL.
 //! 2. Read the log in commit order, gap-safely, in chunks, folding each chunk into N+1 with the
-//!    same [`model::apply_batch`] the live path uses (multi-row writes; rows kept in memory
-//!    between chunks, since nothing else writes N+1 yet).
+//!    same [`model::apply_batch`] the live path uses. Nothing else writes or reads N+1 yet, so
+//!    rows stay in memory between chunks and derived rows go in with binary `COPY`
+//!    ([`WriteMode::Fresh`]); the next chunks are read on another connection while one is
+//!    written ([`READ_AHEAD_CHUNKS`]).
 //! 3. When a chunk comes back short (near the head), lock the projection's control row: live
 //!    batches finish and then wait. Read the rest of the log in that transaction, point the
 //!    views at N+1, record it as live with this code's shape, drop N, commit.
@@ -21,15 +23,18 @@ use std::time::{Duration, Instant};
 use sqlx::{Connection, PgPool};
 use tally_event_store::partition::partition_of;
 use tally_event_store::verify::Progress;
-use tally_event_store::{Checkpoint, EventStore};
+use tally_event_store::{Checkpoint, EventStore, StoreError, StoredEvent};
+use tokio::sync::mpsc;
 
 use crate::accounts::Accounts;
 use crate::catalog;
-use crate::model::{self, Generation, Incoming, Projection, RowCache};
+use crate::model::{self, Generation, Incoming, Projection, RowCache, WriteMode};
 use crate::transfers::Transfers;
 
 /// Events read from the log per chunk.
 pub const CHUNK_EVENTS: i64 = 10_000;
+/// Chunks read ahead of the one being written (memory: this many chunks of events).
+pub const READ_AHEAD_CHUNKS: usize = 2;
 /// Rows kept in memory between chunks before the cache is dropped (they are in the table and
 /// are loaded again when needed).
 const ROW_CACHE_MAX: usize = 500_000;
@@ -138,18 +143,26 @@ async fn run<P: Projection>(
         },
         applied: 0,
     };
-    // Bulk phase: chunks in their own transactions, nobody else writes `target`.
-    loop {
+    // Bulk phase: chunks in their own transactions, nobody else writes `target`; the reader
+    // runs ahead until a chunk comes back short (near the head of the log).
+    let (sender, mut chunks) = mpsc::channel(READ_AHEAD_CHUNKS);
+    let reader = AbortOnDrop(tokio::spawn(read_ahead(store.clone(), cursor.after, sender)));
+    while let Some(chunk) = chunks.recv().await {
         let mut tx = pool.begin().await?;
-        let read = cursor.step(&mut tx, progress).await?;
+        // No flush per chunk: a crash loses the generation anyway (the next rebuild drops
+        // what this one left), and the switch's own, synchronous commit flushes the WAL of
+        // every chunk before it.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let chunk = chunk.map_err(model::ApplyError::from)?;
+        cursor.apply(&mut tx, chunk, WriteMode::Fresh, progress).await?;
         tx.commit().await?;
         if cursor.cache.len() > ROW_CACHE_MAX {
             cursor.cache.clear();
         }
-        if (read as i64) < CHUNK_EVENTS {
-            break;
-        }
     }
+    drop(reader);
     // Switch: live batches wait on the control row while the last events are folded in.
     let mut tx = pool.begin().await?;
     let replaced: Option<i32> = sqlx::query_scalar("SELECT generation FROM projections WHERE name = $1 FOR UPDATE")
@@ -232,24 +245,74 @@ struct Cursor<'a, P: Projection> {
 
 impl<P: Projection> Cursor<'_, P> {
     /// Reads the next chunk of the log and folds it into the target inside `conn`'s
-    /// transaction; returns how many events it read (0 at the gap-safe end of the log).
+    /// transaction, as live writes; returns how many events it read (0 at the gap-safe end of
+    /// the log).
     async fn step(
         &mut self,
         conn: &mut sqlx::PgConnection,
         progress: &mut impl FnMut(Progress),
     ) -> Result<usize, model::ApplyError> {
         let chunk = self.store.read_all(self.after, CHUNK_EVENTS).await?;
+        self.apply(conn, chunk, WriteMode::Live, progress).await
+    }
+
+    /// Folds `chunk`, the events after `self.after`, into the target inside `conn`'s
+    /// transaction; returns how many events it held.
+    async fn apply(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        chunk: Vec<StoredEvent>,
+        mode: WriteMode,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<usize, model::ApplyError> {
         let Some(last) = chunk.last() else { return Ok(0) };
         self.after = last.checkpoint();
+        let read = chunk.len();
         let incoming: Vec<Incoming> = chunk
-            .iter()
+            .into_iter()
             .filter(|e| e.stream_type == P::STREAM_TYPE)
-            .map(|e| Incoming::from_stored(e, partition_of(e.stream_id, self.partitions) as i32))
+            .map(|e| {
+                let partition = partition_of(e.stream_id, self.partitions) as i32;
+                Incoming::from_owned(e, partition)
+            })
             .collect();
-        let outcome = model::apply_batch::<P>(conn, self.store, self.target, &mut self.cache, &incoming).await?;
+        let outcome = model::apply_batch::<P>(conn, self.store, self.target, &mut self.cache, &incoming, mode).await?;
         self.applied += outcome.applied;
-        self.progress.done += chunk.len() as u64;
+        self.progress.done += read as u64;
         progress(self.progress);
-        Ok(chunk.len())
+        Ok(read)
+    }
+}
+
+/// Reads the log from `after` in chunks into `chunks` until a chunk comes back short (the
+/// gap-safe head is near), the first error, or the receiver is gone.
+async fn read_ahead(
+    store: EventStore,
+    mut after: Checkpoint,
+    chunks: mpsc::Sender<Result<Vec<StoredEvent>, StoreError>>,
+) {
+    loop {
+        let chunk = store.read_all(after, CHUNK_EVENTS).await;
+        let next = match &chunk {
+            Ok(events) if events.len() as i64 >= CHUNK_EVENTS => events.last().map(StoredEvent::checkpoint),
+            _ => None,
+        };
+        if chunks.send(chunk).await.is_err() {
+            return;
+        }
+        match next {
+            Some(checkpoint) => after = checkpoint,
+            None => return,
+        }
+    }
+}
+
+/// A spawned task that is stopped when its handle is dropped (a rebuild that fails midway
+/// leaves no reader behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -6,7 +6,7 @@ use sqlx::{PgConnection, Row};
 use tally_domain::TransferEvent;
 use uuid::Uuid;
 
-use crate::model::{EventMeta, Generation, Projection, TableDef};
+use crate::model::{EventMeta, Generation, Projection, TableDef, WriteMode};
 
 pub struct Transfers;
 
@@ -185,6 +185,8 @@ impl Projection for Transfers {
         generation: &Generation,
         rows: Vec<TransferRow>,
         _: (),
+        // A handful of rows per transfer: upserts serve both modes.
+        _: WriteMode,
     ) -> Result<(), sqlx::Error> {
         if rows.is_empty() {
             return Ok(());

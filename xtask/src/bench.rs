@@ -31,7 +31,7 @@ use crate::stack::{Inherit, Service, create_database};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 17] = [
     "append-1",
     "append-16",
     "append-64",
@@ -46,6 +46,9 @@ const SCENARIOS: [&str; 14] = [
     "relay",
     "rebuild",
     "projection-lag",
+    "reads-cached",
+    "reads-uncached",
+    "statement-pages",
 ];
 /// Concurrent writers (appends) or connections (deposits) of the scaled scenarios.
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
@@ -64,6 +67,13 @@ const RELAY_DATABASE: &str = "tally_bench_relay";
 const LAG_DATABASE: &str = "tally_bench_lag";
 /// How long the relay and projector may take to catch up with the lag scenario's limit run.
 const LAG_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(180);
+/// Database of the read scenarios: accounts with 99 deposits each, their read models and
+/// the limit's copies of them.
+const READS_DATABASE: &str = "tally_bench_reads";
+/// Connections of the read scenarios (the query API's pool holds 32 database connections).
+const READ_CONNECTIONS: usize = 32;
+/// The query API's setting that turns its cache off (`reads-uncached`).
+const QUERY_CACHE_ENV: &str = "TALLY_QUERY_CACHE_MAX_ENTRIES";
 /// Database of the rebuild scenario: a log of account events only.
 const REBUILD_DATABASE: &str = "tally_bench_rebuild";
 /// The command API's switch for group commit; `1` turns it off (the `-solo` runs).
@@ -74,6 +84,8 @@ const BENCH_JWT_SECRET: &str = "tally-bench-hs256-secret-0123456789abcdef";
 /// A limit whose measurements before and after Tally differ by more than this share is
 /// reported as drifting: the machine's speed changed during the scenario.
 const LIMIT_DRIFT_WARN: f64 = 0.25;
+/// Under `target/bench/`: held by the running benchmark (see `Dirs::_lock`).
+const RUN_LOCK_FILE: &str = "run.lock";
 /// How long the relay may take to drain its backlog before the run fails.
 const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -98,6 +110,8 @@ struct Plan {
     rebuild_events: u64,
     /// Accounts the deposits and transfers spread over, opened once per run on each server.
     accounts: usize,
+    /// Account events behind the read scenarios (100 per account).
+    read_events: u64,
 }
 
 impl Plan {
@@ -111,6 +125,7 @@ impl Plan {
                 relay_events: 20_000,
                 rebuild_events: 50_000,
                 accounts: 1_000,
+                read_events: 10_000,
             }
         } else {
             Self {
@@ -121,6 +136,7 @@ impl Plan {
                 relay_events: 200_000,
                 rebuild_events: 1_000_000,
                 accounts: 10_000,
+                read_events: 200_000,
             }
         }
     }
@@ -160,6 +176,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "tally-baseline",
         "-p",
         "tally-projectors",
+        "-p",
+        "tally-query-api",
     ])?;
 
     let dirs = Dirs::prepare()?;
@@ -208,6 +226,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Where a run keeps its things, all under `target/bench/`.
 struct Dirs {
+    /// Held (an exclusive `flock`) for the whole run: a second run with the same target
+    /// directory would otherwise delete this one's `run/` folder, servers' data and all, as a
+    /// stale leftover (Postgres then fails in whatever it was doing, e.g. initdb).
+    _lock: std::fs::File,
     /// `report.json` and `report.png`.
     out: PathBuf,
     /// The servers' data and the accounts file; deleted when the run ends.
@@ -220,7 +242,9 @@ impl Dirs {
     /// Clears what an earlier run left (servers' data, logs, report) and creates the log folder.
     fn prepare() -> anyhow::Result<Self> {
         let out = target_dir().join("bench");
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let dirs = Self {
+            _lock: lock_run(&out.join(RUN_LOCK_FILE))?,
             run: out.join("run"),
             logs: out.join("logs"),
             out,
@@ -247,6 +271,39 @@ impl Dirs {
     }
 }
 
+/// Takes the exclusive lock of `path` (created if missing), waiting for another run that holds
+/// it; writes this process's id into it, so the next waiting run can say whom it waits for.
+fn lock_run(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            println!(
+                "another `cargo xtask bench` (pid {}) is running with this target directory ({}); \
+                 waiting for it to finish (or set CARGO_TARGET_DIR to another folder)",
+                holder.trim(),
+                path.display()
+            );
+            file.lock().with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 /// One benchmark run: where things are, and the report so far.
 struct Bench {
     plan: Plan,
@@ -262,6 +319,7 @@ struct Bench {
     relay_database_url: String,
     rebuild_database_url: String,
     lag_database_url: String,
+    reads_database_url: String,
     nats_url: String,
     /// Superuser pool on the bench database: `CHECKPOINT` before each measurement.
     admin: PgPool,
@@ -272,7 +330,7 @@ struct Bench {
 
 impl Bench {
     async fn new(pg: &Postgres, nats: &Nats, plan: Plan, dirs: &Dirs, started_at: String) -> anyhow::Result<Self> {
-        for database in [DATABASE, RELAY_DATABASE, REBUILD_DATABASE, LAG_DATABASE] {
+        for database in [DATABASE, RELAY_DATABASE, REBUILD_DATABASE, LAG_DATABASE, READS_DATABASE] {
             create_database(pg, database).await?;
             let pool = PgPool::connect(&pg.primary_url(database)).await?;
             tally_event_store::migrate(&pool).await?;
@@ -293,6 +351,7 @@ impl Bench {
             relay_database_url: pg.primary_url(RELAY_DATABASE),
             rebuild_database_url: pg.primary_url(REBUILD_DATABASE),
             lag_database_url: pg.primary_url(LAG_DATABASE),
+            reads_database_url: pg.primary_url(READS_DATABASE),
             nats_url: nats.url(),
             admin,
             report: Report::new(machine, started_at),
@@ -353,6 +412,14 @@ impl Bench {
         if wanted("projection-lag") {
             let row = self.projection_lag().await?;
             self.add(vec![row])?;
+        }
+        let reads: Vec<Read> = Read::ALL.into_iter().filter(|read| wanted(read.scenario())).collect();
+        if !reads.is_empty() {
+            self.prepare_reads().await?;
+            for read in reads {
+                let row = self.read(read).await?;
+                self.add(vec![row])?;
+            }
         }
         Ok(())
     }
@@ -513,30 +580,29 @@ impl Bench {
             env.push((variable, format!("127.0.0.1:{}", tally_devstack::free_port()?)));
             Ok(env)
         };
-        let _relay = self.spawn_service("tally-relay", "relay", &with_listener("TALLY_RELAY_LISTEN")?)?;
+        let _relay = self.spawn_service("tally-relay", "relay", &with_listener("TALLY_RELAY_LISTEN")?, &[])?;
         let _projector = self.spawn_service(
             "tally-projector",
             "projector",
             &with_listener("TALLY_PROJECTOR_LISTEN")?,
+            &[],
         )?;
         // A command API of its own: this scenario's log holds only its own events.
         let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
-        let mut service = self.spawn_service(
-            "tally-command-api",
-            "command-api",
-            &[
-                ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
-                ("TALLY_COMMAND_LISTEN", listen.clone()),
-                ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
-            ],
-        )?;
-        let url = format!("http://{listen}");
-        service.wait_ready(&url).await?;
-        let api = Api {
-            _service: service,
-            url,
-            accounts_file: self.run_dir.join("lag-accounts.txt"),
-        };
+        let api = self
+            .serve(
+                "tally-command-api",
+                "command-api",
+                &listen,
+                &[
+                    ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
+                    ("TALLY_COMMAND_LISTEN", listen.clone()),
+                    ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
+                ],
+                &[],
+                self.run_dir.join("lag-accounts.txt"),
+            )
+            .await?;
         self.checkpoint().await?;
         println!("[projection-lag] limit: deposits, 64 connections, with relay and projector running");
         let limit = self.load(&api, Load::Deposits, 64).await?;
@@ -552,7 +618,7 @@ impl Bench {
                 "--command-url",
                 &api.url,
                 "--token",
-                &bench_token(),
+                &bench_token(tally_service::auth::Role::Teller),
                 "--rate",
                 &format!("{rate:.0}"),
                 "--duration-ms",
@@ -561,6 +627,125 @@ impl Bench {
             .await?;
         pool.close().await;
         Ok(ScenarioResult::compare("projection-lag", "deposits/s", &limit, &tally))
+    }
+
+    /// Writes the accounts the read scenarios read and builds their read models (a rebuild),
+    /// plus the limit's copies of them.
+    async fn prepare_reads(&mut self) -> anyhow::Result<()> {
+        let events = self.plan.read_events.to_string();
+        println!("[reads] preparing {events} account events, their read models and the limit's copies");
+        let accounts_file = self.read_accounts_file();
+        let _: Measurement = self
+            .tally_bench(&[
+                "reads-prepare".as_ref(),
+                "--database-url".as_ref(),
+                self.reads_database_url.as_ref(),
+                "--events".as_ref(),
+                events.as_ref(),
+                "--accounts-file".as_ref(),
+                accounts_file.as_os_str(),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    fn read_accounts_file(&self) -> PathBuf {
+        self.run_dir.join("read-accounts.txt")
+    }
+
+    /// A read scenario: its limit server, the query API, the limit again, each driven by
+    /// `tally load` with the same accounts and connections. The query API's side is skipped
+    /// (`tally` null) while it does not serve what the scenario reads.
+    async fn read(&mut self, read: Read) -> anyhow::Result<ScenarioResult> {
+        let name = read.scenario();
+        let before = self.read_limit(read).await?;
+        let tally = match self.start_query_api(read).await? {
+            Ok(api) => {
+                self.checkpoint().await?;
+                println!("[{name}] tally: {}, {READ_CONNECTIONS} connections", read.describe());
+                Some(self.load(&api, read.load(), READ_CONNECTIONS).await?)
+            }
+            Err(missing) => {
+                println!("  [{name}] tally: skipped, {missing}");
+                None
+            }
+        };
+        let limit = bracket(name, before, self.read_limit(read).await?);
+        Ok(match tally {
+            Some(tally) => ScenarioResult::compare(name, "requests/s", &limit, &tally),
+            None => ScenarioResult::limit_only(name, "requests/s", &limit),
+        })
+    }
+
+    /// `read`'s limit: the minimal server of its kind (`tally-bench serve-limit`), loaded like
+    /// the query API.
+    async fn read_limit(&mut self, read: Read) -> anyhow::Result<Measurement> {
+        let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
+        let mode = read.limit_mode();
+        let api = self
+            .serve(
+                "tally-bench",
+                &format!("limit-{mode}"),
+                &listen,
+                &[
+                    ("TALLY_DATABASE_URL", self.reads_database_url.clone()),
+                    ("TALLY_BENCH_LIMIT_MODE", mode.to_owned()),
+                    ("TALLY_BENCH_LISTEN", listen.clone()),
+                ],
+                &["serve-limit"],
+                self.read_accounts_file(),
+            )
+            .await?;
+        self.checkpoint().await?;
+        println!(
+            "[{}] limit: {}, {READ_CONNECTIONS} connections",
+            read.scenario(),
+            read.describe_limit()
+        );
+        self.load(&api, read.load(), READ_CONNECTIONS).await
+    }
+
+    /// Starts the query API on the read database for `read` (cache off for `reads-uncached`),
+    /// or says what it lacks for `read` (`Err`): the routes and settings of issue 6.
+    async fn start_query_api(&mut self, read: Read) -> anyhow::Result<Result<Api, String>> {
+        let bin = self.bin_dir.join("tally-query-api");
+        let help = tokio::process::Command::new(&bin).arg("--help").output().await?;
+        if !String::from_utf8_lossy(&help.stdout).contains(QUERY_CACHE_ENV) {
+            return Ok(Err(format!(
+                "this tally-query-api has no {QUERY_CACHE_ENV} (its moka cache, issue 6, has not landed)"
+            )));
+        }
+        let listen = format!("127.0.0.1:{}", tally_devstack::free_port()?);
+        let mut env = vec![
+            // No replica: the query API then reads the primary, like the limit's server.
+            ("TALLY_DATABASE_URL", self.reads_database_url.clone()),
+            ("TALLY_QUERY_LISTEN", listen.clone()),
+            ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
+            ("TALLY_NATS_URL", self.nats_url.clone()),
+            // As many requests as the limits take: the bench's one client is not to be throttled.
+            ("TALLY_RATE_LIMIT_PER_S", "1000000".to_owned()),
+            ("TALLY_RATE_LIMIT_BURST", "1000000".to_owned()),
+        ];
+        if read == Read::Uncached {
+            env.push((QUERY_CACHE_ENV, "0".to_owned()));
+        }
+        let api = self
+            .serve(
+                "tally-query-api",
+                "query-api",
+                &listen,
+                &env,
+                &[],
+                self.read_accounts_file(),
+            )
+            .await?;
+        let openapi: serde_json::Value = reqwest::get(format!("{}/openapi.json", api.url)).await?.json().await?;
+        if read == Read::StatementPages && openapi["paths"].get(STATEMENT_PATH).is_none() {
+            return Ok(Err(format!(
+                "this tally-query-api does not serve GET {STATEMENT_PATH} (issue 6)"
+            )));
+        }
+        Ok(Ok(api))
     }
 
     /// The rebuild limit: the whole log read in commit order, after a checkpoint.
@@ -607,6 +792,7 @@ impl Bench {
                     format!("127.0.0.1:{}", tally_devstack::free_port()?),
                 ),
             ],
+            &[],
         )?;
         let name = RelayConfig::default().name;
         let measured = tokio::select! {
@@ -667,11 +853,17 @@ impl Bench {
             .args(["--duration", &format!("{}ms", measure.as_millis())])
             .args(["--warmup", &format!("{}ms", warmup.as_millis())])
             .arg("--token")
-            .arg(bench_token())
+            .arg(bench_token(load.role()))
             .arg("--json");
-        if load != Load::HotAccount {
+        let accounts = match load {
+            Load::HotAccount => None,
+            Load::Deposits | Load::Transfers => Some(self.plan.accounts),
+            // Every account the file lists.
+            Load::AccountReads | Load::StatementPages => Some(usize::MAX),
+        };
+        if let Some(accounts) = accounts {
             command
-                .args(["--accounts", &self.plan.accounts.to_string()])
+                .args(["--accounts", &accounts.to_string()])
                 .arg("--accounts-file")
                 .arg(&api.accounts_file);
         }
@@ -698,14 +890,14 @@ impl Bench {
                 if mode == GroupCommit::Off {
                     env.push((GROUP_COMMIT_ENV, "1".into()));
                 }
-                self.spawn_service("tally-command-api", "command-api", &env)?
+                self.spawn_service("tally-command-api", "command-api", &env, &[])?
             }
             Server::Baseline => {
                 let env = [
                     ("TALLY_DATABASE_URL", self.baseline_database_url.clone()),
                     ("TALLY_BASELINE_LISTEN", listen),
                 ];
-                self.spawn_service("tally-baseline", "baseline", &env)?
+                self.spawn_service("tally-baseline", "baseline", &env, &[])?
             }
         };
         service.wait_ready(&url).await?;
@@ -716,10 +908,36 @@ impl Bench {
         })
     }
 
-    fn spawn_service(&mut self, bin: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
+    /// Starts an HTTP service listening on `listen` and waits until it is ready.
+    async fn serve(
+        &mut self,
+        bin: &str,
+        name: &str,
+        listen: &str,
+        env: &[(&str, String)],
+        args: &[&str],
+        accounts_file: PathBuf,
+    ) -> anyhow::Result<Api> {
+        let mut service = self.spawn_service(bin, name, env, args)?;
+        let url = format!("http://{listen}");
+        service.wait_ready(&url).await?;
+        Ok(Api {
+            _service: service,
+            url,
+            accounts_file,
+        })
+    }
+
+    fn spawn_service(
+        &mut self,
+        bin: &str,
+        name: &str,
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> anyhow::Result<Service> {
         self.services_started += 1;
         let log = self.log_dir.join(format!("{:02}-{name}.log", self.services_started));
-        Service::spawn(&self.bin_dir.join(bin), name, &log, env, Inherit::AllButTally)
+        Service::spawn(&self.bin_dir.join(bin), args, name, &log, env, Inherit::AllButTally)
     }
 }
 
@@ -744,9 +962,9 @@ async fn wait_caught_up(pool: &PgPool) -> anyhow::Result<()> {
     }
 }
 
-/// A teller token for `tally load`, valid for a day (longer than any run).
-fn bench_token() -> String {
-    let claims = tally_service::auth::Claims::new("bench", &[tally_service::auth::Role::Teller], 24 * 60 * 60);
+/// A token with `role` for `tally load`, valid for a day (longer than any run).
+fn bench_token(role: tally_service::auth::Role) -> String {
+    let claims = tally_service::auth::Claims::new("bench", &[role], 24 * 60 * 60);
     tally_service::auth::mint(BENCH_JWT_SECRET.as_bytes(), &claims)
 }
 
@@ -817,6 +1035,8 @@ enum Load {
     Deposits,
     HotAccount,
     Transfers,
+    AccountReads,
+    StatementPages,
 }
 
 impl Load {
@@ -825,6 +1045,8 @@ impl Load {
             Self::Deposits => "deposits",
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
+            Self::AccountReads => "account-reads",
+            Self::StatementPages => "statement-pages",
         }
     }
 
@@ -833,6 +1055,73 @@ impl Load {
             Self::Deposits => "POST deposits",
             Self::HotAccount => "POST deposits to one account",
             Self::Transfers => "POST transfers between random accounts",
+            Self::AccountReads => "GET accounts",
+            Self::StatementPages => "GET statement pages",
+        }
+    }
+
+    /// The role of the token the load sends.
+    fn role(self) -> tally_service::auth::Role {
+        match self {
+            Self::Deposits | Self::HotAccount | Self::Transfers => tally_service::auth::Role::Teller,
+            Self::AccountReads | Self::StatementPages => tally_service::auth::Role::Reader,
+        }
+    }
+}
+
+/// The read scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// `GET /v1/accounts/{id}` from the query API's cache, against a fixed-body server.
+    Cached,
+    /// The same with the cache off, against a server reading one row per request.
+    Uncached,
+    /// Statement pages, against a server reading one keyset page per request.
+    StatementPages,
+}
+
+/// The query API route of the `statement-pages` scenario, as its OpenAPI document names it.
+const STATEMENT_PATH: &str = "/v1/accounts/{id}/statement";
+
+impl Read {
+    const ALL: [Read; 3] = [Read::Cached, Read::Uncached, Read::StatementPages];
+
+    fn scenario(self) -> &'static str {
+        match self {
+            Self::Cached => "reads-cached",
+            Self::Uncached => "reads-uncached",
+            Self::StatementPages => "statement-pages",
+        }
+    }
+
+    fn load(self) -> Load {
+        match self {
+            Self::Cached | Self::Uncached => Load::AccountReads,
+            Self::StatementPages => Load::StatementPages,
+        }
+    }
+
+    /// `tally-bench serve-limit --mode`.
+    fn limit_mode(self) -> &'static str {
+        match self {
+            Self::Cached => "fixed",
+            Self::Uncached | Self::StatementPages => "row",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Cached => "GET /v1/accounts/{id}, cache on",
+            Self::Uncached => "GET /v1/accounts/{id}, cache off",
+            Self::StatementPages => "GET /v1/accounts/{id}/statement?limit=50, walking next_cursor",
+        }
+    }
+
+    fn describe_limit(self) -> &'static str {
+        match self {
+            Self::Cached => "axum answering a fixed JSON body",
+            Self::Uncached => "axum answering one sqlx row of a copy of account_balances",
+            Self::StatementPages => "axum answering a keyset page of 50 sqlx rows of a copy of account_statement",
         }
     }
 }

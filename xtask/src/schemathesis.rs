@@ -91,6 +91,7 @@ pub fn run(pg: &Postgres, nats: &Nats) -> anyhow::Result<()> {
         let env: Vec<(&str, String)> = common.iter().cloned().chain(extra.iter().cloned()).collect();
         Service::spawn(
             &bin_dir.join(bin),
+            &[],
             bin,
             &logs.join(format!("{bin}.log")),
             &env,

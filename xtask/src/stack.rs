@@ -84,6 +84,7 @@ pub(crate) enum Inherit {
 impl Service {
     pub(crate) fn spawn(
         bin: &Path,
+        args: &[&str],
         name: &str,
         log: &Path,
         env: &[(&str, String)],
@@ -99,6 +100,7 @@ impl Service {
             }
         }
         let child = command
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -310,6 +312,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let spawn = |bin: &str, name: &str, env: &[(&str, String)]| {
         Service::spawn(
             &bin_dir.join(bin),
+            &[],
             name,
             &log_dir.join(format!("{name}.log")),
             env,
