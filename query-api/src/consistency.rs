@@ -78,16 +78,25 @@ where
     let deadline = started + wait;
     let mut pause = POLL_MIN;
     loop {
-        match attempt().await {
+        // A failed look (a replica cancelling a query for a recovery conflict, a dropped
+        // connection) is retried like one that found the write missing: the next look may go
+        // to another replica, and the wait is bounded anyway.
+        let failed = match attempt().await {
             Ok(Some(value)) => {
                 metrics::histogram!("tally_query_consistency_wait_seconds").record(started.elapsed().as_secs_f64());
                 return Ok(value);
             }
-            Ok(None) => {}
-            Err(error) => return Err(unavailable(&error)),
-        }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "a read-your-writes look failed; looking again");
+                Some(error)
+            }
+        };
         let now = Instant::now();
         if now >= deadline {
+            if let Some(error) = failed {
+                return Err(unavailable(&error));
+            }
             return Err(match log_has(state.sources.primary(), token).await {
                 Ok(false) => unknown_token(),
                 Ok(true) | Err(_) => {

@@ -122,6 +122,8 @@ const TRANSFERS_CURSOR: &str = "transfers.v1";
         (status = 200, description = "One page of transfers.", body = TransfersPage),
         (status = 400, description = "`invalid-parameter` (a malformed cursor or an unknown status) or \
             `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "`account-not-found`: the id is not an account id (a UUID).", body = Problem,
+         content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
