@@ -217,7 +217,10 @@ impl TestDb {
         let Some(replica_url) = &self.replica_url else {
             return;
         };
-        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        // The insert position, not `pg_current_wal_lsn()` (the write position): the test
+        // servers commit asynchronously, so a commit can still sit in WAL buffers, behind the
+        // write position, when this runs.
+        let target: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
             .fetch_one(&self.pool)
             .await
             .expect("primary WAL position");
