@@ -161,9 +161,13 @@ pub async fn complete_many(
     let keys: Vec<&str> = responses.iter().map(|(k, _)| k.as_str()).collect();
     let statuses: Vec<i16> = responses.iter().map(|(_, r)| r.status as i16).collect();
     let bodies: Vec<String> = responses.iter().map(|(_, r)| r.body.to_string()).collect();
+    // `k.key = ANY($1)` repeats the join's condition so that the keys are found through the
+    // primary key whatever the planner knows: on a table planned while empty (a new database,
+    // before autovacuum's first analysis) the join alone is a sequential scan per batch.
     sqlx::query(
         "UPDATE idempotency_keys AS k SET response_status = t.status, response_body = t.body::json \
-         FROM UNNEST($1::text[], $2::smallint[], $3::text[]) AS t(key, status, body) WHERE k.key = t.key",
+         FROM UNNEST($1::text[], $2::smallint[], $3::text[]) AS t(key, status, body) \
+         WHERE k.key = t.key AND k.key = ANY($1)",
     )
     .bind(&keys)
     .bind(&statuses)
