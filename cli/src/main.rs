@@ -72,6 +72,10 @@ const EXIT_BROKEN: u8 = 1;
 /// Exit code: the log could not be read (unreachable database, SQL error).
 const EXIT_DATABASE: u8 = 2;
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`).
+#[global_allocator]
+static ALLOCATOR: tally_service::Allocator = tally_service::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tally_service::telemetry::init("tally");

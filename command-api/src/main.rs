@@ -7,6 +7,10 @@ use tally_service::edge::Edge;
 /// Longest wait, after the last request, for queued commands to commit on shutdown.
 const WRITER_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`).
+#[global_allocator]
+static ALLOCATOR: tally_service::Allocator = tally_service::Allocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("command-api");

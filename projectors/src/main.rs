@@ -1,6 +1,10 @@
 use clap::Parser;
 use tally_projectors::Config;
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`).
+#[global_allocator]
+static ALLOCATOR: tally_service::Allocator = tally_service::Allocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("projector");

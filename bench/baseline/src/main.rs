@@ -3,6 +3,11 @@
 use clap::Parser;
 use tally_baseline::{AppState, Config};
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`), so `tally/baseline` compares
+/// the libraries, not the allocators.
+#[global_allocator]
+static ALLOCATOR: tally_service::Allocator = tally_service::Allocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("baseline");

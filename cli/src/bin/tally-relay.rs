@@ -63,6 +63,10 @@ struct Config {
     fault_crash_after_publish: Option<u32>,
 }
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`).
+#[global_allocator]
+static ALLOCATOR: tally_service::Allocator = tally_service::Allocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally_service::telemetry::init("relay");
