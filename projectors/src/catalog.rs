@@ -99,12 +99,30 @@ pub(crate) async fn create_tables<P: Projection>(
     Ok(())
 }
 
+/// Refreshes the planner statistics of the tables of `generation` (after a bulk load: until
+/// autovacuum gets to them, the planner would take the tables for the empty ones they were).
+pub(crate) async fn analyze_tables<P: Projection>(
+    conn: &mut PgConnection,
+    generation: &Generation,
+) -> Result<(), sqlx::Error> {
+    each_table::<P>(conn, generation, "ANALYZE").await
+}
+
 pub(crate) async fn drop_tables<P: Projection>(
     conn: &mut PgConnection,
     generation: &Generation,
 ) -> Result<(), sqlx::Error> {
+    each_table::<P>(conn, generation, "DROP TABLE IF EXISTS").await
+}
+
+/// Runs `{command} <table>` on each table of `generation`.
+async fn each_table<P: Projection>(
+    conn: &mut PgConnection,
+    generation: &Generation,
+    command: &str,
+) -> Result<(), sqlx::Error> {
     for table in P::TABLES {
-        let sql = format!("DROP TABLE IF EXISTS {}", generation.table(table.name));
+        let sql = format!("{command} {}", generation.table(table.name));
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
     }
     Ok(())

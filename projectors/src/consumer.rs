@@ -1,7 +1,9 @@
 //! One (projection, partition) unit: a durable pull consumer applied in batches.
 //!
-//! Each batch is one Postgres transaction holding the read-model rows, the partition's
-//! checkpoint and, as a fence, the worker's lease: a worker that lost its lease cannot commit.
+//! Each batch is one Postgres transaction holding the read-model rows and the partition's
+//! checkpoint, written on condition that the worker still holds its lease: a worker that lost
+//! its lease cannot commit. A batch with nothing of the projection's stream type (a partition
+//! carries every stream type) writes the checkpoint alone.
 //! Messages are acknowledged only after the commit; a redelivered one is dropped by version.
 //!
 //! Failures: a dependency failing (database unreachable, deadlock) is retried with back-off for
@@ -452,7 +454,9 @@ impl<P: Projection> Unit<P> {
         .await;
     }
 
-    /// One transaction: the lease fence, the rows and the checkpoint.
+    /// One transaction: the rows, and the checkpoint fenced by the lease. A batch holding
+    /// nothing of this projection's stream type (a partition carries every stream type) is
+    /// the checkpoint statement alone.
     async fn apply(&self, batch: &[jetstream::Message]) -> Result<BatchOutcome, BatchError> {
         let mut incoming = Vec::with_capacity(batch.len());
         let mut last_sequence = 0u64;
@@ -464,58 +468,45 @@ impl<P: Projection> Unit<P> {
             pending = info.as_ref().map_or(pending, |i| i.pending);
             incoming.push(self.incoming(&message.payload, sequence)?);
         }
-        let mut tx = self.shared.pool.begin().await?;
-        let live = catalog::live(&mut tx, P::NAME).await?;
-        if live.paused {
-            return Err(BatchError::Gate(Gate::Paused));
-        }
-        if live.shape != P::SHAPE {
-            return Err(BatchError::Gate(Gate::NeedsRebuild));
-        }
-        let state: Option<String> = sqlx::query_scalar(
-            "SELECT state FROM projection_partitions \
-             WHERE projection = $1 AND partition = $2 AND worker = $3 AND lease_until > now() FOR UPDATE",
-        )
-        .bind(P::NAME)
-        .bind(self.partition as i32)
-        .bind(&self.shared.worker_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match state.as_deref() {
-            None => return Err(BatchError::Gate(Gate::LeaseLost)),
-            Some("failed") => return Err(BatchError::Gate(Gate::Failed)),
-            Some(_) => {}
-        }
-        let mut rows = model::RowCache::<P>::new();
-        let outcome = model::apply_batch::<P>(
-            &mut tx,
-            &self.shared.store,
-            &live.generation,
-            &mut rows,
-            &incoming,
-            WriteMode::Live,
-        )
-        .await?;
         let last = incoming.iter().max_by_key(|e| e.meta.position);
-        sqlx::query(
-            "UPDATE projection_partitions SET stream_sequence = GREATEST(stream_sequence, $3), \
-                 position = GREATEST(position, $4), lag_events = $5, \
-                 last_event_at = GREATEST(last_event_at, $6), applied = applied + $7, duplicates = duplicates + $8, \
-                 state = 'running', last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END, \
-                 updated_at = now() \
-             WHERE projection = $1 AND partition = $2",
-        )
-        .bind(P::NAME)
-        .bind(self.partition as i32)
-        .bind(last_sequence as i64)
-        .bind(last.map_or(0, |e| e.meta.position))
-        .bind(pending as i64)
-        .bind(last.map(|e| e.meta.recorded_at))
-        .bind(outcome.applied as i64)
-        .bind(outcome.duplicates as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let progress = Progress {
+            stream_sequence: last_sequence as i64,
+            position: last.map_or(0, |e| e.meta.position),
+            lag_events: pending as i64,
+            last_event_at: last.map(|e| e.meta.recorded_at),
+        };
+        let outcome = if incoming.iter().any(|e| e.stream_type == P::STREAM_TYPE) {
+            let mut tx = self.shared.pool.begin().await?;
+            // Share-locked: a rebuild's switch or a pause waits for this batch, and it for them.
+            let live = catalog::live(&mut tx, P::NAME).await?;
+            if live.paused {
+                return Err(BatchError::Gate(Gate::Paused));
+            }
+            if live.shape != P::SHAPE {
+                return Err(BatchError::Gate(Gate::NeedsRebuild));
+            }
+            let mut rows = model::RowCache::<P>::new();
+            let outcome = model::apply_batch::<P>(
+                &mut tx,
+                &self.shared.store,
+                &live.generation,
+                &mut rows,
+                &incoming,
+                WriteMode::Live,
+            )
+            .await?;
+            self.checkpoint(&mut tx, &progress, &outcome).await?;
+            tx.commit().await?;
+            outcome
+        } else {
+            let outcome = BatchOutcome {
+                ignored: incoming.len() as u64,
+                ..BatchOutcome::default()
+            };
+            let mut conn = self.shared.pool.acquire().await?;
+            self.checkpoint(&mut conn, &progress, &outcome).await?;
+            outcome
+        };
         metrics::gauge!("tally_projection_lag_events", &self.labels).set(pending as f64);
         if let Some(last) = last {
             let lag = if pending == 0 {
@@ -526,6 +517,55 @@ impl<P: Projection> Unit<P> {
             metrics::gauge!("tally_projection_lag_seconds", &self.labels).set(lag);
         }
         Ok(outcome)
+    }
+
+    /// Records the batch's progress, on condition that this worker still holds the partition's
+    /// lease and the partition has not failed: the fence. In the batch's transaction, it locks
+    /// the partition's row until the commit, so the batch commits only if the lease was this
+    /// worker's at its end (a worker taking the partition over waits for the commit, then
+    /// sees the checkpoint).
+    async fn checkpoint(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        progress: &Progress,
+        outcome: &BatchOutcome,
+    ) -> Result<(), BatchError> {
+        let updated = sqlx::query(
+            "UPDATE projection_partitions SET stream_sequence = GREATEST(stream_sequence, $4), \
+                 position = GREATEST(position, $5), lag_events = $6, \
+                 last_event_at = GREATEST(last_event_at, $7), applied = applied + $8, duplicates = duplicates + $9, \
+                 state = 'running', last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END, \
+                 updated_at = now() \
+             WHERE projection = $1 AND partition = $2 AND worker = $3 AND lease_until > now() AND state <> 'failed'",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(&self.shared.worker_id)
+        .bind(progress.stream_sequence)
+        .bind(progress.position)
+        .bind(progress.lag_events)
+        .bind(progress.last_event_at)
+        .bind(outcome.applied as i64)
+        .bind(outcome.duplicates as i64)
+        .execute(&mut *conn)
+        .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(());
+        }
+        // Not ours to write: say why (the transaction, if any, rolls back when dropped).
+        let failed: Option<bool> = sqlx::query_scalar(
+            "SELECT state = 'failed' FROM projection_partitions \
+             WHERE projection = $1 AND partition = $2 AND worker = $3 AND lease_until > now()",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(&self.shared.worker_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Err(BatchError::Gate(match failed {
+            Some(true) => Gate::Failed,
+            _ => Gate::LeaseLost,
+        }))
     }
 
     fn incoming(&self, payload: &[u8], sequence: u64) -> Result<Incoming, ApplyError> {
@@ -563,6 +603,15 @@ impl<P: Projection> Unit<P> {
             "applied batch"
         );
     }
+}
+
+/// Where a batch leaves its partition's checkpoint.
+struct Progress {
+    stream_sequence: i64,
+    position: i64,
+    /// Messages JetStream still had for the consumer after the batch.
+    lag_events: i64,
+    last_event_at: Option<DateTime<Utc>>,
 }
 
 /// Whether JetStream had more messages pending for the consumer when it delivered the last of

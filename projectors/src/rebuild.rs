@@ -8,9 +8,11 @@
 //!    rows stay in memory between chunks and derived rows go in with binary `COPY`
 //!    ([`WriteMode::Fresh`]); the next chunks are read on another connection while one is
 //!    written ([`READ_AHEAD_CHUNKS`]).
-//! 3. When a chunk comes back short (near the head), lock the projection's control row: live
-//!    batches finish and then wait. Read the rest of the log in that transaction, point the
-//!    views at N+1, record it as live with this code's shape, drop N, commit.
+//! 3. When a chunk comes back short (near the head), `ANALYZE` the tables: until autovacuum
+//!    gets to them, the planner would plan the workers' statements for empty tables.
+//! 4. Lock the projection's control row: live batches finish and then wait. Read the rest of
+//!    the log in that transaction, point the views at N+1, record it as live with this code's
+//!    shape, drop N, commit.
 //!
 //! Why nothing is lost: every event a live worker applied to N was published by the relay, which
 //! only publishes events below the log's gap-safe horizon, and that horizon only moves forward,
@@ -163,6 +165,10 @@ async fn run<P: Projection>(
         }
     }
     drop(reader);
+    // Statistics, so the workers' first plans on the new tables are not made for empty ones.
+    let mut conn = pool.acquire().await?;
+    catalog::analyze_tables::<P>(&mut conn, &target).await?;
+    drop(conn);
     // Switch: live batches wait on the control row while the last events are folded in.
     let mut tx = pool.begin().await?;
     let replaced: Option<i32> = sqlx::query_scalar("SELECT generation FROM projections WHERE name = $1 FOR UPDATE")
