@@ -395,6 +395,7 @@ async fn transfers_are_read_by_id_and_listed_per_account_with_filters_and_pages(
     let api = Api::new(&stack.command);
     let (ada, bob) = (api.funded("EUR", 1_000).await, api.funded("EUR", 0).await);
     let mut ids = Vec::new();
+    let mut tokens = Vec::new();
     let mut last_token = String::new();
     for (amount, mode) in [(10, "immediate"), (20, "immediate"), (30, "pending"), (40, "immediate")] {
         let id = Uuid::now_v7();
@@ -405,6 +406,7 @@ async fn transfers_are_read_by_id_and_listed_per_account_with_filters_and_pages(
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         last_token = body["consistency_token"].as_str().unwrap().to_owned();
+        tokens.push(last_token.clone());
         ids.push(id);
     }
     // The last transfer, read with its own token.
@@ -426,6 +428,13 @@ async fn transfers_are_read_by_id_and_listed_per_account_with_filters_and_pages(
     .await;
     assert_eq!((status, body["balance"].as_i64()), (StatusCode::OK, Some(70)), "{body}");
 
+    // A token covers its own write: the transfers sit in different partitions, projected
+    // independently, so each is read with its token before the listing counts on them all.
+    for (id, token) in ids.iter().zip(&tokens) {
+        let url = format!("{}/v1/transfers/{id}", stack.query);
+        let (status, _, body) = get(&client(), &url, &[("X-Consistency-Token", token)]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     let list = format!("{}/v1/accounts/{bob}/transfers", stack.query);
     let (_, _, page) = get(&client(), &format!("{list}?consistent_with={last_token}"), &[]).await;
     let listed: Vec<Value> = page["transfers"].as_array().unwrap().clone();
