@@ -59,6 +59,11 @@ enum Command {
         database_url: String,
         #[arg(long)]
         command_url: String,
+        /// Where the projector announces its commits (`TALLY_NATS_URL`, `TALLY_SUBJECT_PREFIX`).
+        #[arg(long)]
+        nats_url: String,
+        #[arg(long)]
+        subject_prefix: String,
         #[arg(long)]
         token: String,
         #[arg(long)]
@@ -144,6 +149,11 @@ impl AppendArgs {
     }
 }
 
+/// mimalloc, as in every Tally binary (`tally_service::Allocator`): the limits run on the
+/// allocator Tally runs on.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -182,6 +192,8 @@ async fn main() -> anyhow::Result<()> {
         Command::ProjectionLag {
             database_url,
             command_url,
+            nats_url,
+            subject_prefix,
             token,
             rate,
             duration_ms,
@@ -189,6 +201,8 @@ async fn main() -> anyhow::Result<()> {
             let pool = tally_event_store::connect(&database_url, 2)?;
             let plan = tally_bench::lag::LagPlan {
                 command_url,
+                nats_url,
+                subject_prefix,
                 token,
                 rate_per_s: rate,
                 duration: Duration::from_millis(duration_ms),

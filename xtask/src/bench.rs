@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use serde::de::DeserializeOwned;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tally_bench::preload::Preloaded;
 use tally_bench::report::{Report, ScenarioResult, describe_machine, timestamp_now};
 use tally_bench::{Bracket, Measurement, Window};
@@ -65,6 +65,8 @@ const BASELINE_DATABASE: &str = "tally_bench_baseline";
 const RELAY_DATABASE: &str = "tally_bench_relay";
 /// Database of the projection-lag scenario: the relay publishes only its own events.
 const LAG_DATABASE: &str = "tally_bench_lag";
+/// The projection-lag scenario's NATS subjects (its events, its projector's announcements).
+const LAG_SUBJECT_PREFIX: &str = "bench.lag";
 /// How long the relay and projector may take to catch up with the lag scenario's limit run.
 const LAG_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Database of the read scenarios: accounts with 99 deposits each, their read models and
@@ -130,8 +132,9 @@ impl Plan {
         } else {
             Self {
                 window: Window {
-                    warmup: Duration::from_secs(3),
-                    measure: Duration::from_secs(20),
+                    // 43 measurements of 17 s: the full run stays under 15 minutes.
+                    warmup: Duration::from_secs(2),
+                    measure: Duration::from_secs(15),
                 },
                 relay_events: 200_000,
                 rebuild_events: 1_000_000,
@@ -570,7 +573,7 @@ impl Bench {
             ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
             ("TALLY_NATS_URL", self.nats_url.clone()),
             ("TALLY_NATS_STREAM", "BENCH_LAG".to_owned()),
-            ("TALLY_SUBJECT_PREFIX", "bench.lag".to_owned()),
+            ("TALLY_SUBJECT_PREFIX", LAG_SUBJECT_PREFIX.to_owned()),
         ];
         let pool = PgPool::connect(&self.lag_database_url).await?;
         tally_projectors::migrate(&pool).await?;
@@ -617,6 +620,10 @@ impl Bench {
                 &self.lag_database_url,
                 "--command-url",
                 &api.url,
+                "--nats-url",
+                &self.nats_url,
+                "--subject-prefix",
+                LAG_SUBJECT_PREFIX,
                 "--token",
                 &bench_token(tally_service::auth::Role::Teller),
                 "--rate",
@@ -828,11 +835,34 @@ impl Bench {
         .to_vec()
     }
 
-    /// Flushes dirty pages now, so no measurement pays for a checkpoint left by the one before
-    /// it, and each starts with the same full-page-write cost.
+    /// Refreshes every database's planner statistics, then flushes dirty pages, before each
+    /// measurement. Statistics: a database in service has them (autovacuum analyzes within a
+    /// minute or so of a table growing), but this run's tables were empty moments ago, and a
+    /// connection's cached plans made on an empty table (a sequential scan is the cheapest
+    /// plan there) are kept until the table is analyzed: the projection-lag run of 2026-11-24
+    /// spent most of Postgres's time in such scans. Flushing: no measurement pays for a
+    /// checkpoint left by the one before it, and each starts with the same full-page-write
+    /// cost.
     async fn checkpoint(&self) -> anyhow::Result<()> {
+        for url in self.database_urls() {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            sqlx::query("ANALYZE").execute(&mut conn).await?;
+            conn.close().await?;
+        }
         sqlx::query("CHECKPOINT").execute(&self.admin).await?;
         Ok(())
+    }
+
+    /// Every database of the run.
+    fn database_urls(&self) -> [&str; 6] {
+        [
+            &self.database_url,
+            &self.baseline_database_url,
+            &self.relay_database_url,
+            &self.rebuild_database_url,
+            &self.lag_database_url,
+            &self.reads_database_url,
+        ]
     }
 
     /// Runs the release `tally-bench` with `args` and parses the JSON it prints.
