@@ -519,7 +519,12 @@ async fn work(client: reqwest::Client, target: Arc<Target>, schedule: Arc<Schedu
     let mut recorder = Recorder::default();
     let mut walk = Walk::default();
     while let Some(due) = schedule.next_due() {
-        tokio::time::sleep_until(due).await;
+        // Only a request due later waits: Tokio's timer ticks in milliseconds and rounds a
+        // deadline up, so awaiting a deadline already passed (every closed-loop request) could
+        // cost up to a millisecond per request.
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
         let outcome = target.send(&client, &mut walk).await;
         let done = Instant::now();
         live.count(outcome);
