@@ -456,7 +456,7 @@ impl<P: Projection> Unit<P> {
 
     /// One transaction: the rows, and the checkpoint fenced by the lease. A batch holding
     /// nothing of this projection's stream type (a partition carries every stream type) is
-    /// the checkpoint statement alone.
+    /// the gate's read and the checkpoint statement alone, without a transaction.
     async fn apply(&self, batch: &[jetstream::Message]) -> Result<BatchOutcome, BatchError> {
         let mut incoming = Vec::with_capacity(batch.len());
         let mut last_sequence = 0u64;
@@ -478,13 +478,7 @@ impl<P: Projection> Unit<P> {
         let outcome = if incoming.iter().any(|e| e.stream_type == P::STREAM_TYPE) {
             let mut tx = self.shared.pool.begin().await?;
             // Share-locked: a rebuild's switch or a pause waits for this batch, and it for them.
-            let live = catalog::live(&mut tx, P::NAME).await?;
-            if live.paused {
-                return Err(BatchError::Gate(Gate::Paused));
-            }
-            if live.shape != P::SHAPE {
-                return Err(BatchError::Gate(Gate::NeedsRebuild));
-            }
+            let live = live_gate::<P>(&mut tx).await?;
             let mut rows = model::RowCache::<P>::new();
             let outcome = model::apply_batch::<P>(
                 &mut tx,
@@ -504,6 +498,7 @@ impl<P: Projection> Unit<P> {
                 ..BatchOutcome::default()
             };
             let mut conn = self.shared.pool.acquire().await?;
+            live_gate::<P>(&mut conn).await?;
             self.checkpoint(&mut conn, &progress, &outcome).await?;
             outcome
         };
@@ -603,6 +598,19 @@ impl<P: Projection> Unit<P> {
             "applied batch"
         );
     }
+}
+
+/// The live generation of `P`, or the gate that stops the unit: the projection is paused, or
+/// its live generation was built by another shape of this code.
+async fn live_gate<P: Projection>(conn: &mut sqlx::PgConnection) -> Result<catalog::Live, BatchError> {
+    let live = catalog::live(conn, P::NAME).await?;
+    if live.paused {
+        return Err(BatchError::Gate(Gate::Paused));
+    }
+    if live.shape != P::SHAPE {
+        return Err(BatchError::Gate(Gate::NeedsRebuild));
+    }
+    Ok(live)
 }
 
 /// Where a batch leaves its partition's checkpoint.
