@@ -840,7 +840,7 @@ impl Bench {
     /// minute or so of a table growing), but this run's tables were empty moments ago, and a
     /// connection's cached plans made on an empty table (a sequential scan is the cheapest
     /// plan there) are kept until the table is analyzed: the projection-lag run of 2026-11-24
-    /// spent most of Postgres's time in such scans. Flushing: no measurement pays for a
+    /// spent much of Postgres's time in such scans. Flushing: no measurement pays for a
     /// checkpoint left by the one before it, and each starts with the same full-page-write
     /// cost.
     async fn checkpoint(&self) -> anyhow::Result<()> {
