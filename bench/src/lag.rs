@@ -5,11 +5,11 @@
 //! When a row shows a version is learnt from the projector itself: right after each commit it
 //! announces the rows it changed, with their versions, on its cache-invalidation subject
 //! (`tally_schemas::invalidation`), and this scenario listens there. Polling the table for
-//! every awaited account every 2 ms, as an earlier version did, cost Postgres more than the
-//! pipeline it measured (a sequential scan per poll: the planner's right choice for hundreds of
-//! ids in a table of ten thousand rows). Announcements are best effort, so the table is still
-//! read, rarely ([`POLL`]), for deposits awaited longer than that: a lost announcement is
-//! charged the time until that read, never dropped.
+//! every awaited account every 2 ms, as an earlier version did, cost Postgres hundreds of
+//! sequential scans of the balances a second (the planner's right choice for hundreds of ids
+//! in a table of ten thousand rows), competing with the pipeline it measured. Announcements
+//! are best effort, so the table is still read, rarely ([`POLL`]), for deposits awaited longer
+//! than that: a lost announcement is charged the time until that read, never dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

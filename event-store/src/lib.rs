@@ -448,9 +448,10 @@ async fn previous_hashes(
         Vec::new()
     } else {
         // One primary-key probe per stream, whatever the planner thinks of the table: as a
-        // plain join, `UNNEST` counts as 100 rows and a log of some ten thousand events gets a
-        // hash join over a sequential scan of it (measured: most of Postgres's time in the
-        // projection-lag benchmark). `LIMIT 1` keeps the subquery from being folded into one.
+        // plain join planned on an empty log (a new database), this was a hash join over a
+        // sequential scan, and each connection kept that plan as the log grew (seen in the
+        // projection-lag benchmark's statement statistics). `LIMIT 1` keeps the subquery from
+        // being folded into a join.
         sqlx::query_as(
             "SELECT p.sid, e.hash, e.tx_id < pg_current_xact_id() AS ordered \
              FROM UNNEST($1::uuid[], $2::bigint[]) AS p(sid, version) \
