@@ -56,6 +56,7 @@ fn backlog_append(events: usize) -> Vec<StreamAppend> {
             stream_type: sample::STREAM_TYPE.to_owned(),
             stream_id: Uuid::now_v7(),
             expected_version: 0,
+            known_prev_hash: None,
             events: (0..n).map(|_| deposit()).collect(),
         });
         left -= n;

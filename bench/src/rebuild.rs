@@ -44,6 +44,7 @@ pub async fn preload(store: &EventStore, events: u64) -> anyhow::Result<Measurem
                 stream_type: tally_domain::account::STREAM_TYPE.to_owned(),
                 stream_id: account_id,
                 expected_version: 0,
+                known_prev_hash: None,
                 events: stream.iter().map(new_event).collect(),
             });
             left -= n;

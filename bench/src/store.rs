@@ -31,6 +31,7 @@ impl Operation for StoreAppend {
             stream_type: sample::STREAM_TYPE.to_owned(),
             stream_id,
             expected_version: version,
+            known_prev_hash: None,
             events: vec![deposit()],
         };
         let result = self.store.append(vec![append]).await;

@@ -131,6 +131,10 @@ pub struct Loaded {
     pub position: i64,
     /// Version of the stream's latest snapshot (0: none).
     pub snapshot_version: i64,
+    /// Hash of the event at `version`, when it was seen committed before the transaction that
+    /// appends after it wrote anything: it then saves that append reading it back
+    /// (`StreamAppend::known_prev_hash`). `None` after a snapshot, or when unknown.
+    pub last_hash: Option<tally_event_store::Hash>,
 }
 
 impl Loaded {
@@ -257,6 +261,7 @@ fn from_snapshot(stream_id: Uuid, kind: StreamKind, snapshot: Option<snapshot::S
         version: 0,
         position: 0,
         snapshot_version: 0,
+        last_hash: None,
     };
     let Some(snap) = snapshot else {
         return empty;
@@ -271,6 +276,7 @@ fn from_snapshot(stream_id: Uuid, kind: StreamKind, snapshot: Option<snapshot::S
             version: snap.version,
             position: 0,
             snapshot_version: snap.version,
+            last_hash: None,
         },
         Err(error) => {
             tracing::warn!(%stream_id, %error, "ignoring an unreadable snapshot");
@@ -294,6 +300,7 @@ fn fold(stored: &StoredEvent, loaded: &mut Loaded) -> Result<(), CommandError> {
     loaded.state.apply_stored(stored)?;
     loaded.version = stored.version;
     loaded.position = stored.position;
+    loaded.last_hash = stored.hash.as_slice().try_into().ok();
     Ok(())
 }
 

@@ -454,7 +454,22 @@ async fn run_batch(
     }
     // Streams whose state came from the cache, possibly behind another instance's writes.
     let mut unverified = cached;
-    match commit(&store, &jobs, &mut states, &mut unverified).await {
+    // First without claiming keys; when a key turns out taken, again with claims.
+    let mut claim = false;
+    let committed = loop {
+        match commit(&store, &jobs, &mut states, &mut unverified, claim).await {
+            Err(BatchError::KeysTaken(taken)) if !claim => {
+                metrics::counter!("tally_command_conflict_retries_total", "reason" => "key_taken").increment(1);
+                tracing::debug!(
+                    taken,
+                    "idempotency keys already stored; re-running the batch with claims"
+                );
+                claim = true;
+            }
+            other => break other,
+        }
+    };
+    match committed {
         Ok(committed) => {
             for (job, result) in jobs.into_iter().zip(committed.results) {
                 job.answer(result);
@@ -520,6 +535,7 @@ async fn run_batch(
                 retry,
             }
         }
+        Err(BatchError::KeysTaken(_)) => unreachable!("with claims, keys are never stored unclaimed"),
         Err(BatchError::CatchUp(error)) => {
             for job in jobs {
                 job.answer(Err(error.clone()));
@@ -590,6 +606,9 @@ enum BatchError {
     CommitUnknown(StoreError),
     /// Catching a stream up with the log failed (rolled back, nothing happened).
     CatchUp(CommandError),
+    /// Keys stored without a claim were taken already (this many): rolled back, nothing
+    /// happened; run the batch again with claims.
+    KeysTaken(usize),
 }
 
 impl From<StoreError> for BatchError {
@@ -613,6 +632,12 @@ struct Committed {
 /// One transaction for the whole batch: claim keys, decide each command in order, append all
 /// events with one statement, store responses, commit.
 ///
+/// Without `claim`, keys are not claimed first but stored with their responses at the end, in
+/// one statement (`idempotency::store_many`); if any is taken already, the batch rolls back
+/// with [`BatchError::KeysTaken`] and must run again with `claim`, which finds the stored
+/// responses (replays) before deciding. Retries of stored requests are rare next to new
+/// requests, so the first way saves a statement and an update per key almost always.
+///
 /// `unverified` are the streams whose state came from the cache and may be behind the log: an
 /// acceptance on them is checked by the store (expected version), a refusal is not. So when a
 /// refusal touches one, those streams are caught up with the log and the batch decided again
@@ -622,23 +647,27 @@ async fn commit(
     jobs: &[Job],
     states: &mut HashMap<Uuid, Loaded>,
     unverified: &mut HashSet<Uuid>,
+    claim: bool,
 ) -> Result<Committed, BatchError> {
     let mut tx = store.pool().begin().await?;
     let mut verdicts: Vec<Option<Verdict>> = jobs.iter().map(|_| None).collect();
 
-    let keyed: Vec<(usize, &Idempotency)> = jobs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, j)| j.idempotency.as_ref().map(|idem| (i, idem)))
-        .collect();
-    let requests: Vec<(&IdempotencyKey, &[u8; 32])> = keyed.iter().map(|(_, i)| (&i.key, &i.request_hash)).collect();
-    let claims = idempotency::claim_many(&mut tx, &requests).await?;
-    for ((i, _), claim) in keyed.iter().zip(claims) {
-        verdicts[*i] = match claim {
-            Claim::Claimed => None,
-            Claim::Replay(stored) => Some(Verdict::Replayed(stored)),
-            Claim::Mismatch => Some(Verdict::KeyReused),
-        };
+    if claim {
+        let keyed: Vec<(usize, &Idempotency)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| j.idempotency.as_ref().map(|idem| (i, idem)))
+            .collect();
+        let requests: Vec<(&IdempotencyKey, &[u8; 32])> =
+            keyed.iter().map(|(_, i)| (&i.key, &i.request_hash)).collect();
+        let claims = idempotency::claim_many(&mut tx, &requests).await?;
+        for ((i, _), claim) in keyed.iter().zip(claims) {
+            verdicts[*i] = match claim {
+                Claim::Claimed => None,
+                Claim::Replay(stored) => Some(Verdict::Replayed(stored)),
+                Claim::Mismatch => Some(Verdict::KeyReused),
+            };
+        }
     }
 
     let claimed = verdicts;
@@ -662,35 +691,44 @@ async fn commit(
         for stream in doubtful {
             let loaded = states.get_mut(&stream).expect("every stream is loaded before deciding");
             catch_up(store, stream, loaded).await.map_err(BatchError::CatchUp)?;
+            // Read while this transaction may hold an id already: the store must read the
+            // predecessor itself to check the order of the two transactions.
+            loaded.last_hash = None;
             unverified.remove(&stream);
         }
     };
-    idempotency::release_many(&mut tx, &released).await?;
+    if claim {
+        // Without claims, a released key was never stored.
+        idempotency::release_many(&mut tx, &released).await?;
+    }
 
     let appends: Vec<StreamAppend> = appends.into_values().collect();
-    let positions: HashMap<(Uuid, i64), i64> = if appends.is_empty() {
+    let appended: HashMap<(Uuid, i64), (i64, tally_event_store::Hash)> = if appends.is_empty() {
         HashMap::new()
     } else {
         append_events_in(&mut tx, appends)
             .await?
             .into_iter()
-            .map(|e| ((e.stream_id, e.version), e.position))
+            .map(|e| ((e.stream_id, e.version), (e.position, e.hash)))
             .collect()
     };
     // The position of a stream at a version: appended now, or where it stood before the batch.
     let position_at = |stream: Uuid, version: i64| {
-        positions
+        appended
             .get(&(stream, version))
-            .copied()
+            .map(|(position, _)| *position)
             .or_else(|| states.get(&stream).filter(|l| l.version == version).map(|l| l.position))
             .unwrap_or(0)
     };
     for (stream, loaded) in working.iter_mut() {
         loaded.position = position_at(*stream, loaded.version);
+        if let Some((_, hash)) = appended.get(&(*stream, loaded.version)) {
+            loaded.last_hash = Some(*hash);
+        }
     }
 
     let mut results = Vec::with_capacity(jobs.len());
-    let mut responses: Vec<(&IdempotencyKey, StoredResponse)> = Vec::new();
+    let mut responses: Vec<(&Idempotency, StoredResponse)> = Vec::new();
     for (job, verdict) in jobs.iter().zip(verdicts) {
         let result = match verdict.expect("every command has a verdict") {
             Verdict::Replayed(stored) => Ok(Outcome::Replayed(stored)),
@@ -699,7 +737,7 @@ async fn commit(
                 if let Some(idem) = &job.idempotency
                     && refusal != AccountError::StaleState
                 {
-                    responses.push((&idem.key, stored_refusal(&refusal)));
+                    responses.push((idem, stored_refusal(&refusal)));
                 }
                 Err(CommandError::Rejected(refusal))
             }
@@ -709,19 +747,29 @@ async fn commit(
                 }
                 let response = (job.respond)(&Executed { streams });
                 if let Some(idem) = &job.idempotency {
-                    responses.push((&idem.key, response.clone()));
+                    responses.push((idem, response.clone()));
                 }
                 Ok(Outcome::Fresh(response))
             }
         };
         results.push(result);
     }
-    let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(k, r)| (*k, r)).collect();
-    idempotency::complete_many(&mut tx, &responses).await?;
+    if claim {
+        let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(i, r)| (&i.key, r)).collect();
+        idempotency::complete_many(&mut tx, &responses).await?;
+    } else {
+        let records: Vec<(&IdempotencyKey, &[u8; 32], &StoredResponse)> =
+            responses.iter().map(|(i, r)| (&i.key, &i.request_hash, r)).collect();
+        let taken = idempotency::store_many(&mut tx, &records).await?;
+        if !taken.is_empty() {
+            // Dropping `tx` rolls it back: none of the batch's events are kept.
+            return Err(BatchError::KeysTaken(taken.len()));
+        }
+    }
     tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
     metrics::histogram!("tally_append_batch_commands").record(jobs.len() as f64);
-    metrics::histogram!("tally_append_batch_events").record(positions.len() as f64);
-    tracing::debug!(commands = jobs.len(), events = positions.len(), "batch committed");
+    metrics::histogram!("tally_append_batch_events").record(appended.len() as f64);
+    tracing::debug!(commands = jobs.len(), events = appended.len(), "batch committed");
     // Wakes the relay now rather than at its next poll (also after a batch that appended
     // nothing: a spurious wake-up costs the relay one empty read).
     store.committed();
@@ -776,6 +824,7 @@ fn decide_batch<'a>(
                 stream_type: loaded.state.kind().stream_type().to_owned(),
                 stream_id: stream,
                 expected_version: loaded.version,
+                known_prev_hash: loaded.last_hash,
                 events: Vec::new(),
             });
             append.events.extend(events.record(loaded, &job.metadata));

@@ -5,6 +5,13 @@
 //! that row until the first transaction ends: if it committed, the second finds the stored
 //! response; if it rolled back (the command was refused, or lost a version race), the second
 //! claims the key and runs. One key, one effect, whatever the timing.
+//!
+//! A writer may also skip the claim and [`store_many`] keys with their final responses at the
+//! end of its transaction (one statement instead of a claim and an update per batch). A key
+//! already there (a retry of a stored request, or a concurrent one that committed first) is
+//! then reported, and the writer must roll the whole transaction back and run its commands
+//! again with claims: the insert waits for a concurrent holder of the key just as a claim
+//! does, so a key still gets one effect.
 
 use sha2::{Digest, Sha256};
 use sqlx::{Postgres, Transaction};
@@ -175,6 +182,48 @@ pub async fn complete_many(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Stores keys with their final responses in one round trip, for a transaction that did not
+/// claim them. Returns the keys that were taken already (by a committed transaction, or by one
+/// that committed while this one waited on it), in no order: when any is, nothing of `tx` may
+/// commit; roll it back and run those commands again with [`claim_many`]. The keys must be
+/// distinct.
+pub async fn store_many(
+    tx: &mut Transaction<'_, Postgres>,
+    records: &[(&IdempotencyKey, &[u8; 32], &StoredResponse)],
+) -> Result<Vec<String>, sqlx::Error> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&str> = records.iter().map(|(k, _, _)| k.as_str()).collect();
+    let hashes: Vec<&[u8]> = records.iter().map(|(_, h, _)| h.as_slice()).collect();
+    let statuses: Vec<i16> = records.iter().map(|(_, _, r)| r.status as i16).collect();
+    let bodies: Vec<String> = records.iter().map(|(_, _, r)| r.body.to_string()).collect();
+    // Sorted, like claims: two transactions storing overlapping keys wait on each other
+    // instead of deadlocking.
+    let stored: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
+         SELECT t.key, t.hash, t.status, t.body::json \
+         FROM UNNEST($1::text[], $2::bytea[], $3::smallint[], $4::text[]) AS t(key, hash, status, body) \
+         ORDER BY t.key \
+         ON CONFLICT (key) DO NOTHING RETURNING key",
+    )
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&statuses)
+    .bind(&bodies)
+    .fetch_all(&mut **tx)
+    .await?;
+    if stored.len() == keys.len() {
+        return Ok(Vec::new());
+    }
+    let stored: std::collections::HashSet<String> = stored.into_iter().collect();
+    Ok(keys
+        .into_iter()
+        .filter(|k| !stored.contains(*k))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Deletes keys older than `retention`; returns how many. Only run when a retention is

@@ -19,6 +19,8 @@ pub mod snapshot;
 pub mod trace;
 pub mod verify;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -106,6 +108,13 @@ pub struct StreamAppend {
     pub stream_type: String,
     pub stream_id: Uuid,
     pub expected_version: i64,
+    /// The hash of the stream's event at `expected_version`, when the caller knows it from an
+    /// event it saw committed before this transaction wrote anything (its own earlier append,
+    /// or a load). `None`: the store reads it, which costs a round trip and also proves the
+    /// predecessor's transaction older than this one (see `previous_hashes`). A hash learnt
+    /// any later (read while this transaction is open) must not be passed. Ignored when
+    /// `expected_version` is 0.
+    pub known_prev_hash: Option<Hash>,
     pub events: Vec<NewEvent>,
 }
 
@@ -125,6 +134,8 @@ pub struct AppendedEvent {
     pub stream_id: Uuid,
     pub version: i64,
     pub position: i64,
+    /// The event's hash: the `known_prev_hash` of the stream's next append.
+    pub hash: Hash,
 }
 
 /// A place in the global log, in commit order.
@@ -411,13 +422,23 @@ pub async fn append_events_in(
     .await
     .map_err(|e| conflict_or_database(e, &appends))?;
 
+    let hashes: HashMap<(Uuid, i64), Hash> = cols
+        .stream_id
+        .iter()
+        .zip(&cols.version)
+        .zip(&cols.hash)
+        .map(|((stream, version), hash)| ((*stream, *version), hash.as_slice().try_into().expect("32 bytes")))
+        .collect();
     let mut appended = rows
         .iter()
         .map(|row| {
+            let stream_id: Uuid = row.try_get("stream_id")?;
+            let version: i64 = row.try_get("version")?;
             Ok(AppendedEvent {
-                stream_id: row.try_get("stream_id")?,
-                version: row.try_get("version")?,
+                stream_id,
+                version,
                 position: row.try_get("position")?,
+                hash: hashes[&(stream_id, version)],
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
@@ -425,8 +446,8 @@ pub async fn append_events_in(
     Ok(appended)
 }
 
-/// For each append (sorted by stream), the hash of the event at its `expected_version`, read
-/// in one round trip for all of them. Finding that event proves the stream is exactly there
+/// For each append (sorted by stream), the hash of the event at its `expected_version`: the
+/// caller's `known_prev_hash`, else read, in one round trip for all of them. Finding that event proves the stream is exactly there
 /// *or behind*; being behind is caught by the primary key when inserting. A stream that is not
 /// even at `expected_version` is a conflict too (the caller's state is from the future).
 async fn previous_hashes(
@@ -438,7 +459,7 @@ async fn previous_hashes(
     }
     let (ids, versions): (Vec<Uuid>, Vec<i64>) = appends
         .iter()
-        .filter(|a| a.expected_version > 0)
+        .filter(|a| a.expected_version > 0 && a.known_prev_hash.is_none())
         .map(|a| (a.stream_id, a.expected_version))
         .unzip();
     // `ordered`: the predecessor's transaction is older than ours. If it is not (we took our
@@ -468,6 +489,9 @@ async fn previous_hashes(
         .map(|append| {
             if append.expected_version == 0 {
                 return Ok(None);
+            }
+            if let Some(known) = append.known_prev_hash {
+                return Ok(Some(known.to_vec()));
             }
             match found.iter().find(|(id, _, _)| *id == append.stream_id) {
                 Some((_, hash, true)) => Ok(Some(hash.clone())),

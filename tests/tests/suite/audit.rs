@@ -39,6 +39,7 @@ async fn seed_stream(db: &TestDb, events: usize) -> Uuid {
                 stream_type: "account".into(),
                 stream_id,
                 expected_version: version,
+                known_prev_hash: None,
                 events: (0..n).map(|_| deposit()).collect(),
             }])
             .await

@@ -25,6 +25,7 @@ fn append(stream_id: Uuid, expected_version: i64, events: Vec<NewEvent>) -> Stre
         stream_type: "account".into(),
         stream_id,
         expected_version,
+        known_prev_hash: None,
         events,
     }
 }

@@ -161,3 +161,55 @@ async fn a_deposit_or_withdrawal_without_a_key_is_a_400_problem_and_changes_noth
     }
     assert_eq!(stack.db.event_count(id).await, 2, "opened + the keyed deposit only");
 }
+
+#[tokio::test]
+async fn keys_stored_unclaimed_report_the_ones_taken_including_by_a_transaction_in_flight() {
+    use tally_event_store::idempotency::{self, IdempotencyKey, StoredResponse};
+
+    let db = tally_tests::TestDb::new().await;
+    let pool = db.store().pool().clone();
+    let key = |k: &str| IdempotencyKey::parse(k).unwrap();
+    let (old, new, raced) = (key("old"), key("new"), key("raced"));
+    let hash = [7u8; 32];
+    let response = StoredResponse {
+        status: 201,
+        body: json!({"balance": 1}),
+    };
+
+    let mut tx = pool.begin().await.unwrap();
+    let taken = idempotency::store_many(&mut tx, &[(&old, &hash, &response)])
+        .await
+        .unwrap();
+    assert!(taken.is_empty());
+    tx.commit().await.unwrap();
+
+    // One transaction holds `raced`, uncommitted, while another stores `old`, `new` and `raced`:
+    // the second waits for the first, then reports both keys it did not get.
+    let mut holder = pool.begin().await.unwrap();
+    idempotency::store_many(&mut holder, &[(&raced, &hash, &response)])
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        let (old, new, raced, response) = (old.clone(), new.clone(), raced.clone(), response.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let mut taken = idempotency::store_many(
+                &mut tx,
+                &[
+                    (&new, &hash, &response),
+                    (&raced, &hash, &response),
+                    (&old, &hash, &response),
+                ],
+            )
+            .await
+            .unwrap();
+            taken.sort();
+            taken
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the second store waits for the key's holder");
+    holder.commit().await.unwrap();
+    assert_eq!(second.await.unwrap(), ["old", "raced"]);
+}

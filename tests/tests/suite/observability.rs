@@ -202,6 +202,7 @@ async fn append_events(store: &EventStore, events: usize) {
         stream_type: "account".into(),
         stream_id: Uuid::now_v7(),
         expected_version: 0,
+        known_prev_hash: None,
         events: (0..events)
             .map(|_| NewEvent {
                 event_id: Uuid::now_v7(),

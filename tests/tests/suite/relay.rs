@@ -33,6 +33,7 @@ fn append(stream_id: Uuid, expected_version: i64, events: usize) -> StreamAppend
         stream_type: "account".into(),
         stream_id,
         expected_version,
+        known_prev_hash: None,
         events: (0..events).map(|_| event()).collect(),
     }
 }

@@ -21,6 +21,7 @@ async fn an_account_stored_as_v1_is_upcast_by_the_command_path_and_the_projector
             stream_type: "account".into(),
             stream_id: id,
             expected_version: 0,
+            known_prev_hash: None,
             events: vec![NewEvent {
                 event_id: Uuid::now_v7(),
                 event_type: "AccountOpened".into(),

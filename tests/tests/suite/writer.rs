@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_command_api::execute::load_account;
+use tally_event_store::verify::ChainChecker;
 use tally_tests::{TestDb, command_api};
 use uuid::Uuid;
 
@@ -235,6 +236,48 @@ async fn two_command_apis_on_one_account_reload_instead_of_failing() {
     let (account, version) = db.replay_account(id).await;
     assert_eq!(account.balance, 50 + 48);
     assert_eq!(version, 4 + 48);
+    // Each instance chains its appends on the hash it remembers from its own last one; after
+    // the other's writes that memory is stale, and the chain must still hold.
+    let mut chain = ChainChecker::new();
+    for event in db.read_whole_stream(id).await {
+        chain.check(&event).expect("an unbroken hash chain");
+    }
+}
+
+#[tokio::test]
+async fn one_key_sent_to_two_command_apis_at_once_has_one_effect() {
+    // Keys are stored with the responses at the end of a batch, unclaimed; a key found taken
+    // there rolls the batch back and runs it again with claims, which replay.
+    let db = TestDb::new().await;
+    let (a, _api_a) = command_api(&db, &[]).await;
+    let (b, _api_b) = command_api(&db, &[]).await;
+    let id = a.open("EUR").await;
+    let deposits = format!("/v1/accounts/{id}/deposits");
+    let key = Uuid::now_v7().to_string();
+
+    let requests = (0..24).map(|i| {
+        let api = if i % 2 == 0 { &a } else { &b };
+        api.post(&deposits, Some(&key), &json!({"amount": 7}))
+    });
+    let results = futures::future::join_all(requests).await;
+
+    assert!(results.iter().all(|(s, _, _)| *s == StatusCode::CREATED), "{results:?}");
+    assert_eq!(
+        results.iter().filter(|(_, _, replayed)| !replayed).count(),
+        1,
+        "one ran"
+    );
+    assert!(results.iter().all(|(_, body, _)| *body == results[0].1), "one answer");
+    let (account, version) = db.replay_account(id).await;
+    assert_eq!((account.balance, version), (7, 2), "opened + one deposit");
+
+    // A later retry on either instance replays too, and a new key still runs.
+    let (status, body, replayed) = b.post(&deposits, Some(&key), &json!({"amount": 7})).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, true));
+    assert_eq!(body, results[0].1);
+    let (status, body, replayed) = a.post_keyed(&deposits, &json!({"amount": 1})).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body}");
+    assert_eq!(body["balance"], 8);
 }
 
 #[tokio::test]
