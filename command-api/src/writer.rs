@@ -454,16 +454,17 @@ async fn run_batch(
     }
     // Streams whose state came from the cache, possibly behind another instance's writes.
     let mut unverified = cached;
-    // First without claiming keys; when a key turns out taken, again with claims.
-    let mut claim = false;
+    // First without claiming keys; when a key turns out taken, again with claims. A batch
+    // holding a command that already lost a race claims at once: were that command a retry of
+    // a stored request, its replay must not depend on winning the race again.
+    let mut claim = jobs.iter().any(|j| j.conflicts > 0);
     let committed = loop {
         match commit(&store, &jobs, &mut states, &mut unverified, claim).await {
-            Err(BatchError::KeysTaken(taken)) if !claim => {
-                metrics::counter!("tally_command_conflict_retries_total", "reason" => "key_taken").increment(1);
-                tracing::debug!(
-                    taken,
-                    "idempotency keys already stored; re-running the batch with claims"
-                );
+            Err(BatchError::NeedsClaims { taken }) if !claim => {
+                if taken > 0 {
+                    metrics::counter!("tally_command_conflict_retries_total", "reason" => "key_taken").increment(1);
+                }
+                tracing::debug!(taken, "re-running the batch with claimed idempotency keys");
                 claim = true;
             }
             other => break other,
@@ -535,7 +536,7 @@ async fn run_batch(
                 retry,
             }
         }
-        Err(BatchError::KeysTaken(_)) => unreachable!("with claims, keys are never stored unclaimed"),
+        Err(BatchError::NeedsClaims { .. }) => unreachable!("a batch with claims never asks for them"),
         Err(BatchError::CatchUp(error)) => {
             for job in jobs {
                 job.answer(Err(error.clone()));
@@ -606,9 +607,11 @@ enum BatchError {
     CommitUnknown(StoreError),
     /// Catching a stream up with the log failed (rolled back, nothing happened).
     CatchUp(CommandError),
-    /// Keys stored without a claim were taken already (this many): rolled back, nothing
+    /// Run without claims, the batch cannot be decided safely: keys stored unclaimed were
+    /// taken already (`taken` of them), or a keyed command was refused on stale state (a
+    /// refusal that is not stored, so it would hide a stored response). Rolled back, nothing
     /// happened; run the batch again with claims.
-    KeysTaken(usize),
+    NeedsClaims { taken: usize },
 }
 
 impl From<StoreError> for BatchError {
@@ -634,8 +637,11 @@ struct Committed {
 ///
 /// Without `claim`, keys are not claimed first but stored with their responses at the end, in
 /// one statement (`idempotency::store_many`); if any is taken already, the batch rolls back
-/// with [`BatchError::KeysTaken`] and must run again with `claim`, which finds the stored
-/// responses (replays) before deciding. Retries of stored requests are rare next to new
+/// with [`BatchError::NeedsClaims`] and must run again with `claim`, which finds the stored
+/// responses (replays) before deciding. So does a keyed command refused on stale state. An
+/// unclaimed batch takes event rows before keys, a claiming one keys before event rows: the
+/// same new key and stream in both at once can deadlock, which Postgres breaks (a transient
+/// error, re-run). Retries of stored requests are rare next to new
 /// requests, so the first way saves a statement and an update per key almost always.
 ///
 /// `unverified` are the streams whose state came from the cache and may be behind the log: an
@@ -681,7 +687,9 @@ async fn commit(
         let doubtful: HashSet<Uuid> = jobs
             .iter()
             .zip(&decided.verdicts)
-            .filter(|(_, v)| matches!(v, Some(Verdict::Rejected(r)) if *r != AccountError::StaleState))
+            // Stale state included: two streams cached at different moments (a transfer and
+            // its account) disagree, and a retry would meet the same cache again.
+            .filter(|(_, v)| matches!(v, Some(Verdict::Rejected(_))))
             .flat_map(|(job, _)| job.streams.iter().map(|(s, _)| *s))
             .filter(|s| unverified.contains(s))
             .collect();
@@ -698,8 +706,12 @@ async fn commit(
         }
     };
     if claim {
-        // Without claims, a released key was never stored.
         idempotency::release_many(&mut tx, &released).await?;
+    } else if !released.is_empty() {
+        // A keyed command refused on stale state: its key may hold a stored response (a retry
+        // decided on a stale cache) that only a claim finds.
+        tx.rollback().await?;
+        return Err(BatchError::NeedsClaims { taken: 0 });
     }
 
     let appends: Vec<StreamAppend> = appends.into_values().collect();
@@ -762,8 +774,10 @@ async fn commit(
             responses.iter().map(|(i, r)| (&i.key, &i.request_hash, r)).collect();
         let taken = idempotency::store_many(&mut tx, &records).await?;
         if !taken.is_empty() {
-            // Dropping `tx` rolls it back: none of the batch's events are kept.
-            return Err(BatchError::KeysTaken(taken.len()));
+            // None of the batch's events are kept; rolled back now, so the claimed re-run does
+            // not wait on this attempt's rows.
+            tx.rollback().await?;
+            return Err(BatchError::NeedsClaims { taken: taken.len() });
         }
     }
     tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;

@@ -396,15 +396,22 @@ pub async fn append_events_in(
     }
 
     // One statement for all events of all streams: one round trip however many there are.
+    // An append chained on a hash its caller gave is kept only if the log holds that hash at
+    // that version (one primary-key probe per row, in the same statement): a caller's state
+    // ahead of the log, or a wrong hash, never writes a broken chain. `LIMIT 1` keeps the
+    // probe a per-row subplan, whatever the planner knows of the table.
     let rows = sqlx::query(
         "INSERT INTO events (stream_type, stream_id, version, event_id, event_type, schema_version, \
                              payload, metadata, recorded_at, prev_hash, hash) \
          SELECT t.stream_type, t.stream_id, t.version, t.event_id, t.event_type, t.schema_version, \
                 t.payload::json, t.metadata::json, $9, t.prev_hash, t.hash \
          FROM UNNEST($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
-                     $7::text[], $8::text[], $10::bytea[], $11::bytea[]) \
+                     $7::text[], $8::text[], $10::bytea[], $11::bytea[], $12::bigint[], $13::bytea[]) \
               AS t(stream_type, stream_id, version, event_id, event_type, schema_version, \
-                   payload, metadata, prev_hash, hash) \
+                   payload, metadata, prev_hash, hash, check_version, check_hash) \
+         WHERE t.check_hash IS NULL \
+            OR (SELECT p.hash FROM events p \
+                WHERE p.stream_id = t.stream_id AND p.version = t.check_version LIMIT 1) = t.check_hash \
          RETURNING stream_id, version, position",
     )
     .bind(&cols.stream_type)
@@ -418,9 +425,28 @@ pub async fn append_events_in(
     .bind(recorded_at)
     .bind(&cols.prev_hash)
     .bind(&cols.hash)
+    .bind(&cols.check_version)
+    .bind(&cols.check_hash)
     .fetch_all(&mut **tx)
     .await
     .map_err(|e| conflict_or_database(e, &appends))?;
+    if rows.len() < total {
+        // Some given predecessor is not in the log (the caller's state is from the future, or
+        // its hash is wrong): those rows were skipped, the others inserted; the caller rolls
+        // the transaction back on this error, as on any conflict.
+        let inserted: std::collections::HashSet<Uuid> = rows
+            .iter()
+            .map(|row| row.try_get("stream_id"))
+            .collect::<Result<_, _>>()?;
+        let lost = appends
+            .iter()
+            .find(|a| !inserted.contains(&a.stream_id))
+            .unwrap_or(&appends[0]);
+        return Err(StoreError::Conflict {
+            stream_id: lost.stream_id,
+            expected: lost.expected_version,
+        });
+    }
 
     let hashes: HashMap<(Uuid, i64), Hash> = cols
         .stream_id
@@ -547,6 +573,10 @@ struct Columns {
     metadata: Vec<String>,
     prev_hash: Vec<Option<Vec<u8>>>,
     hash: Vec<Vec<u8>>,
+    /// For every row of an append whose predecessor's hash came from the caller
+    /// (`known_prev_hash`): that version and hash, which the insert checks against the log.
+    check_version: Vec<Option<i64>>,
+    check_hash: Vec<Option<Vec<u8>>>,
 }
 
 impl Columns {
@@ -562,6 +592,8 @@ impl Columns {
             metadata: Vec::with_capacity(n),
             prev_hash: Vec::with_capacity(n),
             hash: Vec::with_capacity(n),
+            check_version: Vec::with_capacity(n),
+            check_hash: Vec::with_capacity(n),
         }
     }
 
@@ -576,6 +608,9 @@ impl Columns {
         self.metadata.push(event.metadata.clone());
         self.prev_hash.push(prev_hash);
         self.hash.push(hash.to_vec());
+        let given = append.known_prev_hash.filter(|_| append.expected_version > 0);
+        self.check_version.push(given.map(|_| append.expected_version));
+        self.check_hash.push(given.map(|h| h.to_vec()));
     }
 }
 

@@ -31,6 +31,51 @@ fn append(stream_id: Uuid, expected_version: i64, events: Vec<NewEvent>) -> Stre
 }
 
 #[tokio::test]
+async fn an_append_chained_on_a_given_hash_is_kept_only_if_the_log_holds_that_hash() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let (id, other) = (Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(vec![
+            append(id, 0, vec![event(1), event(2)]),
+            append(other, 0, vec![event(9)]),
+        ])
+        .await
+        .unwrap();
+    let head: [u8; 32] = store.read_stream(id, 1, 1).await.unwrap()[0]
+        .hash
+        .as_slice()
+        .try_into()
+        .unwrap();
+    let chained = |expected, hash| StreamAppend {
+        known_prev_hash: Some(hash),
+        ..append(id, expected, vec![event(3), event(4)])
+    };
+
+    // A state ahead of the log (version 3 is not there) and a wrong hash: conflicts, and with
+    // the other stream's append in the same call, nothing of either is kept.
+    for (expected, hash) in [(3, head), (2, [0u8; 32])] {
+        let result = store
+            .append(vec![chained(expected, hash), append(other, 1, vec![event(10)])])
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict { stream_id, .. }) if stream_id == id),
+            "{result:?}"
+        );
+    }
+    assert_eq!(store.read_stream(id, 0, 100).await.unwrap().len(), 2);
+    assert_eq!(store.read_stream(other, 0, 100).await.unwrap().len(), 1);
+
+    // The right hash at the head: appended, the chain unbroken.
+    let appended = store.append(vec![chained(2, head)]).await.unwrap();
+    assert_eq!(appended[0].version, 4);
+    let events = store.read_stream(id, 0, 100).await.unwrap();
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].prev_hash.as_deref(), Some(pair[0].hash.as_slice()));
+    }
+}
+
+#[tokio::test]
 async fn appending_to_a_new_stream_numbers_versions_from_one_and_chains_the_hashes() {
     let db = TestDb::new().await;
     let store = db.store();

@@ -323,3 +323,37 @@ async fn a_long_stream_is_loaded_from_its_snapshot_and_a_stale_shape_is_replayed
     assert_eq!(loaded.account().unwrap(), &reference);
     assert_eq!(reference.balance, 50);
 }
+
+#[tokio::test]
+async fn a_retry_decided_on_a_stale_cache_still_replays_the_stored_response() {
+    // B created a pending transfer and keeps it cached as pending; A posts it. After B reloads
+    // the source account (its hold is gone), a retry of A's post sent to B is refused on stale
+    // state by the rules; the writer must then claim the key, which finds A's stored response.
+    let db = TestDb::new().await;
+    let (a, _api_a) = command_api(&db, &[]).await;
+    let (b, _api_b) = command_api(&db, &[]).await;
+    let (from, to) = (a.open("EUR").await, a.open("EUR").await);
+    let fund = a
+        .post_keyed(&format!("/v1/accounts/{from}/deposits"), &json!({"amount": 1000}))
+        .await;
+    assert_eq!(fund.0, StatusCode::CREATED, "{}", fund.1);
+    let pending = json!({"from": from, "to": to, "amount": 300, "currency": "EUR",
+                         "mode": "pending", "expires_in_s": 86400});
+    let (status, created, _) = b.post_keyed("/v1/transfers", &pending).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let transfer = created["transfer_id"].as_str().unwrap().to_owned();
+    let post = format!("/v1/transfers/{transfer}/post");
+    let key = Uuid::now_v7().to_string();
+    let (status, posted, _) = a.post(&post, Some(&key), &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{posted}");
+    // B moves the source account on: its stale copy costs a reload, the transfer's stays.
+    let (status, body, _) = b
+        .post_keyed(&format!("/v1/accounts/{from}/deposits"), &json!({"amount": 1}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let (status, retried, replayed) = b.post(&post, Some(&key), &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{retried}");
+    assert!(replayed, "the stored response, not a new decision");
+    assert_eq!(retried, posted);
+}
