@@ -312,6 +312,12 @@ impl EventStore {
     ///
     /// `ORDER BY` names the table's columns: the bare `tx_id` would be the selected
     /// `tx_id::text::bigint`, which no index covers (every page would sort the whole log).
+    ///
+    /// Planned afresh at every call (an unnamed statement), never from a connection's cached
+    /// plan: a plan cached while the log was small is a sequential scan and a sort, and it
+    /// stays cached as the log grows until the table is analyzed again. The relay, whose every
+    /// batch waits on this read, once spent 29 ms (1,800 buffers) per call that way instead of
+    /// 0.1 ms. Planning costs a fraction of a millisecond per batch.
     pub async fn read_all(&self, after: Checkpoint, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
@@ -320,6 +326,7 @@ impl EventStore {
              ORDER BY events.tx_id, events.position LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .persistent(false)
             .bind(after.tx_id.to_string())
             .bind(after.position)
             .bind(limit.clamp(1, READ_LIMIT_MAX))

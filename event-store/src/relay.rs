@@ -104,6 +104,8 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Error> {
                  AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
                ORDER BY tx_id, position LIMIT $3) AS behind",
     )
+    // Planned at each call, as `EventStore::read_all` is: never a plan cached on a small log.
+    .persistent(false)
     .bind(at.tx_id.to_string())
     .bind(at.position)
     .bind(LAG_EVENTS_COUNT_MAX)
