@@ -51,12 +51,7 @@ impl Default for Topology {
 impl Topology {
     /// The subject an event of this stream is published on.
     pub fn subject(&self, stream_id: Uuid, stream_type: &str) -> String {
-        format!(
-            "{}.{}.{}",
-            self.subject_prefix,
-            partition_of(stream_id, self.partitions),
-            stream_type
-        )
+        self.partition_stream_type_filter(partition_of(stream_id, self.partitions), stream_type)
     }
 
     /// Where a projection's poison events go, with the error in headers. Inside the events
@@ -69,6 +64,12 @@ impl Topology {
     /// The filter matching every event of one partition.
     pub fn partition_filter(&self, partition: u32) -> String {
         format!("{}.{}.>", self.subject_prefix, partition)
+    }
+
+    /// The filter matching the events of one stream type in one partition: what a projection
+    /// folding that stream type consumes, so JetStream never delivers it the others.
+    pub fn partition_stream_type_filter(&self, partition: u32, stream_type: &str) -> String {
+        format!("{}.{}.{}", self.subject_prefix, partition, stream_type)
     }
 
     /// Creates the JetStream stream if it does not exist (idempotent; relay and projectors
@@ -103,6 +104,18 @@ mod tests {
         for n in 0..1000u128 {
             assert!(partition_of(Uuid::from_u128(n * 7919), 8) < 8);
         }
+    }
+
+    #[test]
+    fn a_stream_type_filter_is_the_subject_of_that_type_in_that_partition() {
+        let topology = Topology::default();
+        let id = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(topology.subject(id, "account"), "tally.events.5.account");
+        assert_eq!(
+            topology.partition_stream_type_filter(5, "account"),
+            "tally.events.5.account"
+        );
+        assert_eq!(topology.partition_filter(5), "tally.events.5.>");
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! One (projection, partition) unit: a durable pull consumer applied in batches.
 //!
+//! The consumer is filtered to the projection's stream type in its partition
+//! (`<prefix>.<partition>.<stream_type>`), so JetStream delivers nothing the unit would skip.
 //! Each batch is one Postgres transaction holding the read-model rows and the partition's
 //! checkpoint, written on condition that the worker still holds its lease: a worker that lost
-//! its lease cannot commit. A batch with nothing of the projection's stream type (a partition
-//! carries every stream type) writes the checkpoint alone.
+//! its lease cannot commit. A batch with nothing of the projection's stream type (a consumer
+//! still on an earlier version's whole-partition filter, until it is narrowed) writes the
+//! checkpoint alone.
 //! Messages are acknowledged only after the commit; a redelivered one is dropped by version.
 //!
 //! Failures: a dependency failing (database unreachable, deadlock) is retried with back-off for
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, consumer::pull};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tally_event_store::EventStore;
 use tally_event_store::partition::Topology;
@@ -197,19 +200,41 @@ impl<P: Projection> Unit<P> {
                     }
                     None => break,
                 };
-                // Wait for more only while JetStream says more are pending for this consumer:
-                // at a light load the batch is committed at once (the wait would be pure lag),
-                // under load it fills while the previous one commits anyway.
+                // Take what has already arrived: under load, what was delivered while the
+                // previous batch committed. A pull request's messages are pushed as they are
+                // published, so they wait here, in the client, where JetStream's `pending`
+                // count (messages not delivered yet) does not see them.
+                let mut interrupted = None;
+                while batch.len() < self.shared.batch_events_max {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(m))) => batch.push(m),
+                        None => break,
+                        Some(end) => {
+                            interrupted = Some(end);
+                            break;
+                        }
+                    }
+                }
+                // Then wait for more only while JetStream says more are pending for this
+                // consumer: at a light load the batch is committed at once (the wait would be
+                // pure lag), under load it fills while the previous one commits anyway.
                 let deadline = tokio::time::Instant::now() + self.shared.batch_wait;
-                while batch.len() < self.shared.batch_events_max && more_pending(&batch) {
+                while interrupted.is_none() && batch.len() < self.shared.batch_events_max && more_pending(&batch) {
                     match tokio::time::timeout_at(deadline, messages.next()).await {
                         Ok(Some(Ok(m))) => batch.push(m),
-                        _ => break,
+                        Ok(end) => interrupted = Some(end),
+                        Err(_) => break,
                     }
                 }
                 let span = self.batch_span(&batch);
                 if !self.handle(batch, &mut stop).instrument(span).await {
                     break; // stop taking messages; the gate decides when to go on
+                }
+                if let Some(end) = interrupted {
+                    if let Some(Err(error)) = end {
+                        tracing::warn!(projection = P::NAME, partition = self.partition, %error, "pull stream error; reconnecting");
+                    }
+                    break;
                 }
                 if *stop.borrow() {
                     break;
@@ -221,23 +246,37 @@ impl<P: Projection> Unit<P> {
         }
     }
 
+    /// The partition's durable consumer, filtered to `P`'s stream type (a partition's subject
+    /// carries every stream type; JetStream leaves the others out). A consumer made by an
+    /// earlier version with the whole partition as its filter is narrowed in place: it keeps
+    /// its position, and what it drops is what this unit would have acknowledged unread.
     async fn consumer(&self) -> anyhow::Result<PullConsumer> {
         let name = consumer_name(P::NAME, self.partition);
-        self.shared
-            .stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: self.shared.topology.partition_filter(self.partition),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    max_ack_pending: ACK_PENDING_MAX,
-                    ..Default::default()
-                },
-            )
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: self
+                .shared
+                .topology
+                .partition_stream_type_filter(self.partition, P::STREAM_TYPE),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: ACK_PENDING_MAX,
+            ..Default::default()
+        };
+        let stream = &self.shared.stream;
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(&name, config.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("creating consumer {name}: {e}"))
+            .map_err(|e| anyhow::anyhow!("creating consumer {name}: {e}"))?;
+        let filter = &consumer.cached_info().config.filter_subject;
+        if *filter != config.filter_subject {
+            tracing::info!(consumer = %name, from = %filter, to = %config.filter_subject, "narrowing the consumer's filter");
+            consumer = stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| anyhow::anyhow!("updating consumer {name}: {e}"))?;
+        }
+        Ok(consumer)
     }
 
     /// The span a batch is handled in: it continues the trace of the batch's first event (the

@@ -254,6 +254,62 @@ async fn two_workers_share_the_partitions_and_a_killed_one_loses_nothing() {
     );
 }
 
+/// Consumers made by an earlier version took a whole partition (`<prefix>.<p>.>`) and skipped
+/// the other stream types; this version filters each to its projection's stream type. A worker
+/// finding the old filter narrows it in place, and nothing published before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_left_on_the_whole_partition_is_narrowed_to_its_stream_type_and_loses_nothing() {
+    use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+    use tally_event_store::partition::Topology;
+
+    let mut rig = Rig::start(TestNats::new(), &[], &[]).await;
+    let topology = Topology {
+        stream_name: rig.nats.stream.clone(),
+        subject_prefix: rig.nats.subject_prefix.clone(),
+        partitions: PARTITIONS,
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(&rig.nats.url).await.unwrap());
+    let stream = topology.ensure_stream(&js).await.unwrap();
+    let projections = ["accounts", "transfers"];
+    for projection in projections {
+        for partition in 0..PARTITIONS {
+            let name = tally_projectors::consumer::consumer_name(projection, partition);
+            let _: PullConsumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(name),
+                    filter_subject: topology.partition_filter(partition),
+                    ack_policy: AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    // Events of both stream types wait in the old consumers before any worker runs.
+    let accounts = open_accounts(&rig.api, 40).await;
+    drive(&rig.api, &accounts, 8, 400, None).await;
+
+    rig.start_worker("w1", &[]);
+    let expected = rig.converged().await;
+    assert_whole(&expected);
+    for projection in projections {
+        let stream_type = if projection == "accounts" {
+            "account"
+        } else {
+            "transfer"
+        };
+        for partition in 0..PARTITIONS {
+            let name = tally_projectors::consumer::consumer_name(projection, partition);
+            let info = stream.consumer_info(&name).await.unwrap();
+            assert_eq!(
+                info.config.filter_subject,
+                topology.partition_stream_type_filter(partition, stream_type),
+                "{name} narrowed"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nats_restart_mid_stream_loses_nothing() {
     // A NATS server of this test's own: stopping the shared one would break other tests.
