@@ -6,9 +6,10 @@
 //!   optionally the `iss` and `aud` a token must carry. A server without a key refuses to start,
 //!   unless started with `--insecure-no-auth` (then every request acts as
 //!   [`INSECURE_SUBJECT`] with every role, and a warning is logged).
-//! - [`authenticate`] is a middleware: it verifies the `Authorization: Bearer` token of every
-//!   request (if it has one) and leaves the outcome, an [`Authentication`], in the request's
-//!   extensions, so the rate limiter can tell clients apart and handlers can ask for a role.
+//! - [`Authenticator::authenticate`] verifies the `Authorization: Bearer` token of a request
+//!   (if it has one); the edge ([`crate::edge`]) leaves the outcome, an [`Authentication`], in
+//!   the request's extensions, so the rate limiter can tell clients apart and handlers can ask
+//!   for a role.
 //! - [`Require<R>`] is the extractor with which every protected handler declares its role
 //!   ([`Teller`], [`Reader`], [`Auditor`], [`Ops`]): it yields the caller's [`Principal`], or
 //!   answers `401` (no, malformed, badly signed or expired token; with `WWW-Authenticate:
@@ -23,11 +24,11 @@ use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -217,10 +218,30 @@ impl fmt::Debug for Authenticator {
     }
 }
 
+/// Most tokens [`Verifier`] remembers as verified (the most recently used are kept).
+pub const VERIFIED_TOKENS_MAX: u64 = 10_000;
+/// Longest a verified token is remembered; its `exp` is checked again at every use.
+pub const VERIFIED_TOKENS_TTL: Duration = Duration::from_secs(60);
+
 /// A key and the rules a token must pass.
+///
+/// A client sends the same token with every request until it expires, and checking a
+/// signature is most of what authentication costs (an ES256 check takes tens of microseconds).
+/// So the verifier remembers the tokens it found valid, by their exact text, and answers a
+/// token it has seen from memory while its `exp` has not passed. Only valid tokens are kept,
+/// so a caller without the key cannot fill the memory; it is bounded by
+/// [`VERIFIED_TOKENS_MAX`] and [`VERIFIED_TOKENS_TTL`].
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: moka::sync::Cache<String, Arc<Verified>>,
+}
+
+/// A token found valid: who it names, and until when.
+struct Verified {
+    principal: Principal,
+    /// The token's `exp`, seconds since the Unix epoch.
+    expires_at: u64,
 }
 
 impl AuthConfig {
@@ -274,7 +295,7 @@ impl AuthConfig {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Authenticator::Jwt(Arc::new(Verifier { key, validation })))
+        Ok(Authenticator::Jwt(Arc::new(Verifier::new(key, validation))))
     }
 }
 
@@ -288,11 +309,35 @@ pub enum TokenError {
 }
 
 impl Verifier {
+    fn new(key: DecodingKey, validation: Validation) -> Self {
+        let verified = moka::sync::Cache::builder()
+            .max_capacity(VERIFIED_TOKENS_MAX)
+            .time_to_live(VERIFIED_TOKENS_TTL)
+            .build();
+        Self {
+            key,
+            validation,
+            verified,
+        }
+    }
+
     /// The principal of a valid `token`.
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
         if token.len() > TOKEN_BYTES_MAX {
             return Err(TokenError::Invalid);
         }
+        if let Some(verified) = self.verified.get(token) {
+            // The same rule as the full check: `exp` may lie up to the leeway in the past.
+            if verified.expires_at.saturating_add(self.validation.leeway) >= jsonwebtoken::get_current_timestamp() {
+                return Ok(verified.principal.clone());
+            }
+            self.verified.invalidate(token);
+        }
+        self.verify_signed(token)
+    }
+
+    /// [`Self::verify`] without the memory: the signature and every claim checked.
+    fn verify_signed(&self, token: &str) -> Result<Principal, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
             _ => TokenError::Invalid,
@@ -302,14 +347,20 @@ impl Verifier {
             return Err(TokenError::Invalid);
         }
         let roles = claims.roles.iter().filter_map(|r| r.parse().ok()).collect();
-        Ok(Principal {
+        let principal = Principal {
             subject: claims.sub,
             roles,
-        })
+        };
+        let verified = Verified {
+            principal: principal.clone(),
+            expires_at: claims.exp,
+        };
+        self.verified.insert(token.to_owned(), Arc::new(verified));
+        Ok(principal)
     }
 }
 
-/// What [`authenticate`] found out about a request, left in its extensions.
+/// What [`Authenticator::authenticate`] found out about a request, left in its extensions.
 #[derive(Debug, Clone)]
 pub enum Authentication {
     /// A valid token, or any request when authentication is disabled.
@@ -330,28 +381,29 @@ impl Authentication {
     }
 }
 
-/// Middleware: verifies the request's bearer token, if any, and records the outcome as an
-/// [`Authentication`] extension. It refuses nothing itself: open routes (`/health`, `/ready`,
-/// `/openapi.json`) stay open, and protected routes refuse through [`Require`].
-pub async fn authenticate(State(authenticator): State<Authenticator>, mut request: Request, next: Next) -> Response {
-    let outcome = match &authenticator {
-        Authenticator::Disabled => Authentication::Authenticated(Principal {
-            subject: INSECURE_SUBJECT.to_owned(),
-            roles: Role::ALL.to_vec(),
-        }),
-        Authenticator::Jwt(verifier) => match request.headers().get(header::AUTHORIZATION) {
-            None => Authentication::Missing,
-            Some(value) => match bearer_token(value) {
-                Some(token) => match verifier.verify(token) {
-                    Ok(principal) => Authentication::Authenticated(principal),
-                    Err(e) => Authentication::Refused(e),
+impl Authenticator {
+    /// Verifies the bearer token of a request with `headers`, if it has one. It refuses nothing
+    /// itself: the edge ([`crate::edge::protect`]) leaves the outcome in the request's
+    /// extensions, open routes (`/health`, `/ready`, `/openapi.json`) stay open, and protected
+    /// routes refuse through [`Require`].
+    pub fn authenticate(&self, headers: &HeaderMap) -> Authentication {
+        match self {
+            Authenticator::Disabled => Authentication::Authenticated(Principal {
+                subject: INSECURE_SUBJECT.to_owned(),
+                roles: Role::ALL.to_vec(),
+            }),
+            Authenticator::Jwt(verifier) => match headers.get(header::AUTHORIZATION) {
+                None => Authentication::Missing,
+                Some(value) => match bearer_token(value) {
+                    Some(token) => match verifier.verify(token) {
+                        Ok(principal) => Authentication::Authenticated(principal),
+                        Err(e) => Authentication::Refused(e),
+                    },
+                    None => Authentication::Refused(TokenError::Invalid),
                 },
-                None => Authentication::Refused(TokenError::Invalid),
             },
-        },
-    };
-    request.extensions_mut().insert(outcome);
-    next.run(request).await
+        }
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive).
@@ -421,7 +473,7 @@ where
                 // A programmer error: the router was built without the middleware.
                 let mut response = Problem::internal().into_response();
                 response.extensions_mut().insert(ErrorReport(
-                    "Require<_> used on a route without the authenticate middleware".into(),
+                    "Require<_> used on a route without the edge (tally_service::edge::protect)".into(),
                 ));
                 Err(response)
             }
@@ -507,6 +559,45 @@ mod tests {
         claims.exp -= CLOCK_LEEWAY_S + 60;
         let token = mint(SECRET.as_bytes(), &claims);
         assert_eq!(hs256().verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_remembered_token_is_answered_from_memory_only_until_it_expires() {
+        let verifier = hs256();
+        let token = mint(SECRET.as_bytes(), &Claims::new("alice", &[Role::Reader], 60));
+        let first = verifier.verify(&token).unwrap();
+        assert_eq!(
+            verifier.verify(&token).unwrap(),
+            first,
+            "the second answer is the first"
+        );
+        assert!(verifier.verified.contains_key(token.as_str()));
+
+        // A token remembered while it was valid, whose `exp` has since passed beyond the leeway.
+        let mut claims = Claims::new("bob", &[Role::Reader], 0);
+        claims.exp -= CLOCK_LEEWAY_S + 1;
+        let expired = mint(SECRET.as_bytes(), &claims);
+        let remembered = Verified {
+            principal: Principal {
+                subject: "bob".into(),
+                roles: vec![Role::Reader],
+            },
+            expires_at: claims.exp,
+        };
+        verifier.verified.insert(expired.clone(), Arc::new(remembered));
+        assert_eq!(verifier.verify(&expired), Err(TokenError::Expired));
+        assert!(!verifier.verified.contains_key(expired.as_str()), "and it is forgotten");
+    }
+
+    #[test]
+    fn a_refused_token_is_not_remembered() {
+        let verifier = hs256();
+        let token = mint(
+            b"another secret of at least 32 bytes!",
+            &Claims::new("mallory", &[Role::Ops], 60),
+        );
+        assert_eq!(verifier.verify(&token), Err(TokenError::Invalid));
+        assert!(!verifier.verified.contains_key(token.as_str()));
     }
 
     #[test]

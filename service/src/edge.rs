@@ -1,20 +1,21 @@
-//! What every request to a Tally API passes before its handler, in this order (outermost
-//! first): observation (the request span, its ids, HTTP metrics), 5xx logging, the request
-//! timeout, authentication ([`crate::auth::authenticate`]), the per-client rate limit. Both
-//! APIs wrap their router with [`protect`], so the two cannot differ in how they bound,
-//! identify and measure clients.
+//! What every request to a Tally API passes before its handler, in this order: observation
+//! (the request span, its ids, HTTP metrics), 5xx logging, the request timeout,
+//! authentication ([`Authenticator::authenticate`]), the per-client rate limit. Both APIs wrap
+//! their router with [`protect`], so the two cannot differ in how they bound, identify and
+//! measure clients. All of it is one middleware ([`edge`]): each layer of a router clones the
+//! services inside it for every request, so five layers cost fifteen clones a request.
 //!
-//! - **Observation** ([`observe`]): each request runs in a span `request` carrying its
-//!   `request_id` (the client's `X-Request-Id` when it is 1 to 128 visible ASCII characters,
-//!   else a new UUID), its `correlation_id` (the client's `X-Correlation-Id` when it is a UUID,
-//!   else a new one; the request's header is set to it, so handlers read the same value) and its
-//!   `trace_id`: the span continues the client's W3C `traceparent`, or starts a trace. Both ids
-//!   are echoed as response headers. Every request counts in `tally_http_requests_total`
-//!   (`route` template, `method`, `status`) and `tally_http_request_duration_seconds`.
+//! - **Observation**: each request runs in a span `request` carrying its `request_id` (the
+//!   client's `X-Request-Id` when it is 1 to 128 visible ASCII characters, else a new UUID), its
+//!   `correlation_id` (the client's `X-Correlation-Id` when it is a UUID, else a new one; the
+//!   request's header is set to it, so handlers read the same value) and its `trace_id`: the
+//!   span continues the client's W3C `traceparent`, or starts a trace. Both ids are echoed as
+//!   response headers. Every request counts in `tally_http_requests_total` (`route` template,
+//!   `method`, `status`) and `tally_http_request_duration_seconds`.
 //! - **Timeout**: a request not answered within `TALLY_REQUEST_TIMEOUT_MS` (reading its body
 //!   included) is answered `503 request-timeout` with `Retry-After`. The work may still finish
 //!   (a command may commit): a client retries with the same `Idempotency-Key`.
-//! - **Rate limit** (tower_governor, a GCRA token bucket per client): a client may send
+//! - **Rate limit** (governor, a GCRA token bucket per client): a client may send
 //!   `TALLY_RATE_LIMIT_BURST` requests at once and `TALLY_RATE_LIMIT_PER_S` per second after
 //!   that; beyond it, `429 rate-limited` with `Retry-After`. A client is the token subject when
 //!   the request carries a valid token, else the peer IP address (so a caller cannot dodge its
@@ -28,15 +29,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use governor::middleware::NoOpMiddleware;
-use tower_governor::GovernorError;
-use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
-use tower_governor::key_extractor::KeyExtractor;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
@@ -106,102 +104,156 @@ impl Edge {
     }
 }
 
-/// Wraps `router` (every route, the fallback included) in the layers of this module.
-/// Serve the result with `into_make_service_with_connect_info::<SocketAddr>()`, so anonymous
-/// clients are told apart by address.
-pub fn protect(router: Router, edge: &Edge) -> Router {
-    let rate_limit = rate_limit_config(&edge.limits);
-    prune_idle_clients(Arc::downgrade(&rate_limit));
-    let governor = tower_governor::GovernorLayer::new(rate_limit).error_handler(too_many_requests);
-    let timeout = Duration::from_millis(edge.limits.request_timeout_ms);
-    // `observe` records metrics: make sure they are kept from the first request on.
-    crate::metrics::install();
-    // The last layer added runs first.
-    router
-        .layer(governor)
-        .layer(middleware::from_fn_with_state(
-            edge.authenticator.clone(),
-            crate::auth::authenticate,
-        ))
-        .layer(middleware::from_fn_with_state(timeout, time_out))
-        .layer(middleware::from_fn(crate::errors::log_server_errors))
-        .layer(middleware::from_fn(observe))
+/// What the [`edge`] middleware holds, shared by every request.
+#[derive(Debug)]
+pub struct Guard {
+    authenticator: Authenticator,
+    rate_limit: DefaultKeyedRateLimiter<Client>,
+    timeout: Duration,
 }
 
-/// Middleware: runs the request in its span (ids, trace context), echoes the ids, counts and
-/// times it. Outermost, so the 5xx log, refusals and timeouts are inside the span and counted.
-pub async fn observe(mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    // Layers of a `Router` run after routing, so the template of the matched route is known.
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
-        .to_owned();
-    let method = request.method().clone();
-    let headers = request.headers();
-    let request_id = headers
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=REQUEST_ID_BYTES_MAX).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
-    let correlation_id = headers
-        .get(CORRELATION_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Uuid::try_parse(v).ok())
-        .unwrap_or_else(Uuid::now_v7);
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
-    let span = tracing::info_span!(
-        "request",
-        otel.name = %format!("{method} {route}"),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = tracing::field::Empty,
-        request_id = %request_id,
-        correlation_id = %correlation_id,
-        trace_id = tracing::field::Empty,
-    );
-    // Before anything reads the span's context: once built, its parent is fixed.
-    let _ = span.set_parent(parent);
-    if let Some(trace_id) = crate::telemetry::trace_id(&span) {
-        span.record("trace_id", trace_id);
-    }
-    let correlation = HeaderValue::from_str(&correlation_id.to_string()).expect("a UUID is a valid header value");
-    request.headers_mut().insert(CORRELATION_ID_HEADER, correlation.clone());
-
-    let mut response = next.run(request).instrument(span.clone()).await;
-
-    let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
-    if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
-    }
-    let elapsed = started.elapsed();
-    span.in_scope(|| {
-        tracing::debug!(
-            status = status.as_u16(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "served"
-        )
+/// Wraps `router` (every route, the fallback included) in the [`edge`] middleware. Serve the
+/// result with `into_make_service_with_connect_info::<SocketAddr>()`, so anonymous clients are
+/// told apart by address.
+pub fn protect(router: Router, edge: &Edge) -> Router {
+    let guard = Arc::new(Guard {
+        authenticator: edge.authenticator.clone(),
+        rate_limit: rate_limiter(&edge.limits),
+        timeout: Duration::from_millis(edge.limits.request_timeout_ms),
     });
-    let method = method_label(&method);
-    metrics::counter!(
-        "tally_http_requests_total",
-        "route" => route.clone(),
-        "method" => method,
-        "status" => status.as_u16().to_string()
-    )
-    .increment(1);
-    metrics::histogram!("tally_http_request_duration_seconds", "route" => route, "method" => method)
-        .record(elapsed.as_secs_f64());
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert(REQUEST_ID_HEADER, value);
+    prune_idle_clients(Arc::downgrade(&guard));
+    // The edge records metrics: make sure they are kept from the first request on.
+    crate::metrics::install();
+    router.layer(middleware::from_fn_with_state(guard, self::edge))
+}
+
+/// Middleware: everything of this module, outermost first. The 5xx log, refusals and
+/// timeouts are inside the request's span and counted.
+pub async fn edge(State(guard): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let observed = Observed::start(&mut request);
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let response = async {
+        let response = match tokio::time::timeout(guard.timeout, guard.admit(request, next)).await {
+            Ok(response) => response,
+            Err(_) => timed_out(guard.timeout),
+        };
+        crate::errors::log_server_error(&method, &uri, &response);
+        response
     }
-    headers.insert(CORRELATION_ID_HEADER, correlation);
-    response
+    .instrument(observed.span.clone())
+    .await;
+    observed.finish(&method, started, response)
+}
+
+impl Guard {
+    /// Authenticates the request, then lets it through if its client is within its rate.
+    async fn admit(&self, mut request: Request, next: Next) -> Response {
+        let authentication = self.authenticator.authenticate(request.headers());
+        let client = Client::of(&authentication, &request);
+        if let Err(refusal) = self.rate_limit.check_key(&client) {
+            // Whole seconds, rounded up: retrying then is never too early.
+            let wait = refusal.wait_time_from(self.rate_limit.clock().now());
+            return too_many_requests(wait.as_secs() + 1);
+        }
+        request.extensions_mut().insert(authentication);
+        next.run(request).await
+    }
+}
+
+/// A request's ids and span, from its arrival to its response.
+struct Observed {
+    span: tracing::Span,
+    route: String,
+    request_id: String,
+    correlation: HeaderValue,
+}
+
+impl Observed {
+    /// Takes (or makes) the request's ids, sets its correlation id header and opens its span.
+    fn start(request: &mut Request) -> Self {
+        // Layers of a `Router` run after routing, so the template of the matched route is known.
+        let route = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+            .to_owned();
+        let method = request.method();
+        let headers = request.headers();
+        let request_id = headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| (1..=REQUEST_ID_BYTES_MAX).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
+        let correlation_id = headers
+            .get(CORRELATION_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Uuid::try_parse(v).ok())
+            .unwrap_or_else(Uuid::now_v7);
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            request_id = %request_id,
+            correlation_id = %correlation_id,
+            trace_id = tracing::field::Empty,
+        );
+        // Before anything reads the span's context: once built, its parent is fixed.
+        let _ = span.set_parent(parent);
+        if let Some(trace_id) = crate::telemetry::trace_id(&span) {
+            span.record("trace_id", trace_id);
+        }
+        let mut buffer = Uuid::encode_buffer();
+        let correlation = HeaderValue::from_str(correlation_id.hyphenated().encode_lower(&mut buffer))
+            .expect("a UUID is a valid header value");
+        request.headers_mut().insert(CORRELATION_ID_HEADER, correlation.clone());
+        Self {
+            span,
+            route,
+            request_id,
+            correlation,
+        }
+    }
+
+    /// Records the outcome on the span and in the metrics, and echoes the ids.
+    fn finish(self, method: &axum::http::Method, started: Instant, mut response: Response) -> Response {
+        let status = response.status();
+        let span = self.span;
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        let elapsed = started.elapsed();
+        span.in_scope(|| {
+            tracing::debug!(
+                status = status.as_u16(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "served"
+            )
+        });
+        let method = method_label(method);
+        metrics::counter!(
+            "tally_http_requests_total",
+            "route" => self.route.clone(),
+            "method" => method,
+            "status" => status.as_u16().to_string()
+        )
+        .increment(1);
+        metrics::histogram!("tally_http_request_duration_seconds", "route" => self.route, "method" => method)
+            .record(elapsed.as_secs_f64());
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
+        headers.insert(CORRELATION_ID_HEADER, self.correlation);
+        response
+    }
 }
 
 /// The `method` label: a standard method's name, else `other`, so a client inventing methods
@@ -241,42 +293,32 @@ pub enum Client {
     Unknown,
 }
 
-/// The rate limiter's key: [`Client`].
-#[derive(Debug, Clone, Copy)]
-pub struct ClientKey;
-
-impl KeyExtractor for ClientKey {
-    type Key = Client;
-
-    fn extract<T>(&self, request: &axum::http::Request<T>) -> Result<Self::Key, GovernorError> {
-        let extensions = request.extensions();
-        if let Some(principal) = extensions.get::<Authentication>().and_then(Authentication::principal) {
-            return Ok(Client::Subject(principal.subject.clone()));
+impl Client {
+    /// The client of `request`, authenticated as `authentication`.
+    fn of(authentication: &Authentication, request: &Request) -> Self {
+        if let Some(principal) = authentication.principal() {
+            return Client::Subject(principal.subject.clone());
         }
-        Ok(extensions
+        request
+            .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map_or(Client::Unknown, |ConnectInfo(addr)| Client::Address(addr.ip())))
+            .map_or(Client::Unknown, |ConnectInfo(addr)| Client::Address(addr.ip()))
     }
 }
 
-type RateLimit = GovernorConfig<ClientKey, NoOpMiddleware>;
-
-fn rate_limit_config(limits: &LimitsConfig) -> Arc<RateLimit> {
+fn rate_limiter(limits: &LimitsConfig) -> DefaultKeyedRateLimiter<Client> {
     let per_s = limits.rate_limit_per_s.max(1);
     // One request's worth of the bucket comes back every 1/per_s seconds.
     let period = Duration::from_nanos((1_000_000_000 / u64::from(per_s)).max(1));
-    let burst = NonZeroU32::new(limits.rate_limit_burst).map_or(1, NonZeroU32::get);
-    let config = GovernorConfigBuilder::default()
-        .period(period)
-        .burst_size(burst)
-        .key_extractor(ClientKey)
-        .finish()
-        .expect("period and burst are above zero");
-    Arc::new(config)
+    let burst = NonZeroU32::new(limits.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .expect("the period is above zero")
+        .allow_burst(burst);
+    DefaultKeyedRateLimiter::keyed(quota)
 }
 
-/// Drops full buckets every [`RATE_LIMIT_PRUNE_INTERVAL`] while the limiter is in use.
-fn prune_idle_clients(limiter: Weak<RateLimit>) {
+/// Drops full buckets every [`RATE_LIMIT_PRUNE_INTERVAL`] while the edge is in use.
+fn prune_idle_clients(guard: Weak<Guard>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -285,57 +327,41 @@ fn prune_idle_clients(limiter: Weak<RateLimit>) {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let Some(config) = limiter.upgrade() else {
+            let Some(guard) = guard.upgrade() else {
                 return;
             };
-            config.limiter().retain_recent();
-            config.limiter().shrink_to_fit();
+            guard.rate_limit.retain_recent();
+            guard.rate_limit.shrink_to_fit();
         }
     });
 }
 
-/// The rate limiter's refusals as problems.
-fn too_many_requests(error: GovernorError) -> Response<Body> {
-    match error {
-        GovernorError::TooManyRequests { wait_time, .. } => {
-            // `wait_time` is whole seconds, rounded down: one more is never too early.
-            Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests")
-                .detail("This client sent more requests than its rate limit allows; retry after `Retry-After` seconds.")
-                .retry_after(wait_time + 1)
-                .into_response()
-        }
-        other => {
-            let mut response = Problem::internal().into_response();
-            response
-                .extensions_mut()
-                .insert(ErrorReport(format!("rate limiter: {other}")));
-            response
-        }
-    }
+/// The rate limiter's refusal as a problem.
+fn too_many_requests(retry_after_s: u64) -> Response {
+    Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests")
+        .detail("This client sent more requests than its rate limit allows; retry after `Retry-After` seconds.")
+        .retry_after(retry_after_s)
+        .into_response()
 }
 
-/// Middleware: answers 503 when the rest of the stack takes longer than `limit`.
-async fn time_out(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request-timeout", "Request timed out")
-                .detail(
-                    "The request took longer than this server allows. A command may still have taken \
-                     effect: retry with the same Idempotency-Key.",
-                )
-                .retry_after(1)
-                .into_response();
-            response
-                .extensions_mut()
-                .insert(ErrorReport(format!("request timed out after {limit:?}")));
-            response
-        }
-    }
+/// The answer to a request the rest of the stack did not answer within `limit`.
+fn timed_out(limit: Duration) -> Response {
+    let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request-timeout", "Request timed out")
+        .detail(
+            "The request took longer than this server allows. A command may still have taken \
+             effect: retry with the same Idempotency-Key.",
+        )
+        .retry_after(1)
+        .into_response();
+    response
+        .extensions_mut()
+        .insert(ErrorReport(format!("request timed out after {limit:?}")));
+    response
 }
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
     use axum::routing::get;
     use tower::ServiceExt;
 
