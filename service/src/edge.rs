@@ -153,7 +153,7 @@ impl Guard {
         let authentication = self.authenticator.authenticate(request.headers());
         let client = Client::of(&authentication, &request);
         if let Err(refusal) = self.rate_limit.check_key(&client) {
-            // Whole seconds, rounded up: retrying then is never too early.
+            // Whole seconds rounded down, plus one: retrying then is never too early.
             let wait = refusal.wait_time_from(self.rate_limit.clock().now());
             return too_many_requests(wait.as_secs() + 1);
         }

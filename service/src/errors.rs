@@ -20,7 +20,7 @@ pub fn log_server_error(method: &Method, uri: &Uri, response: &Response) {
             .get::<ErrorReport>()
             .map_or("(no report attached)", |r| r.0.as_str());
         let path = uri.path();
-        tracing::error!(%method, path, status = response.status().as_u16(), cause, "request failed");
+        tracing::error!(%method, %path, status = response.status().as_u16(), cause, "request failed");
     }
 }
 
