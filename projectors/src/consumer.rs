@@ -377,12 +377,12 @@ impl<P: Projection> Unit<P> {
     /// `tally_schemas::invalidation`). Best effort by design: a query API that misses one
     /// has lost its connection, and it clears its cache when that happens.
     async fn invalidate(&self, outcome: &BatchOutcome) {
-        if outcome.changed.is_empty() {
+        if outcome.announce.is_empty() {
             return;
         }
         let subject = invalidation_subject(&self.shared.topology.subject_prefix, P::NAME);
         let client = self.shared.js.client();
-        for rows in outcome.changed.chunks(INVALIDATION_ROWS_MAX) {
+        for rows in outcome.announce.chunks(INVALIDATION_ROWS_MAX) {
             let message = Invalidation {
                 projection: P::NAME.to_owned(),
                 rows: rows

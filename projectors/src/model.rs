@@ -201,9 +201,11 @@ pub struct BatchOutcome {
     pub filled: u64,
     /// Events of other stream types, acknowledged without reading.
     pub ignored: u64,
-    /// The rows the batch changed: `(stream id, version it now reflects)`, what the live path
-    /// publishes as cache invalidations once the batch has committed.
-    pub changed: Vec<(Uuid, i64)>,
+    /// Every row an event of the batch was for: `(stream id, version it now reflects)`, what
+    /// the live path publishes as cache invalidations once the batch has committed. A row whose
+    /// events were all duplicates is here too, at the version it already had: see
+    /// [`apply_batch`] for why.
+    pub announce: Vec<(Uuid, i64)>,
 }
 
 /// Rows already loaded, kept across batches by a caller that is the only writer of the
@@ -236,12 +238,14 @@ pub async fn apply_batch<P: Projection>(
     }
     let mut effects = P::Effects::default();
     let mut changed = HashSet::new();
+    let mut seen = HashSet::new();
     for incoming in events {
         if incoming.stream_type != P::STREAM_TYPE {
             outcome.ignored += 1;
             continue;
         }
         let meta = &incoming.meta;
+        seen.insert(meta.stream_id);
         let row = cache.entry(meta.stream_id).or_insert_with(|| P::empty(meta.stream_id));
         let current = P::version(row);
         if meta.version <= current {
@@ -279,7 +283,16 @@ pub async fn apply_batch<P: Projection>(
         outcome.applied += 1;
     }
     let rows: Vec<P::Row> = changed.iter().filter_map(|id| cache.get(id).cloned()).collect();
-    outcome.changed = rows.iter().map(|row| (P::stream_id_of(row), P::version(row))).collect();
+    // Rows whose events were all duplicates are announced too, at the version they reflect.
+    // Whoever applied those events may have announced nothing: a rebuild's switch folds the
+    // events still in flight into the new generation itself, and the live worker then
+    // receives them here as duplicates. A query API that cached the row from the old
+    // generation would otherwise keep it until its TTL (ARCHITECTURE.md, query-api invariant).
+    outcome.announce = seen
+        .iter()
+        .filter_map(|id| cache.get(id))
+        .map(|row| (P::stream_id_of(row), P::version(row)))
+        .collect();
     P::store(conn, generation, rows, effects, mode).await?;
     Ok(outcome)
 }

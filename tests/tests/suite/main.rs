@@ -10,6 +10,7 @@ mod lifecycle;
 mod observability;
 mod projections;
 mod query;
+mod rebuild_reads;
 mod relay;
 mod schemas;
 mod shutdown;
