@@ -65,9 +65,13 @@ fn not_yet_consistent(waited: Duration) -> Response {
 }
 
 /// Runs `attempt` until it yields a value, for at most `state.consistency_wait`. `attempt`
-/// answers `None` while the data it reads does not reflect the write of `token` yet. When the
-/// wait runs out, the primary tells a write not replicated yet (503, retry) from one that
-/// never happened (422: the token is not one of a write).
+/// answers `None` while the data it reads does not reflect the write of `token` yet.
+///
+/// A token naming a write that is not in the log (forged, or of another deployment) is a 422
+/// at once: the first time `attempt` finds nothing, the primary is asked whether it has the
+/// token's event. A command is answered only after its commit, so a real token's event is
+/// always on the primary; without this check every read with a far-future token would poll a
+/// replica for the whole wait. When the wait runs out, a write not replicated yet is a 503.
 pub async fn wait_until<T, F, Fut>(state: &AppState, token: &ConsistencyToken, mut attempt: F) -> Result<T, Response>
 where
     F: FnMut() -> Fut,
@@ -77,6 +81,8 @@ where
     let started = Instant::now();
     let deadline = started + wait;
     let mut pause = POLL_MIN;
+    // Whether the primary has the token's event; `None` until asked (or while it cannot tell).
+    let mut on_primary: Option<bool> = None;
     loop {
         // A failed look (a replica cancelling a query for a recovery conflict, a dropped
         // connection) is retried like one that found the write missing: the next look may go
@@ -92,12 +98,23 @@ where
                 Some(error)
             }
         };
+        if on_primary.is_none() {
+            on_primary = log_has(state.sources.primary(), token).await.ok();
+            if on_primary == Some(false) {
+                return Err(unknown_token());
+            }
+        }
         let now = Instant::now();
         if now >= deadline {
             if let Some(error) = failed {
                 return Err(unavailable(&error));
             }
-            return Err(match log_has(state.sources.primary(), token).await {
+            // The primary could not be asked before: ask once more now.
+            let known = match on_primary {
+                Some(known) => Ok(known),
+                None => log_has(state.sources.primary(), token).await,
+            };
+            return Err(match known {
                 Ok(false) => unknown_token(),
                 Ok(true) | Err(_) => {
                     metrics::counter!("tally_query_consistency_timeouts_total").increment(1);

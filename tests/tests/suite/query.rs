@@ -194,7 +194,7 @@ async fn a_read_with_a_token_waits_for_the_write_then_answers_503_until_the_repl
     assert!(body["version"].as_i64() >= Some(version));
     assert_eq!(body["balance"], 125);
 
-    // A well-formed token of a write that never happened: 422 once the wait runs out.
+    // A well-formed token of a write that never happened: 422.
     let forged = format!("v1.{}.7", Uuid::now_v7().simple());
     let (status, _, body) = get(&client(), &url, &[("X-Consistency-Token", &forged)]).await;
     assert_eq!(
@@ -207,6 +207,46 @@ async fn a_read_with_a_token_waits_for_the_write_then_answers_503_until_the_repl
         (status, problem_code(&body)),
         (StatusCode::BAD_REQUEST, "invalid-consistency-token")
     );
+}
+
+#[tokio::test]
+async fn a_token_beyond_the_head_of_the_log_is_refused_at_once_without_waiting() {
+    let wait = Duration::from_secs(10);
+    let stack = Stack::start_on(
+        TestDb::new().await,
+        &[("TALLY_CONSISTENCY_WAIT_MS", wait.as_millis().to_string())],
+    )
+    .await;
+    let api = Api::new(&stack.command);
+    let account = api.funded("EUR", 100).await;
+    let (_, version) = deposit(&api, account, 5).await;
+    account_at(&stack.query, account, version).await;
+    // The account's own stream far in the future, and a stream that does not exist: each
+    // would otherwise keep its request polling the replica for the whole wait.
+    for forged in [
+        format!("v1.{}.{}", account.simple(), version + 1_000_000),
+        format!("v1.{}.1", Uuid::now_v7().simple()),
+    ] {
+        for path in ["", "/statement"] {
+            let started = Instant::now();
+            let (status, _, body) = get(
+                &client(),
+                &format!("{}/v1/accounts/{account}{path}", stack.query),
+                &[("X-Consistency-Token", &forged)],
+            )
+            .await;
+            assert_eq!(
+                (status, problem_code(&body)),
+                (StatusCode::UNPROCESSABLE_ENTITY, "unknown-consistency-token"),
+                "{path} {forged}: {body}"
+            );
+            assert!(
+                started.elapsed() < wait / 2,
+                "{path} {forged}: answered after {:?}, as if it had waited",
+                started.elapsed()
+            );
+        }
+    }
 }
 
 #[tokio::test]
