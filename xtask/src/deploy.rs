@@ -11,6 +11,10 @@
 //!   event stream definition with the code's constants, Secret and ConfigMap references with
 //!   what exists, `kustomization.yaml` with the files; the NATS and HAProxy configurations
 //!   pass their servers' own checks; the Postgres scripts parse.
+//! - The Prometheus alert rules pass `promtool check rules` and their unit tests
+//!   (`promtool test rules`), where every alert fires in one case and stays quiet in another;
+//!   every query of the Grafana dashboards parses (`promtool check rules` on them as recording
+//!   rules); alerts and dashboards name only `tally_*` series the code exports.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -70,6 +74,7 @@ pub fn check_deploy() -> anyhow::Result<()> {
     check_stream_definition(&root, &mut report)?;
     check_nats_config(&root, &mut report)?;
     check_scripts(&root, &mut report)?;
+    check_monitoring(&root, &mut report)?;
 
     for note in &report.notes {
         println!("note: {note}");
@@ -691,6 +696,259 @@ fn check_scripts(root: &Path, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---- deploy/prometheus, deploy/grafana ------------------------------------------------------
+
+/// What stands for Grafana's interval variables when promtool parses a dashboard's query.
+const GRAFANA_VARIABLES: &[(&str, &str)] = &[("$__rate_interval", "5m"), ("$__interval", "1m"), ("$__range", "1h")];
+/// The datasource every dashboard panel and query uses: the dashboard's `datasource` variable,
+/// so it imports into any Grafana whatever its Prometheus is called.
+const GRAFANA_DATASOURCE: &str = "${datasource}";
+
+/// Checks the alert rules and the dashboards (module documentation, last item).
+fn check_monitoring(root: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let promtool = which("promtool")
+        .context("promtool is not installed (Debian: apt-get install prometheus; .ci/run does it as root)")?;
+    let exported = exported_series(root)?;
+    let dir = root.join("deploy/prometheus");
+
+    // The test file names its rule files relative to itself.
+    for args in [["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]] {
+        match run(Command::new(&promtool).current_dir(&dir).args(args)) {
+            Ok(_) => println!("ok   promtool {} deploy/prometheus/{}", args[..2].join(" "), args[2]),
+            Err(error) => report.fail(format!("promtool {}: {error:#}", args.join(" "))),
+        }
+    }
+
+    let alerts: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("alerts.yml"))?)
+        .context("parsing deploy/prometheus/alerts.yml")?;
+    let tests: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("alerts.test.yml"))?)
+        .context("parsing deploy/prometheus/alerts.test.yml")?;
+    let cases = alert_test_cases(&tests);
+    let rules: Vec<&Value> = alerts["groups"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|group| group["rules"].as_sequence())
+        .flatten()
+        .collect();
+    let failures = report.failures.len();
+    let mut alert_count = 0;
+    for rule in &rules {
+        let name = scalar(&rule["alert"]);
+        let place = format!("deploy/prometheus/alerts.yml: {}", scalar(&rule["record"]) + &name);
+        check_series(&place, &scalar(&rule["expr"]), &exported, report);
+        if name.is_empty() {
+            continue;
+        }
+        alert_count += 1;
+        report.check(!scalar(&rule["labels"]["severity"]).is_empty(), || {
+            format!("{place}: no severity label")
+        });
+        for annotation in ["summary", "description"] {
+            report.check(!scalar(&rule["annotations"][annotation]).is_empty(), || {
+                format!("{place}: no {annotation} annotation")
+            });
+        }
+        report.check(!scalar(&rule["for"]).is_empty(), || format!("{place}: no `for`"));
+        let (fires, quiet) = cases.get(&name).copied().unwrap_or_default();
+        report.check(fires, || format!("{place}: no case of alerts.test.yml where it fires"));
+        report.check(quiet, || {
+            format!("{place}: no case of alerts.test.yml where it does not fire (exp_alerts: [])")
+        });
+    }
+    if report.failures.len() == failures {
+        println!(
+            "ok   deploy/prometheus/alerts.yml: {alert_count} alerts, each tested firing and quiet, on exported series"
+        );
+    }
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("deploy/grafana"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "json"));
+    files.sort();
+    let failures = report.failures.len();
+    let mut queries = Vec::new();
+    for file in &files {
+        let name = format!("deploy/grafana/{}", file.file_name().unwrap().to_string_lossy());
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(file)?).with_context(|| format!("parsing {name}"))?;
+        let variables = dashboard["templating"]["list"].as_array().into_iter().flatten();
+        report.check(
+            variables
+                .into_iter()
+                .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+            || format!("{name}: no `datasource` variable"),
+        );
+        for (title, panel) in dashboard_panels(&dashboard) {
+            let place = format!("{name}: panel {title:?}");
+            let targets = panel["targets"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for datasource in std::iter::once(&panel["datasource"]).chain(targets.iter().map(|t| &t["datasource"])) {
+                report.check(datasource["uid"] == GRAFANA_DATASOURCE, || {
+                    format!("{place}: a datasource other than {GRAFANA_DATASOURCE}: {datasource}")
+                });
+            }
+            for expr in targets.iter().filter_map(|t| t["expr"].as_str()) {
+                check_series(&place, expr, &exported, report);
+                let parsable = GRAFANA_VARIABLES
+                    .iter()
+                    .fold(expr.to_owned(), |expr, (variable, value)| expr.replace(variable, value));
+                queries.push((place.clone(), parsable));
+            }
+        }
+    }
+
+    // promtool parses queries only as rules: each becomes a recording rule of one file.
+    let record = |i: usize| format!("dashboard_query_{i}");
+    let rules: Vec<serde_json::Value> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, (_, expr))| serde_json::json!({ "record": record(i), "expr": expr }))
+        .collect();
+    let document = serde_json::json!({ "groups": [{ "name": "dashboards", "rules": rules }] });
+    let path = target_dir().join("deploy-check").join("dashboard-queries.yml");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, serde_yaml_ng::to_string(&document)?)?;
+    if let Err(error) = run(Command::new(&promtool).arg("check").arg("rules").arg(&path)) {
+        // promtool names the rule it could not parse: say which panel that query is from.
+        let text = format!("{error:#}");
+        let panels: Vec<String> = (0..queries.len())
+            .filter(|&i| text.contains(&format!("\"{}\"", record(i))))
+            .map(|i| format!("{} is the query of {}", record(i), queries[i].0))
+            .collect();
+        report.fail(format!("dashboard queries: {text}\n{}", panels.join("\n")));
+    }
+    if report.failures.len() == failures {
+        println!(
+            "ok   deploy/grafana: {} dashboards, {} queries parse and name exported series",
+            files.len(),
+            queries.len()
+        );
+    }
+    Ok(())
+}
+
+/// Every panel of a dashboard with its title, those inside collapsed rows included.
+fn dashboard_panels(dashboard: &serde_json::Value) -> Vec<(String, &serde_json::Value)> {
+    let mut panels = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        if panel["type"] == "row" {
+            panels.extend(dashboard_panels(panel));
+        } else {
+            panels.push((panel["title"].as_str().unwrap_or_default().to_owned(), panel));
+        }
+    }
+    panels
+}
+
+/// Alert name → (a case expects it to fire, a case expects it quiet), from promtool's tests.
+fn alert_test_cases(tests: &Value) -> BTreeMap<String, (bool, bool)> {
+    let mut cases: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    let all = tests["tests"].as_sequence().into_iter().flatten();
+    for case in all.filter_map(|test| test["alert_rule_test"].as_sequence()).flatten() {
+        let seen = cases.entry(scalar(&case["alertname"])).or_default();
+        // promtool reads a missing exp_alerts as none expected.
+        if case["exp_alerts"]
+            .as_sequence()
+            .is_some_and(|alerts| !alerts.is_empty())
+        {
+            seen.0 = true;
+        } else {
+            seen.1 = true;
+        }
+    }
+    cases
+}
+
+/// Fails `place` for every `tally_*` series `expr` names that the code does not export.
+fn check_series(place: &str, expr: &str, exported: &BTreeSet<String>, report: &mut Report) {
+    for name in series_named(expr).into_iter().filter(|n| !exported.contains(n)) {
+        report.fail(format!(
+            "{place}: {name} is no series the code exports (the metrics::counter!/gauge!/histogram! names in */src)"
+        ));
+    }
+}
+
+/// The `tally_*` names in a PromQL expression, outside its string literals (label values).
+fn series_named(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut chars = expr.chars().peekable();
+    let mut word = String::new();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+            continue;
+        }
+        if word.starts_with("tally_") {
+            names.insert(word.clone());
+        }
+        word.clear();
+        if matches!(c, '"' | '\'' | '`') {
+            // Skips the literal; a backslash escapes the next character (not in backticks).
+            while let Some(inner) = chars.next() {
+                if inner == c {
+                    break;
+                }
+                if inner == '\\' && c != '`' {
+                    chars.next();
+                }
+            }
+        }
+    }
+    if word.starts_with("tally_") {
+        names.insert(word);
+    }
+    names
+}
+
+/// The series the workspace's code exports: the names of its `metrics::` macro calls in every
+/// crate's `src/`. A histogram is exported as its `_bucket`, `_sum` and `_count` series. xtask
+/// exports none (and its tests quote such calls).
+fn exported_series(root: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let mut series = BTreeSet::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" && name != "xtask" {
+                    dirs.push(path);
+                }
+            } else if name.ends_with(".rs") && path.components().any(|c| c.as_os_str() == "src") {
+                series.extend(exported_by(&std::fs::read_to_string(&path)?));
+            }
+        }
+    }
+    anyhow::ensure!(
+        !series.is_empty(),
+        "found no metrics::counter!/gauge!/histogram! call under {}",
+        root.display()
+    );
+    Ok(series)
+}
+
+/// The series the `counter!`, `gauge!` and `histogram!` calls of `source` export, where their
+/// name is a string literal (the code's style; a name in a constant would show up as a
+/// dashboard's unknown series, not go unnoticed).
+fn exported_by(source: &str) -> BTreeSet<String> {
+    let mut series = BTreeSet::new();
+    for (call, suffixes) in [
+        ("counter!(", &[""][..]),
+        ("gauge!(", &[""][..]),
+        ("histogram!(", &["_bucket", "_sum", "_count"][..]),
+    ] {
+        for (at, _) in source.match_indices(call) {
+            let rest = source[at + call.len()..].trim_start();
+            let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) else {
+                continue;
+            };
+            series.extend(suffixes.iter().map(|suffix| format!("{name}{suffix}")));
+        }
+    }
+    series
+}
+
 // ---- helpers --------------------------------------------------------------------------------
 
 /// Runs a command; an error carries its output when it fails.
@@ -752,6 +1010,54 @@ mod tests {
             names.into_iter().collect::<Vec<_>>(),
             ["TALLY_COMMAND_LISTEN", "TALLY_DATABASE_URL"]
         );
+    }
+
+    #[test]
+    fn series_are_the_tally_names_of_an_expression_outside_its_strings() {
+        let expr = r#"sum by (cache) (rate(tally_query_cache_requests_total{result="hit", x='tally_no'}[5m]))
+            / on (cache) tally_a:b unless `tally_not` or tally_last"#;
+        assert_eq!(
+            series_named(expr).into_iter().collect::<Vec<_>>(),
+            ["tally_a:b", "tally_last", "tally_query_cache_requests_total"]
+        );
+        assert!(series_named(r#"up{job="tally_x\"tally_y"} == 0"#).is_empty());
+    }
+
+    #[test]
+    fn exported_series_are_the_literal_names_of_metric_macros_with_histogram_suffixes() {
+        let source = r#"
+            metrics::counter!("tally_a_total", "k" => v).increment(1);
+            metrics::counter!(
+                "tally_b_total",
+                "route" => r
+            );
+            metrics::histogram!("tally_c_seconds").record(1.0);
+            gauge!(NAME).set(1.0);
+        "#;
+        assert_eq!(
+            exported_by(source).into_iter().collect::<Vec<_>>(),
+            [
+                "tally_a_total",
+                "tally_b_total",
+                "tally_c_seconds_bucket",
+                "tally_c_seconds_count",
+                "tally_c_seconds_sum"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_alert_needs_a_case_where_it_fires_and_one_where_it_does_not() {
+        let tests: Value = serde_yaml_ng::from_str(
+            "tests: [{alert_rule_test: [\
+               {alertname: A, exp_alerts: [{exp_labels: {severity: warning}}]},\
+               {alertname: A, exp_alerts: []},\
+               {alertname: B}]}]",
+        )
+        .unwrap();
+        let cases = alert_test_cases(&tests);
+        assert_eq!(cases["A"], (true, true));
+        assert_eq!(cases["B"], (false, true));
     }
 
     #[test]

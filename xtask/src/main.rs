@@ -46,8 +46,9 @@ enum Task {
     Schemathesis,
     /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
     Schemas,
-    /// Validate docker-compose.yml and deploy/ (docker-compose config, Kubernetes schemas) and
-    /// check them against the binaries' configuration.
+    /// Validate docker-compose.yml and deploy/ (docker-compose config, Kubernetes schemas,
+    /// promtool on the alert rules and dashboards) and check them against the binaries'
+    /// configuration and metrics.
     CheckDeploy,
 }
 
