@@ -164,19 +164,29 @@ fn parse_account_id(raw: &str) -> Result<Uuid, Problem> {
     Uuid::try_parse(raw).map_err(|_| Problem::not_found("account-not-found", "No account with this id."))
 }
 
-/// The request's idempotency key, if it sent one, with the hash of the request it guards.
-fn idempotency(headers: &HeaderMap, path: &str, body: &impl Serialize) -> Result<Option<Idempotency>, Problem> {
+/// The request's idempotency key, if it sent one, scoped to its caller, with the hash of the
+/// request it guards.
+fn idempotency(
+    caller: &Principal,
+    headers: &HeaderMap,
+    path: &str,
+    body: &impl Serialize,
+) -> Result<Option<Idempotency>, Problem> {
     let Some(raw) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
         return Ok(None);
     };
-    let key = raw.to_str().ok().and_then(IdempotencyKey::parse).ok_or_else(|| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-idempotency-key",
-            "Invalid Idempotency-Key",
-        )
-        .detail("An Idempotency-Key is 1 to 255 visible ASCII characters.")
-    })?;
+    let key = raw
+        .to_str()
+        .ok()
+        .and_then(|raw| IdempotencyKey::parse(&caller.subject, raw))
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-idempotency-key",
+                "Invalid Idempotency-Key",
+            )
+            .detail("An Idempotency-Key is 1 to 255 visible ASCII characters.")
+        })?;
     let body = serde_json::to_value(body).expect("request bodies always serialize");
     Ok(Some(Idempotency {
         key,
@@ -187,11 +197,12 @@ fn idempotency(headers: &HeaderMap, path: &str, body: &impl Serialize) -> Result
 /// The idempotency key a money-moving command must carry: without one, a client that retries
 /// after a timeout could move the money twice.
 pub(crate) fn required_idempotency(
+    caller: &Principal,
     headers: &HeaderMap,
     path: &str,
     body: &impl Serialize,
 ) -> Result<Idempotency, Problem> {
-    idempotency(headers, path, body)?.ok_or_else(|| {
+    idempotency(caller, headers, path, body)?.ok_or_else(|| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "idempotency-key-required",
@@ -341,7 +352,7 @@ pub(crate) async fn open_account(
     headers: HeaderMap,
     Json(body): Json<OpenAccountRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = idempotency(&headers, uri.path(), &body)?;
+    let idempotency = idempotency(&caller, &headers, uri.path(), &body)?;
     let currency = parse_currency(&body.currency)?;
     let account_id = body.account_id.unwrap_or_else(Uuid::now_v7);
     let metadata = metadata(&caller, &headers, idempotency.as_ref());
@@ -444,7 +455,7 @@ async fn posting(
     command: impl FnOnce(AmountMinor, String) -> AccountCommand,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
-    let idempotency = required_idempotency(&headers, path, &body)?;
+    let idempotency = required_idempotency(caller, &headers, path, &body)?;
     let metadata = metadata(caller, &headers, Some(&idempotency));
     let command = command(parse_amount(body.amount)?, body.reference);
     let outcome = run(&state, account_id, command, &metadata, Some(idempotency)).await?;
@@ -484,7 +495,7 @@ pub(crate) async fn freeze(
     Json(body): Json<FreezeRequest>,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(&id)?;
-    let idempotency = idempotency(&headers, uri.path(), &body)?;
+    let idempotency = idempotency(&caller, &headers, uri.path(), &body)?;
     let metadata = metadata(&caller, &headers, idempotency.as_ref());
     let command = AccountCommand::Freeze { reason: body.reason };
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
@@ -573,7 +584,7 @@ async fn bare_command(
     command: AccountCommand,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
-    let idempotency = idempotency(&headers, path, &body)?;
+    let idempotency = idempotency(caller, &headers, path, &body)?;
     let metadata = metadata(caller, &headers, idempotency.as_ref());
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, false))

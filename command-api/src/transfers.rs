@@ -179,7 +179,7 @@ pub(crate) async fn create(
     headers: HeaderMap,
     Json(body): Json<TransferRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = required_idempotency(&headers, uri.path(), &body)?;
+    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
     let amount = parse_amount(body.amount)?;
     let currency = parse_currency(&body.currency)?;
     let mode = match (body.mode, body.expires_in_s) {
@@ -258,7 +258,7 @@ pub(crate) async fn post_pending(
     headers: HeaderMap,
     Json(body): Json<PostRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = required_idempotency(&headers, uri.path(), &body)?;
+    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
     let amount: Option<AmountMinor> = body.amount.map(parse_amount).transpose()?;
     let (transfer_id, from, to) = parties(&state, &id).await?;
     let metadata = metadata(&caller, &headers, Some(&idempotency));
@@ -307,7 +307,7 @@ pub(crate) async fn void(
     headers: HeaderMap,
     Json(body): Json<VoidRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = required_idempotency(&headers, uri.path(), &body)?;
+    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
     let (transfer_id, from, _) = parties(&state, &id).await?;
     let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Void { transfer_id, from };

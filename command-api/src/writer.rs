@@ -113,8 +113,8 @@ impl Job {
         self.streams.iter().any(|(s, _)| *s == stream)
     }
 
-    fn key(&self) -> Option<&str> {
-        self.idempotency.as_ref().map(|i| i.key.as_str())
+    fn key(&self) -> Option<&IdempotencyKey> {
+        self.idempotency.as_ref().map(|i| &i.key)
     }
 
     fn answer(self, result: Result<Outcome, CommandError>) {
@@ -243,11 +243,11 @@ struct Dispatcher {
     queue: mpsc::Receiver<Job>,
     pending: VecDeque<Job>,
     busy_streams: HashSet<Uuid>,
-    busy_keys: HashSet<String>,
+    busy_keys: HashSet<IdempotencyKey>,
     cache: moka::sync::Cache<Uuid, Loaded>,
     lanes: JoinSet<Finished>,
     /// The streams and keys each running lane holds, to free them even if it panics.
-    claims: HashMap<tokio::task::Id, (Vec<Uuid>, Vec<String>)>,
+    claims: HashMap<tokio::task::Id, (Vec<Uuid>, Vec<IdempotencyKey>)>,
     closed: bool,
 }
 
@@ -307,7 +307,7 @@ impl Dispatcher {
             let mut streams: Vec<Uuid> = batch.iter().flat_map(|j| j.streams.iter().map(|(s, _)| *s)).collect();
             streams.sort_unstable();
             streams.dedup();
-            let keys: Vec<String> = batch.iter().filter_map(|j| j.key().map(str::to_owned)).collect();
+            let keys: Vec<IdempotencyKey> = batch.iter().filter_map(|j| j.key().cloned()).collect();
             self.busy_streams.extend(&streams);
             self.busy_keys.extend(keys.iter().cloned());
             // The lane owns the cached state while it runs; it hands back the new one.
@@ -332,7 +332,7 @@ impl Dispatcher {
     fn take_batch(&mut self) -> Vec<Job> {
         let mut batch: Vec<Job> = Vec::new();
         let mut blocked: HashSet<Uuid> = HashSet::new();
-        let mut keys: HashSet<String> = HashSet::new();
+        let mut keys: HashSet<IdempotencyKey> = HashSet::new();
         // One kind per stream id in a batch: a client naming an account's id as a transfer
         // (or the reverse) must not make its neighbours' streams load as the wrong kind.
         let mut kinds: HashMap<Uuid, StreamKind> = HashMap::new();
@@ -350,7 +350,7 @@ impl Dispatcher {
                 let job = self.pending.remove(i).expect("index is in range");
                 kinds.extend(job.streams.iter().copied());
                 if let Some(k) = job.key() {
-                    keys.insert(k.to_owned());
+                    keys.insert(k.clone());
                 }
                 let solo = job.solo;
                 batch.push(job);

@@ -12,6 +12,14 @@
 //! then reported, and the writer must roll the whole transaction back and run its commands
 //! again with claims: the insert waits for a concurrent holder of the key just as a claim
 //! does, so a key still gets one effect.
+//!
+//! A key belongs to its caller (the token subject): two callers using the same key are two
+//! requests, each with its own effect, and no caller can replay or block another's. Keys
+//! stored before keys had callers (migration `0005`) keep the caller of the events they wrote;
+//! those that wrote none (refusals) are stored with the empty caller and still answer any
+//! caller, as they did when they were stored.
+
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 use sqlx::{Postgres, Transaction};
@@ -37,19 +45,39 @@ pub enum Claim {
     Mismatch,
 }
 
-/// A validated idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey(String);
+/// The caller of keys stored before keys were scoped, whose events named no actor: such a
+/// key answers every caller (migration `0005_idempotency_per_caller.sql`).
+const LEGACY_CALLER: &str = "";
+
+/// A validated idempotency key, scoped to the caller that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// Who sent the key (the token subject): keys of different callers never meet.
+    caller: String,
+    /// The client's `Idempotency-Key` header.
+    key: String,
+}
 
 impl IdempotencyKey {
-    /// 1 to [`KEY_LEN_MAX`] visible ASCII characters (what fits an HTTP header unambiguously).
-    pub fn parse(raw: &str) -> Option<Self> {
-        let ok = (1..=KEY_LEN_MAX).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
-        ok.then(|| Self(raw.to_owned()))
+    /// `raw` from `caller`: 1 to [`KEY_LEN_MAX`] visible ASCII characters (what fits an HTTP
+    /// header unambiguously). The caller must not be empty (that is the legacy scope).
+    pub fn parse(caller: &str, raw: &str) -> Option<Self> {
+        let ok =
+            !caller.is_empty() && (1..=KEY_LEN_MAX).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| Self {
+            caller: caller.to_owned(),
+            key: raw.to_owned(),
+        })
     }
 
+    /// The key as the client sent it.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.key
+    }
+
+    /// Who sent it.
+    pub fn caller(&self) -> &str {
+        &self.caller
     }
 }
 
@@ -96,39 +124,56 @@ pub async fn claim_many(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
+    let callers: Vec<&str> = requests.iter().map(|(k, _)| k.caller()).collect();
     let keys: Vec<&str> = requests.iter().map(|(k, _)| k.as_str()).collect();
     let hashes: Vec<&[u8]> = requests.iter().map(|(_, h)| h.as_slice()).collect();
-    let claimed: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
-         SELECT t.key, t.hash, 0, 'null' FROM UNNEST($1::text[], $2::bytea[]) AS t(key, hash) ORDER BY t.key \
-         ON CONFLICT (key) DO NOTHING RETURNING key",
+    // A key stored before keys were scoped still holds for every caller: it is not claimed
+    // again beside it.
+    let claimed: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, response_status, response_body) \
+         SELECT t.caller, t.key, t.hash, 0, 'null' \
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[]) AS t(caller, key, hash) \
+         WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys l WHERE l.caller = $4 AND l.key = t.key) \
+         ORDER BY t.key, t.caller \
+         ON CONFLICT (key, caller) DO NOTHING RETURNING caller, key",
     )
+    .bind(&callers)
     .bind(&keys)
     .bind(&hashes)
+    .bind(LEGACY_CALLER)
     .fetch_all(&mut **tx)
     .await?;
-    let claimed: std::collections::HashSet<String> = claimed.into_iter().collect();
-    let taken: Vec<&str> = keys.iter().copied().filter(|k| !claimed.contains(*k)).collect();
-    let mut stored = std::collections::HashMap::new();
+    let claimed: HashSet<(String, String)> = claimed.into_iter().collect();
+    let is_claimed = |k: &IdempotencyKey| claimed.contains(&(k.caller.clone(), k.key.clone()));
+    let taken: Vec<&IdempotencyKey> = requests.iter().map(|(k, _)| *k).filter(|k| !is_claimed(k)).collect();
+    let mut stored: HashMap<(String, String), (Vec<u8>, i16, serde_json::Value)> = HashMap::new();
     if !taken.is_empty() {
-        let rows: Vec<(String, Vec<u8>, i16, serde_json::Value)> = sqlx::query_as(
-            "SELECT key, request_hash, response_status, response_body FROM idempotency_keys WHERE key = ANY($1)",
+        let callers: Vec<&str> = taken.iter().map(|k| k.caller()).collect();
+        let keys: Vec<&str> = taken.iter().map(|k| k.as_str()).collect();
+        let rows: Vec<(String, String, Vec<u8>, i16, serde_json::Value)> = sqlx::query_as(
+            "SELECT k.caller, k.key, k.request_hash, k.response_status, k.response_body \
+             FROM UNNEST($1::text[], $2::text[]) AS t(caller, key) \
+             JOIN idempotency_keys k ON k.key = t.key AND (k.caller = t.caller OR k.caller = $3)",
         )
-        .bind(&taken)
+        .bind(&callers)
+        .bind(&keys)
+        .bind(LEGACY_CALLER)
         .fetch_all(&mut **tx)
         .await?;
         stored.extend(
             rows.into_iter()
-                .map(|(key, hash, status, body)| (key, (hash, status, body))),
+                .map(|(caller, key, hash, status, body)| ((caller, key), (hash, status, body))),
         );
     }
     Ok(requests
         .iter()
         .map(|(key, hash)| {
-            if claimed.contains(key.as_str()) {
+            if is_claimed(key) {
                 return Claim::Claimed;
             }
-            match stored.get(key.as_str()) {
+            let own = stored.get(&(key.caller.clone(), key.key.clone()));
+            let legacy = || stored.get(&(LEGACY_CALLER.to_owned(), key.key.clone()));
+            match own.or_else(legacy) {
                 Some((stored_hash, status, body)) if stored_hash.as_slice() == hash.as_slice() => {
                     Claim::Replay(StoredResponse {
                         status: u16::try_from(*status).unwrap_or(500),
@@ -149,11 +194,16 @@ pub async fn release_many(tx: &mut Transaction<'_, Postgres>, keys: &[&Idempoten
     if keys.is_empty() {
         return Ok(());
     }
+    let callers: Vec<&str> = keys.iter().map(|k| k.caller()).collect();
     let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-    sqlx::query("DELETE FROM idempotency_keys WHERE key = ANY($1)")
-        .bind(&keys)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM idempotency_keys AS k USING UNNEST($1::text[], $2::text[]) AS t(caller, key) \
+         WHERE k.caller = t.caller AND k.key = t.key AND k.key = ANY($2)",
+    )
+    .bind(&callers)
+    .bind(&keys)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -165,17 +215,19 @@ pub async fn complete_many(
     if responses.is_empty() {
         return Ok(());
     }
+    let callers: Vec<&str> = responses.iter().map(|(k, _)| k.caller()).collect();
     let keys: Vec<&str> = responses.iter().map(|(k, _)| k.as_str()).collect();
     let statuses: Vec<i16> = responses.iter().map(|(_, r)| r.status as i16).collect();
     let bodies: Vec<String> = responses.iter().map(|(_, r)| r.body.to_string()).collect();
-    // `k.key = ANY($1)` repeats the join's condition so that the keys are found through the
+    // `k.key = ANY($2)` repeats the join's condition so that the keys are found through the
     // primary key whatever the planner knows: on a table planned while empty (a new database,
     // before autovacuum's first analysis) the join alone is a sequential scan per batch.
     sqlx::query(
         "UPDATE idempotency_keys AS k SET response_status = t.status, response_body = t.body::json \
-         FROM UNNEST($1::text[], $2::smallint[], $3::text[]) AS t(key, status, body) \
-         WHERE k.key = t.key AND k.key = ANY($1)",
+         FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::text[]) AS t(caller, key, status, body) \
+         WHERE k.caller = t.caller AND k.key = t.key AND k.key = ANY($2)",
     )
+    .bind(&callers)
     .bind(&keys)
     .bind(&statuses)
     .bind(&bodies)
@@ -188,41 +240,47 @@ pub async fn complete_many(
 /// claim them. Returns the keys that were taken already (by a committed transaction, or by one
 /// that committed while this one waited on it), in no order: when any is, nothing of `tx` may
 /// commit; roll it back and run those commands again with [`claim_many`]. The keys must be
-/// distinct.
+/// distinct. A key stored before keys were scoped counts as taken for every caller.
 pub async fn store_many(
     tx: &mut Transaction<'_, Postgres>,
     records: &[(&IdempotencyKey, &[u8; 32], &StoredResponse)],
-) -> Result<Vec<String>, sqlx::Error> {
+) -> Result<Vec<IdempotencyKey>, sqlx::Error> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
+    let callers: Vec<&str> = records.iter().map(|(k, _, _)| k.caller()).collect();
     let keys: Vec<&str> = records.iter().map(|(k, _, _)| k.as_str()).collect();
     let hashes: Vec<&[u8]> = records.iter().map(|(_, h, _)| h.as_slice()).collect();
     let statuses: Vec<i16> = records.iter().map(|(_, _, r)| r.status as i16).collect();
     let bodies: Vec<String> = records.iter().map(|(_, _, r)| r.body.to_string()).collect();
     // Sorted, like claims: two transactions storing overlapping keys wait on each other
     // instead of deadlocking.
-    let stored: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
-         SELECT t.key, t.hash, t.status, t.body::json \
-         FROM UNNEST($1::text[], $2::bytea[], $3::smallint[], $4::text[]) AS t(key, hash, status, body) \
-         ORDER BY t.key \
-         ON CONFLICT (key) DO NOTHING RETURNING key",
+    let stored: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys (caller, key, request_hash, response_status, response_body) \
+         SELECT t.caller, t.key, t.hash, t.status, t.body::json \
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::smallint[], $5::text[]) \
+             AS t(caller, key, hash, status, body) \
+         WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys l WHERE l.caller = $6 AND l.key = t.key) \
+         ORDER BY t.key, t.caller \
+         ON CONFLICT (key, caller) DO NOTHING RETURNING caller, key",
     )
+    .bind(&callers)
     .bind(&keys)
     .bind(&hashes)
     .bind(&statuses)
     .bind(&bodies)
+    .bind(LEGACY_CALLER)
     .fetch_all(&mut **tx)
     .await?;
     if stored.len() == keys.len() {
         return Ok(Vec::new());
     }
-    let stored: std::collections::HashSet<String> = stored.into_iter().collect();
-    Ok(keys
-        .into_iter()
-        .filter(|k| !stored.contains(*k))
-        .map(str::to_owned)
+    let stored: HashSet<(String, String)> = stored.into_iter().collect();
+    Ok(records
+        .iter()
+        .map(|(k, _, _)| *k)
+        .filter(|k| !stored.contains(&(k.caller.clone(), k.key.clone())))
+        .cloned()
         .collect())
 }
 
@@ -244,11 +302,15 @@ mod tests {
 
     #[test]
     fn keys_are_one_to_255_visible_ascii_characters() {
-        assert!(IdempotencyKey::parse("order-42/attempt").is_some());
-        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_some());
+        assert!(IdempotencyKey::parse("alice", "order-42/attempt").is_some());
+        assert!(IdempotencyKey::parse("alice", &"k".repeat(255)).is_some());
         for bad in ["", " ", "has space", "tab\t", "ünï", &"k".repeat(256)] {
-            assert!(IdempotencyKey::parse(bad).is_none(), "{bad:?}");
+            assert!(IdempotencyKey::parse("alice", bad).is_none(), "{bad:?}");
         }
+        assert!(
+            IdempotencyKey::parse("", "order-42").is_none(),
+            "the empty caller is the legacy scope"
+        );
     }
 
     #[test]

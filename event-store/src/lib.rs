@@ -33,9 +33,15 @@ pub use hash::{Hash, event_hash};
 /// sqlx takes an advisory lock. The history lives in its own table so the projectors can keep
 /// their migrations in the same database without the two sets mistaking each other's entries.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrator().run(pool).await
+}
+
+/// The event store's migrations, recording their history where [`migrate`] does (a test of one
+/// migration runs those before it first).
+pub fn migrator() -> sqlx::migrate::Migrator {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.dangerous_set_table_name("_tally_event_store_migrations");
-    migrator.run(pool).await
+    migrator
 }
 
 /// Upper bound on events in one append, across all its streams. One command writes a handful;

@@ -187,6 +187,22 @@ impl TestDb {
 
     /// A database on `services` (e.g. a [`PrivateCluster`]'s).
     pub async fn on(services: &Services) -> Self {
+        let db = Self::unmigrated_on(services).await;
+        tally_event_store::migrate(&db.pool)
+            .await
+            .expect("event store migrations");
+        tally_projectors::migrate(&db.pool).await.expect("projector migrations");
+        db.sync_replica().await;
+        db
+    }
+
+    /// An empty database on the shared servers, with no migration applied (for tests of a
+    /// migration itself).
+    pub async fn unmigrated() -> Self {
+        Self::unmigrated_on(services()).await
+    }
+
+    async fn unmigrated_on(services: &Services) -> Self {
         let name = format!("t_{}", Uuid::now_v7().simple());
         let admin = PgPool::connect(&services.primary_admin_url)
             .await
@@ -198,17 +214,13 @@ impl TestDb {
         admin.close().await;
         let url = with_database(&services.primary_admin_url, &name);
         let pool = tally_event_store::connect(&url, 16).expect("connecting to the test database");
-        tally_event_store::migrate(&pool).await.expect("event store migrations");
-        tally_projectors::migrate(&pool).await.expect("projector migrations");
         let replica_url = services.replica_admin_url.as_deref().map(|r| with_database(r, &name));
-        let db = Self {
+        Self {
             replica_url,
             name,
             url,
             pool,
-        };
-        db.sync_replica().await;
-        db
+        }
     }
 
     /// Waits until the replica has replayed everything the primary has written so far

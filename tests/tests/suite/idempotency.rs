@@ -2,7 +2,8 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tally_tests::{Api, Stack};
+use tally_service::auth::Role;
+use tally_tests::{Api, Stack, TEST_SUBJECT, token};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -54,6 +55,151 @@ async fn the_same_key_with_a_different_request_is_refused_and_changes_nothing() 
         assert_eq!(body["type"], "https://tally.dev/problems/idempotency-key-reused");
     }
     assert_eq!(stack.db.event_count(id).await, 2);
+}
+
+#[tokio::test]
+async fn two_callers_sharing_one_key_each_get_their_own_effect_and_their_own_replay() {
+    // Keys belong to their caller: a second client that happens to pick (or guesses) another's
+    // key neither gets that client's stored response nor blocks its own command.
+    let stack = Stack::start().await;
+    let alice = Api::new(&stack.command);
+    let bob = Api::with_token(&stack.command, &token("bob", &[Role::Teller]));
+    let id = alice.open("EUR").await;
+    let url = format!("/v1/accounts/{id}/deposits");
+    let key = "order-1";
+
+    let from_alice = alice.post(&url, Some(key), &json!({"amount": 100})).await;
+    let from_bob = bob.post(&url, Some(key), &json!({"amount": 100})).await;
+    let bob_again = bob.post(&url, Some(key), &json!({"amount": 100})).await;
+    let alice_again = alice.post(&url, Some(key), &json!({"amount": 100})).await;
+    // The same key with another body is another request only for its own caller.
+    let bob_other = bob.post(&url, Some(key), &json!({"amount": 7})).await;
+
+    assert_eq!(
+        (from_alice.0, from_alice.2),
+        (StatusCode::CREATED, false),
+        "{}",
+        from_alice.1
+    );
+    assert_eq!(
+        (from_bob.0, from_bob.2),
+        (StatusCode::CREATED, false),
+        "bob's deposit runs: {}",
+        from_bob.1
+    );
+    assert_eq!(from_alice.1["balance"], 100);
+    assert_eq!(from_bob.1["balance"], 200, "both deposits took effect");
+    assert!(bob_again.2 && alice_again.2, "each retry is a replay");
+    assert_eq!(bob_again.1, from_bob.1, "bob's retry replays bob's response");
+    assert_eq!(alice_again.1, from_alice.1, "alice's retry replays alice's response");
+    assert_eq!(bob_other.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(bob_other.1["type"], "https://tally.dev/problems/idempotency-key-reused");
+    assert_eq!(stack.db.event_count(id).await, 3, "opened + one deposit per caller");
+    let actors: Vec<String> = stack.db.read_whole_stream(id).await[1..]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.metadata).unwrap()["actor"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(actors, [TEST_SUBJECT, "bob"]);
+}
+
+#[tokio::test]
+async fn keys_stored_before_keys_had_callers_keep_answering_after_the_migration() {
+    use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
+
+    let db = tally_tests::TestDb::unmigrated().await;
+    let pool = db.store().pool().clone();
+    let mut before = tally_event_store::migrator();
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pool).await.unwrap();
+    // As the command API stored them before: a key whose deposit wrote an event (its metadata
+    // names the actor and the key), and a refusal, which writes no event.
+    sqlx::query(
+        "INSERT INTO events (stream_type, stream_id, version, event_id, event_type, schema_version, payload, \
+         metadata, recorded_at, prev_hash, hash) VALUES ('account', $1, 1, $2, 'AccountOpened', 2, '{}', \
+         $3::json, now(), NULL, $4)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .bind(json!({"actor": "alice", "idempotency_key": "paid", "correlation_id": Uuid::nil(), "causation_id": Uuid::nil()}).to_string())
+    .bind(vec![0u8; 32])
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (key, status) in [("paid", 201i16), ("refused", 422)] {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, response_status, response_body) \
+             VALUES ($1, $2, $3, $4::json)",
+        )
+        .bind(key)
+        .bind(vec![1u8; 32])
+        .bind(status)
+        .bind(json!({"stored": key}).to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    tally_event_store::migrate(&pool).await.unwrap();
+
+    let callers: Vec<(String, String)> = sqlx::query_as("SELECT key, caller FROM idempotency_keys ORDER BY key")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        callers,
+        [("paid".into(), "alice".into()), ("refused".into(), String::new())],
+        "a key takes the actor of the events it wrote; one that wrote none keeps no caller"
+    );
+    let hash = [1u8; 32];
+    let key = |caller: &str, k: &str| IdempotencyKey::parse(caller, k).unwrap();
+    let stored = |k: &str| {
+        Claim::Replay(StoredResponse {
+            status: if k == "paid" { 201 } else { 422 },
+            body: json!({"stored": k}),
+        })
+    };
+    let (alice_paid, bob_paid, carol_refused) = (key("alice", "paid"), key("bob", "paid"), key("carol", "refused"));
+    let mut tx = pool.begin().await.unwrap();
+    let claims = idempotency::claim_many(
+        &mut tx,
+        &[(&alice_paid, &hash), (&bob_paid, &hash), (&carol_refused, &hash)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        claims,
+        [stored("paid"), Claim::Claimed, stored("refused")],
+        "alice's retry replays, bob's key is his own, a key stored without a caller answers anyone"
+    );
+    let other_request = [2u8; 32];
+    let dave_refused = key("dave", "refused");
+    let mismatch = idempotency::claim_many(&mut tx, &[(&dave_refused, &other_request)])
+        .await
+        .unwrap();
+    assert_eq!(mismatch, [Claim::Mismatch]);
+    let response = StoredResponse {
+        status: 201,
+        body: json!({}),
+    };
+    let taken = idempotency::store_many(&mut tx, &[(&dave_refused, &other_request, &response)])
+        .await
+        .unwrap();
+    assert_eq!(
+        taken,
+        [dave_refused],
+        "a key without a caller is taken for every caller"
+    );
 }
 
 #[tokio::test]
@@ -168,7 +314,7 @@ async fn keys_stored_unclaimed_report_the_ones_taken_including_by_a_transaction_
 
     let db = tally_tests::TestDb::new().await;
     let pool = db.store().pool().clone();
-    let key = |k: &str| IdempotencyKey::parse(k).unwrap();
+    let key = |k: &str| IdempotencyKey::parse("tally-tests", k).unwrap();
     let (old, new, raced) = (key("old"), key("new"), key("raced"));
     let hash = [7u8; 32];
     let response = StoredResponse {
@@ -204,8 +350,8 @@ async fn keys_stored_unclaimed_report_the_ones_taken_including_by_a_transaction_
             )
             .await
             .unwrap();
-            taken.sort();
-            taken
+            taken.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            taken.iter().map(|k| k.as_str().to_owned()).collect::<Vec<_>>()
         }
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
