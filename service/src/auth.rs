@@ -106,6 +106,9 @@ pub struct Claims {
     /// Issued at, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Not before, seconds since the Unix epoch: the token is refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +124,7 @@ impl Claims {
             roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
             exp: now.saturating_add(ttl_s),
             iat: Some(now),
+            nbf: None,
             iss: None,
             aud: None,
         }
@@ -187,6 +191,11 @@ pub enum AuthConfigError {
     NoKey,
     #[error("TALLY_JWT_SECRET must be at least {SECRET_BYTES_MIN} bytes")]
     SecretTooShort,
+    #[error(
+        "TALLY_JWT_SECRET is a published placeholder (it contains \"{0}\"): anyone can mint tokens \
+         with it; generate one, e.g. `openssl rand -hex 32`"
+    )]
+    PlaceholderSecret(&'static str),
     #[error("{0} does not go with this key: HS256 needs TALLY_JWT_SECRET, RS256/ES256 a public key file")]
     AlgorithmMismatch(String),
     #[error("TALLY_JWT_ALGORITHM (RS256 or ES256) is required with TALLY_JWT_PUBLIC_KEY_FILE")]
@@ -256,6 +265,9 @@ impl AuthConfig {
                 if secret.len() < SECRET_BYTES_MIN {
                     return Err(AuthConfigError::SecretTooShort);
                 }
+                if let Some(marker) = placeholder_marker(secret) {
+                    return Err(AuthConfigError::PlaceholderSecret(marker));
+                }
                 (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
             }
             (None, Some(path)) => {
@@ -281,6 +293,9 @@ impl AuthConfig {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = CLOCK_LEEWAY_S;
+        // A token that says it is valid only from some time on is refused until then (with the
+        // same leeway as `exp`).
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &self.jwt_issuer {
             validation.set_issuer(&[issuer]);
@@ -297,6 +312,24 @@ impl AuthConfig {
         validation.set_required_spec_claims(&required);
         Ok(Authenticator::Jwt(Arc::new(Verifier::new(key, validation))))
     }
+}
+
+/// Words that mark a secret as one copied from documentation or an example file. A secret
+/// containing one is refused whatever its length: such values are public, and a server
+/// verifying with one accepts tokens anyone can mint.
+const PLACEHOLDER_MARKERS: &[&str] = &[
+    "change-me",
+    "changeme",
+    "change_me",
+    "insecure",
+    "placeholder",
+    "example",
+];
+
+/// The placeholder marker `secret` contains, if any (case-insensitive).
+pub fn placeholder_marker(secret: &str) -> Option<&'static str> {
+    let lower = secret.to_ascii_lowercase();
+    PLACEHOLDER_MARKERS.iter().copied().find(|m| lower.contains(m))
 }
 
 /// Why a presented token was refused.
@@ -326,14 +359,22 @@ impl Verifier {
         if token.len() > TOKEN_BYTES_MAX {
             return Err(TokenError::Invalid);
         }
-        if let Some(verified) = self.verified.get(token) {
-            // The same rule as the full check: `exp` may lie up to the leeway in the past.
-            if verified.expires_at.saturating_add(self.validation.leeway) >= jsonwebtoken::get_current_timestamp() {
-                return Ok(verified.principal.clone());
-            }
-            self.verified.invalidate(token);
+        match self.remembered(token) {
+            Some(principal) => Ok(principal),
+            None => self.verify_signed(token),
         }
-        self.verify_signed(token)
+    }
+
+    /// The principal of `token` if it was found valid before and has not expired since: no
+    /// signature is checked.
+    fn remembered(&self, token: &str) -> Option<Principal> {
+        let verified = self.verified.get(token)?;
+        // The same rule as the full check: `exp` may lie up to the leeway in the past.
+        if verified.expires_at.saturating_add(self.validation.leeway) >= jsonwebtoken::get_current_timestamp() {
+            return Some(verified.principal.clone());
+        }
+        self.verified.invalidate(token);
+        None
     }
 
     /// [`Self::verify`] without the memory: the signature and every claim checked.
@@ -386,6 +427,25 @@ impl Authenticator {
     /// itself: the edge ([`crate::edge::protect`]) leaves the outcome in the request's
     /// extensions, open routes (`/health`, `/ready`, `/openapi.json`) stay open, and protected
     /// routes refuse through [`Require`].
+    /// What [`Self::authenticate`] would answer, when that needs no signature check: no
+    /// authentication configured, no or a malformed `Authorization` header, or a token found
+    /// valid before. `None` for a token whose signature has yet to be checked, which the edge
+    /// does only once the sender's address is within its rate: forged tokens then cost their
+    /// sender its budget, not the server its CPU.
+    pub fn authenticate_without_signature(&self, headers: &HeaderMap) -> Option<Authentication> {
+        let Authenticator::Jwt(verifier) = self else {
+            return Some(self.authenticate(headers));
+        };
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Some(Authentication::Missing);
+        };
+        match bearer_token(value) {
+            None => Some(Authentication::Refused(TokenError::Invalid)),
+            Some(token) if token.len() > TOKEN_BYTES_MAX => Some(Authentication::Refused(TokenError::Invalid)),
+            Some(token) => verifier.remembered(token).map(Authentication::Authenticated),
+        }
+    }
+
     pub fn authenticate(&self, headers: &HeaderMap) -> Authentication {
         match self {
             Authenticator::Disabled => Authentication::Authenticated(Principal {
@@ -705,6 +765,34 @@ KbG+QwOkOqcQSWJP5OBun8lUKGRMHTI2BMTnj4/NTOYkbsqtma+KNzJdqw==
             ..AuthConfig::default()
         };
         assert!(matches!(short.authenticator(), Err(AuthConfigError::SecretTooShort)));
+    }
+
+    #[test]
+    fn a_published_placeholder_secret_is_refused_whatever_its_length() {
+        for placeholder in [
+            "dev-only-insecure-secret-change-me-0123456789",
+            "CHANGE-ME-0123456789abcdef0123456789",
+        ] {
+            let config = AuthConfig {
+                jwt_secret: Some(placeholder.into()),
+                ..AuthConfig::default()
+            };
+            assert!(
+                matches!(config.authenticator(), Err(AuthConfigError::PlaceholderSecret(_))),
+                "{placeholder}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused_until_its_nbf() {
+        let mut claims = Claims::new("alice", &[Role::Teller], 7200);
+        claims.nbf = Some(jsonwebtoken::get_current_timestamp() + 3600);
+        let early = mint(SECRET.as_bytes(), &claims);
+        assert_eq!(hs256().verify(&early), Err(TokenError::Invalid));
+        claims.nbf = Some(jsonwebtoken::get_current_timestamp() - 1);
+        let now_valid = mint(SECRET.as_bytes(), &claims);
+        assert!(hs256().verify(&now_valid).is_ok());
     }
 
     #[test]
