@@ -137,5 +137,5 @@ pub async fn run(
     config: &ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tally_service::shutdown::serve(listener, app(state, edge), config, shutdown).await
+    tally_service::shutdown::serve(listener, app(state, edge), &edge.limits, config, shutdown).await
 }

@@ -55,29 +55,55 @@ pub const REQUEST_ID_BYTES_MAX: usize = 128;
 /// The `route` label of a request no route matched (so unknown paths cannot grow the series).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// Requests per second one client may sustain unless configured otherwise: what a payment
+/// API grants one API key (Stripe's default is 100 per second in live mode), so one client,
+/// runaway or hostile, cannot take a server's capacity from the others. Load tests and the
+/// benchmark lift it explicitly.
+pub const RATE_LIMIT_PER_S_DEFAULT: u32 = 200;
+/// Requests one client may send at once before [`RATE_LIMIT_PER_S_DEFAULT`] applies: two
+/// seconds' worth, for a client catching up after a pause.
+pub const RATE_LIMIT_BURST_DEFAULT: u32 = 400;
+
 /// Request limits of a server (flags or `TALLY_*` variables), flattened into its `Config`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitsConfig {
     /// Requests per second one client may sustain (token subject, else peer IP).
-    #[arg(long, env = "TALLY_RATE_LIMIT_PER_S", default_value_t = 10_000,
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_S", default_value_t = RATE_LIMIT_PER_S_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
     pub rate_limit_per_s: u32,
     /// Requests one client may send at once before the per-second rate applies.
-    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = 20_000,
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = RATE_LIMIT_BURST_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
     /// Longest time a request may take, body included, before it is answered 503.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: u64,
+    /// Connections kept open at most; beyond, new ones wait to be accepted.
+    #[arg(long, env = "TALLY_HTTP_CONNECTIONS_MAX", default_value_t = crate::connections::CONNECTIONS_MAX_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_connections_max: u32,
+    /// Longest wait for a request's headers (also how long a kept-alive connection may sit
+    /// idle), in milliseconds.
+    #[arg(long, env = "TALLY_HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = crate::connections::HEADER_READ_TIMEOUT_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_header_read_timeout_ms: u64,
+    /// Longest a read or write on a connection may wait without a byte moving, in
+    /// milliseconds; keep it above the request timeout.
+    #[arg(long, env = "TALLY_HTTP_IDLE_TIMEOUT_MS", default_value_t = crate::connections::IDLE_TIMEOUT_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub http_idle_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            rate_limit_per_s: 10_000,
-            rate_limit_burst: 20_000,
+            rate_limit_per_s: RATE_LIMIT_PER_S_DEFAULT,
+            rate_limit_burst: RATE_LIMIT_BURST_DEFAULT,
             request_timeout_ms: 10_000,
+            http_connections_max: crate::connections::CONNECTIONS_MAX_DEFAULT,
+            http_header_read_timeout_ms: crate::connections::HEADER_READ_TIMEOUT_MS_DEFAULT,
+            http_idle_timeout_ms: crate::connections::IDLE_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -148,17 +174,34 @@ pub async fn edge(State(guard): State<Arc<Guard>>, mut request: Request, next: N
 }
 
 impl Guard {
-    /// Authenticates the request, then lets it through if its client is within its rate.
+    /// Authenticates the request, then lets it through if its client is within its rate. A
+    /// token not seen before is charged to the peer's address before its signature is checked.
     async fn admit(&self, mut request: Request, next: Next) -> Response {
-        let authentication = self.authenticator.authenticate(request.headers());
-        let client = Client::of(&authentication, &request);
-        if let Err(refusal) = self.rate_limit.check_key(&client) {
-            // Whole seconds rounded down, plus one: retrying then is never too early.
-            let wait = refusal.wait_time_from(self.rate_limit.clock().now());
-            return too_many_requests(wait.as_secs() + 1);
+        let (authentication, charged_to_peer) =
+            match self.authenticator.authenticate_without_signature(request.headers()) {
+                Some(known) => (known, false),
+                None => {
+                    if let Some(refused) = self.over_rate(&Client::peer(&request)) {
+                        return refused;
+                    }
+                    (self.authenticator.authenticate(request.headers()), true)
+                }
+            };
+        // A refused token's client is its peer, charged already.
+        let charged = charged_to_peer && authentication.principal().is_none();
+        if !charged && let Some(refused) = self.over_rate(&Client::of(&authentication, &request)) {
+            return refused;
         }
         request.extensions_mut().insert(authentication);
         next.run(request).await
+    }
+
+    /// Takes one request from `client`'s bucket; the refusal to answer when it is empty.
+    fn over_rate(&self, client: &Client) -> Option<Response> {
+        let refusal = self.rate_limit.check_key(client).err()?;
+        // Whole seconds rounded down, plus one: retrying then is never too early.
+        let wait = refusal.wait_time_from(self.rate_limit.clock().now());
+        Some(too_many_requests(wait.as_secs() + 1))
     }
 }
 
@@ -299,6 +342,11 @@ impl Client {
         if let Some(principal) = authentication.principal() {
             return Client::Subject(principal.subject.clone());
         }
+        Self::peer(request)
+    }
+
+    /// The peer address of `request`.
+    fn peer(request: &Request) -> Self {
         request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
@@ -379,6 +427,7 @@ mod tests {
             rate_limit_per_s: per_s,
             rate_limit_burst: burst,
             request_timeout_ms: timeout_ms,
+            ..LimitsConfig::default()
         };
         Edge::from_config(&auth, &limits).unwrap()
     }

@@ -3,12 +3,14 @@
 //! problems and which bounds nesting and string length ([`json`]), bearer-token authentication
 //! and roles ([`auth`]), the layers every request passes (timeout, authentication, per-client
 //! rate limit, observation: [`edge`]), Prometheus metrics ([`metrics`]), a worker's probe
-//! listener ([`probes`]), logging and tracing set-up ([`telemetry`]), shutdown signals ([`shutdown`]) and
+//! listener ([`probes`]), logging and tracing set-up ([`telemetry`]), how connections are
+//! accepted and bounded ([`connections`]), shutdown signals ([`shutdown`]) and
 //! how an OpenAPI document is rendered, served and checked in ([`openapi`]).
 //!
 //! Only the API crates and the binaries depend on this crate; it knows HTTP but no domain.
 
 pub mod auth;
+pub mod connections;
 pub mod edge;
 pub mod errors;
 pub mod json;

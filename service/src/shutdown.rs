@@ -20,8 +20,7 @@
 //! closes fails in transit. A command retried with the same `Idempotency-Key` is safe in every
 //! case.
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,6 +32,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
 use crate::Problem;
+use crate::edge::LimitsConfig;
 
 /// Waits for Ctrl-C or SIGTERM. Servers pass this to `run(listener, shutdown)`.
 pub async fn signal() {
@@ -92,22 +92,21 @@ impl ShutdownConfig {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains as the module says.
-/// `app` is served with peer addresses (`ConnectInfo<SocketAddr>`), which the rate limit
-/// keys anonymous clients by. Returns once every connection has closed or the drain bound
-/// has passed.
+/// Connections are accepted and bounded as `limits` says ([`crate::connections`]); each
+/// request carries its peer's address (`ConnectInfo<SocketAddr>`), which the rate limit keys
+/// anonymous clients by. Returns once every connection has closed or the drain bound has
+/// passed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: &LimitsConfig,
     config: &ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let draining = Arc::new(AtomicBool::new(false));
-    let app = app
-        .layer(middleware::from_fn_with_state(draining.clone(), mark_draining))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let (closing_tx, closing_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = app.layer(middleware::from_fn_with_state(draining.clone(), mark_draining));
     let grace = config.grace();
-    let signal = async move {
+    let closing = async move {
         shutdown.await;
         draining.store(true, Ordering::SeqCst);
         if !grace.is_zero() {
@@ -115,33 +114,19 @@ pub async fn serve(
             tokio::time::sleep(grace).await;
         }
         tracing::info!("no longer accepting connections; finishing the requests in flight");
-        let _ = closing_tx.send(());
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal).into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result,
-        closing = closing_rx => {
-            if closing.is_err() {
-                // The signal future was dropped without firing: only when the server ended.
-                return server.await;
-            }
-        }
-    }
+    let open = crate::connections::accept(listener, app, limits, closing).await;
     let drain = config.drain();
-    match tokio::time::timeout(drain, server).await {
-        Ok(result) => {
-            tracing::info!("every connection closed");
-            result
-        }
-        Err(_) => {
-            tracing::warn!(
-                ?drain,
-                "requests still in flight after the drain bound; they are dropped"
-            );
-            Ok(())
-        }
+    // Requests in flight run to their end; idle kept-alive connections close now.
+    if tokio::time::timeout(drain, open.shutdown()).await.is_ok() {
+        tracing::info!("every connection closed");
+    } else {
+        tracing::warn!(
+            ?drain,
+            "requests still in flight after the drain bound; they are dropped"
+        );
     }
+    Ok(())
 }
 
 /// Middleware: once draining, `/ready` answers `503 shutting-down` and every response closes

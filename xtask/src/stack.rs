@@ -301,10 +301,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         ),
     )?;
 
+    // The dev stack lifts the per-client rate limit (one developer's token is one client, and
+    // `tally load` against it sends thousands of requests a second) unless the developer set one.
+    let lifted = |name: &str| std::env::var(name).unwrap_or_else(|_| "100000".to_owned());
     let common = [
         ("TALLY_DATABASE_URL", database_url.clone()),
         ("TALLY_NATS_URL", nats.url()),
         ("TALLY_JWT_SECRET", secret.clone()),
+        ("TALLY_RATE_LIMIT_PER_S", lifted("TALLY_RATE_LIMIT_PER_S")),
+        ("TALLY_RATE_LIMIT_BURST", lifted("TALLY_RATE_LIMIT_BURST")),
     ];
     let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
         common.iter().cloned().chain(extra).collect()

@@ -209,14 +209,24 @@ async fn the_token_subject_is_the_actor_of_every_event_a_command_appends() {
     assert_eq!(events, 6, "open, deposit, debit / open, credit / transfer");
 }
 
-#[tokio::test]
-async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_others_do_not() {
-    let db = TestDb::new().await;
+/// A command API on `db` whose clients may send 3 requests at once and 1 a second after that,
+/// with the bucket of this test's address full again when it returns.
+async fn command_api_allowing_one_per_second_after_three(db: &TestDb) -> (Api, Proc) {
     let limits = [
         ("TALLY_RATE_LIMIT_PER_S", "1".to_owned()),
         ("TALLY_RATE_LIMIT_BURST", "3".to_owned()),
     ];
-    let (api, _proc) = command_api(&db, &limits).await;
+    let started = command_api(db, &limits).await;
+    // The readiness polls were anonymous, charged to this address, which is also charged for
+    // each token the server has not verified yet: let its bucket fill again.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    started
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_others_do_not() {
+    let db = TestDb::new().await;
+    let (api, _proc) = command_api_allowing_one_per_second_after_three(&db).await;
     let alice = Api::with_token(&api.base, &token("alice", &[Role::Teller]));
     let bob = Api::with_token(&api.base, &token("bob", &[Role::Teller]));
     let open = json!({"owner": "Ada", "currency": "EUR"});
@@ -335,4 +345,100 @@ async fn a_server_without_a_token_key_refuses_to_start() {
     // The whole log: a backtrace (RUST_BACKTRACE) may follow the message.
     let log = std::fs::read_to_string(&proc.log).unwrap();
     assert!(log.contains("no token key configured: set TALLY_JWT_SECRET"), "{log}");
+}
+
+/// A command API on `db` with nothing but its database, address and token secret: every limit
+/// at its default.
+async fn command_api_with_default_limits(db: &TestDb) -> (String, Proc) {
+    let port = free_port();
+    let proc = Proc::spawn(
+        "tally-command-api",
+        &[
+            ("TALLY_DATABASE_URL", db.url.clone()),
+            ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
+            ("TALLY_JWT_SECRET", JWT_SECRET.to_owned()),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    tally_tests::wait_ready(&base, &proc).await;
+    (base, proc)
+}
+
+#[tokio::test]
+async fn by_default_one_client_sending_thousands_of_rapid_requests_is_rate_limited() {
+    use futures::StreamExt;
+
+    let db = TestDb::new().await;
+    let (base, _proc) = command_api_with_default_limits(&db).await;
+    let greedy = client_with(&token("greedy", &[Role::Teller])).build().unwrap();
+    let started = std::time::Instant::now();
+    let statuses: Vec<StatusCode> = futures::stream::iter(0..5_000)
+        .map(|_| {
+            let request = greedy.get(format!("{base}/v1/accounts/{}", Uuid::nil())).send();
+            async move { request.await.unwrap().status() }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let elapsed_s = started.elapsed().as_secs_f64();
+
+    let limited = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    let served = statuses.len() - limited;
+    let (per_s, burst) = (
+        tally_service::edge::RATE_LIMIT_PER_S_DEFAULT as f64,
+        tally_service::edge::RATE_LIMIT_BURST_DEFAULT as f64,
+    );
+    assert!(
+        limited > 0,
+        "5,000 rapid requests from one client must meet the default limit"
+    );
+    assert!(
+        (served as f64) <= burst + per_s * elapsed_s + 1.0,
+        "{served} served in {elapsed_s:.2} s: more than a burst of {burst} and {per_s}/s"
+    );
+    let other = client_with(&token("patient", &[Role::Teller])).build().unwrap();
+    let status = other
+        .get(format!("{base}/v1/accounts/{}", Uuid::nil()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_ne!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "another client keeps its own budget"
+    );
+}
+
+#[tokio::test]
+async fn forged_tokens_are_charged_to_their_address_before_their_signature_is_checked() {
+    let db = TestDb::new().await;
+    let (api, _proc) = command_api_allowing_one_per_second_after_three(&db).await;
+
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        // A well-formed token for a new subject each time, signed with another key.
+        let forged = mint(
+            b"not-the-servers-secret-0123456789abcdef",
+            &Claims::new(&format!("mallory-{i}"), &[Role::Teller], 60),
+        );
+        let response = client_with(&forged)
+            .build()
+            .unwrap()
+            .post(format!("{}/v1/accounts", api.base))
+            .json(&json!({"owner": "Mallory", "currency": "EUR"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses[..3],
+        [401, 401, 401],
+        "within the address's burst the signature is checked and refused"
+    );
+    assert!(
+        statuses[3..].iter().all(|s| *s == 429),
+        "beyond it, tokens never seen are refused before any signature check: {statuses:?}"
+    );
 }
