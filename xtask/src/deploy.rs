@@ -170,6 +170,9 @@ struct ComposeService {
 /// The Tally services (by name) of the compose file.
 type Compose = BTreeMap<String, ComposeService>;
 
+/// The variables docker-compose.yml requires from the environment.
+const COMPOSE_SECRETS: [&str; 3] = ["TALLY_JWT_SECRET", "TALLY_PG_PASSWORD", "TALLY_PG_REPLICATION_PASSWORD"];
+
 fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyhow::Result<Compose> {
     let compose_bin = which("docker-compose")
         .context("docker-compose is not installed (Debian: apt-get install docker-compose; .ci/run does it as root)")?;
@@ -177,7 +180,10 @@ fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> a
         let mut command = Command::new(&compose_bin);
         command
             .current_dir(root)
-            .args(["--file", "docker-compose.yml", "config"]);
+            .args(["--file", "docker-compose.yml", "config"])
+            // The file has no defaults for its secrets (it refuses to start without them):
+            // stand-ins, so that it resolves here.
+            .envs(COMPOSE_SECRETS.iter().map(|name| (name, "check-deploy-stand-in")));
         command
     };
     run(config().arg("--quiet")).context("docker-compose config -q: docker-compose.yml is invalid")?;
