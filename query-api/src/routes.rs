@@ -11,11 +11,12 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use tally_service::Problem;
+use tally_service::auth::{Authentication, Role};
 use tally_service::errors::ErrorReport;
 use tally_service::token::ConsistencyToken;
 use utoipa::ToSchema;
@@ -64,30 +65,38 @@ pub struct Readiness {
     pub source: &'static str,
     /// Whether the cache is in use (it is off while the invalidation feed from NATS is down).
     pub cache_live: bool,
-    pub replicas: Vec<ReplicaState>,
+    /// Each replica: its host, lag, and why it is out of rotation. Only for a caller with the
+    /// `ops` role: an anonymous caller (a load balancer) learns no host names or error texts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<ReplicaState>>,
 }
 
 /// `GET /ready`: 200 when the database reads go to answers, else 503; the body says where
-/// reads go and why each replica is in or out of the rotation.
+/// reads go, and, to a caller with the `ops` role, why each replica is in or out of the
+/// rotation.
 #[utoipa::path(
     get,
     path = "/ready",
     tag = "ops",
-    summary = "Readiness: where reads go, and each replica's lag",
+    summary = "Readiness: where reads go, and (to the ops role) each replica's lag",
     responses(
         (status = 200, description = "Reads are served.", body = Readiness),
         (status = 503, description = "The database reads go to is unreachable (the body says which). While the \
          instance is stopping (SIGTERM) a `shutting-down` problem instead.", body = Readiness),
     )
 )]
-pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+pub(crate) async fn ready(State(state): State<AppState>, caller: Option<Extension<Authentication>>) -> Response {
     let (pool, source) = state.sources.pick();
     let reachable = sqlx::query("SELECT 1").execute(pool).await.is_ok();
+    let ops = caller
+        .as_ref()
+        .and_then(|Extension(a)| a.principal())
+        .is_some_and(|p| p.has(Role::Ops));
     let readiness = Readiness {
         status: if reachable { "ready" } else { "unavailable" },
         source: source.as_str(),
         cache_live: state.caches.is_live(),
-        replicas: state.sources.replicas().iter().map(|r| r.state()).collect(),
+        replicas: ops.then(|| state.sources.replicas().iter().map(|r| r.state()).collect()),
     };
     let status = if reachable {
         StatusCode::OK

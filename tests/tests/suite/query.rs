@@ -266,12 +266,14 @@ async fn a_replica_that_is_down_or_too_far_behind_leaves_the_rotation_and_ready_
     )
     .await;
     let api = Api::new(&stack.command);
+    let ops = client_with(&token("oncall", &[Role::Ops])).build().unwrap();
     let ready = |want_source: &'static str| {
         let url = format!("{}/ready", stack.query);
+        let ops = ops.clone();
         eventually(Duration::from_secs(20), want_source, move || {
-            let url = url.clone();
+            let (url, ops) = (url.clone(), ops.clone());
             async move {
-                let body: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+                let body: Value = ops.get(&url).send().await.ok()?.json().await.ok()?;
                 // Both replicas checked at least once, and reads going where expected.
                 let checked = body["replicas"].as_array()?.iter().all(|r| !r["checked_at"].is_null());
                 (checked && body["source"] == want_source).then_some(body)
@@ -290,6 +292,17 @@ async fn a_replica_that_is_down_or_too_far_behind_leaves_the_rotation_and_ready_
     assert!(
         !body.to_string().contains("postgres://"),
         "no URL (or credentials) in /ready: {body}"
+    );
+    let anonymous: Value = reqwest::get(format!("{}/ready", stack.query))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(anonymous["status"], "ready", "{anonymous}");
+    assert!(
+        anonymous.get("replicas").is_none() && !anonymous.to_string().contains("127.0.0.1"),
+        "an anonymous caller learns no hosts and no error texts: {anonymous}"
     );
 
     // Paused past the 300 ms bound while the primary moves on: out of rotation, reads go to
