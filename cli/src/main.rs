@@ -37,8 +37,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create or upgrade the event store and read-model tables.
-    Migrate,
+    /// Create or upgrade the event store and read-model tables, and the service roles
+    /// (tally_command, tally_relay, tally_projector, tally_query) with their privileges.
+    Migrate(MigrateArgs),
     /// Check the stored log for tampering.
     Audit {
         #[command(subcommand)]
@@ -53,6 +54,21 @@ enum Command {
     },
     /// Mint an HS256 bearer token with roles (for the local stack; print it on stdout).
     Token(token::TokenArgs),
+}
+
+/// Passwords of the service roles: each one given is set (again) on its role, so each service
+/// can log in over a password-checked connection with its own URL. Without them the roles
+/// keep the passwords they have (none when new: enough where Postgres trusts local clients).
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    #[arg(long, env = "TALLY_COMMAND_DB_PASSWORD", hide_env_values = true)]
+    command_db_password: Option<String>,
+    #[arg(long, env = "TALLY_RELAY_DB_PASSWORD", hide_env_values = true)]
+    relay_db_password: Option<String>,
+    #[arg(long, env = "TALLY_PROJECTOR_DB_PASSWORD", hide_env_values = true)]
+    projector_db_password: Option<String>,
+    #[arg(long, env = "TALLY_QUERY_DB_PASSWORD", hide_env_values = true)]
+    query_db_password: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,7 +97,7 @@ async fn main() -> ExitCode {
     tally_service::telemetry::init("tally");
     let cli = Cli::parse();
     match cli.command {
-        Command::Migrate => match migrate(&cli.database_url).await {
+        Command::Migrate(args) => match migrate(&cli.database_url, &args).await {
             Ok(()) => {
                 println!("migrated");
                 ExitCode::SUCCESS
@@ -114,10 +130,22 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn migrate(database_url: &str) -> anyhow::Result<()> {
+async fn migrate(database_url: &str, args: &MigrateArgs) -> anyhow::Result<()> {
+    use tally_event_store::roles;
     let pool = tally_event_store::connect(database_url, 2)?;
     tally_event_store::migrate(&pool).await?;
     tally_projectors::migrate(&pool).await?;
+    let passwords = [
+        (roles::COMMAND, &args.command_db_password),
+        (roles::RELAY, &args.relay_db_password),
+        (roles::PROJECTOR, &args.projector_db_password),
+        (roles::QUERY, &args.query_db_password),
+    ];
+    for (role, password) in passwords {
+        if let Some(password) = password {
+            roles::set_password(&pool, role, password).await?;
+        }
+    }
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use anyhow::{Context, Result, bail};
 
 pub use nats::Nats;
-pub use postgres::{PgOptions, Postgres};
+pub use postgres::{PgOptions, Postgres, with_user};
 pub use process::{READY_TIMEOUT_MS, SHUTDOWN_TIMEOUT_MS};
 
 /// Ports of the system-wide Postgres and NATS on this machine; never handed out.

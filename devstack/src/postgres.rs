@@ -169,6 +169,14 @@ fn url(port: u16, database: &str) -> String {
     format!("postgres://{SUPERUSER}@127.0.0.1:{port}/{database}")
 }
 
+/// `url` (`postgres://USER@HOST/DB`, no password: these servers trust loopback) with `user`
+/// as its user: how a service connects as its own role.
+pub fn with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}@{host}")
+}
+
 impl Launcher {
     /// A command for a PostgreSQL program, run as the postgres user when we
     /// are root, from the root folder (our own cwd may not be readable by

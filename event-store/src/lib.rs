@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod notify;
 pub mod partition;
 pub mod relay;
+pub mod roles;
 pub mod snapshot;
 pub mod trace;
 pub mod verify;
@@ -29,11 +30,14 @@ use uuid::Uuid;
 
 pub use hash::{Hash, event_hash};
 
-/// Applies the event store's migrations (`event-store/migrations`). Safe to run concurrently:
+/// Applies the event store's migrations (`event-store/migrations`), then creates the service
+/// roles and grants them the event store's tables ([`roles`]). Safe to run concurrently:
 /// sqlx takes an advisory lock. The history lives in its own table so the projectors can keep
 /// their migrations in the same database without the two sets mistaking each other's entries.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    migrator().run(pool).await
+    migrator().run(pool).await?;
+    roles::ensure(pool).await?;
+    Ok(())
 }
 
 /// The event store's migrations, recording their history where [`migrate`] does (a test of one

@@ -65,6 +65,60 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
     tx.commit().await
 }
 
+/// Grants the projectors' role ([`tally_event_store::roles::PROJECTOR`]) the control tables
+/// and the read models, and the query API's role ([`tally_event_store::roles::QUERY`]) the
+/// readers' views; read models created before roles existed are handed to the projectors'
+/// role. Idempotent; runs as the database owner after the event store made the roles.
+pub async fn grant_roles(pool: &PgPool) -> Result<(), sqlx::Error> {
+    use tally_event_store::roles::{PROJECTOR, QUERY};
+    let mut tx = pool.begin().await?;
+    let member: bool = sqlx::query_scalar("SELECT pg_has_role($1, 'MEMBER')")
+        .bind(PROJECTOR)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !member {
+        // The owner must be able to act as the read models' owner (`act_as_read_model_owner`).
+        sqlx::query(sqlx::AssertSqlSafe(format!("GRANT {PROJECTOR} TO CURRENT_USER")))
+            .execute(&mut *tx)
+            .await?;
+    }
+    let statements = [
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON projections, projection_partitions, projector_workers TO {PROJECTOR}"
+        ),
+        format!("GRANT CREATE ON SCHEMA public TO {PROJECTOR}"),
+        format!("ALTER DEFAULT PRIVILEGES FOR ROLE {PROJECTOR} IN SCHEMA public GRANT SELECT ON TABLES TO {QUERY}"),
+    ];
+    for statement in statements {
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
+    }
+    // Every read model's views and generation tables, by name.
+    let names: Vec<&str> = [Accounts::TABLES, Transfers::TABLES]
+        .concat()
+        .iter()
+        .map(|t| t.name)
+        .collect();
+    let relations: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relkind::text FROM pg_class c \
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v') \
+           AND EXISTS (SELECT 1 FROM UNNEST($1::text[]) AS n(name) \
+                       WHERE c.relname = n.name OR c.relname ~ ('^' || n.name || '_g[0-9]+$'))",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (relation, kind) in relations {
+        let kind = if kind == "v" { "VIEW" } else { "TABLE" };
+        for statement in [
+            format!("ALTER {kind} {relation} OWNER TO {PROJECTOR}"),
+            format!("GRANT SELECT ON {relation} TO {QUERY}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await
+}
+
 /// Creates every projection's control rows and first generation.
 pub async fn ensure_all(pool: &PgPool, partitions: u32) -> Result<(), sqlx::Error> {
     ensure::<Accounts>(pool, partitions).await?;
@@ -86,10 +140,33 @@ pub async fn live(conn: &mut PgConnection, projection: &str) -> Result<Live, sql
     })
 }
 
+/// Makes the rest of the caller's transaction act as the read models' owner
+/// ([`tally_event_store::roles::PROJECTOR`]), so the tables and views it creates belong to that
+/// role whoever runs it (a projector, or `tally migrate` and `tally projections rebuild` as the
+/// database owner, a member of it): any of them can then replace or drop them later, and the
+/// query API's role can read them (default privileges).
+async fn act_as_read_model_owner(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let owner = tally_event_store::roles::PROJECTOR;
+    let switch: bool = sqlx::query_scalar(
+        "SELECT current_user <> $1 AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) \
+         AND pg_has_role($1, 'MEMBER')",
+    )
+    .bind(owner)
+    .fetch_one(&mut *conn)
+    .await?;
+    if switch {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}")))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn create_tables<P: Projection>(
     conn: &mut PgConnection,
     generation: &Generation,
 ) -> Result<(), sqlx::Error> {
+    act_as_read_model_owner(conn).await?;
     for table in P::TABLES {
         for ddl in table.ddl {
             let sql = ddl.replace("{table}", &generation.table(table.name));
@@ -112,6 +189,7 @@ pub(crate) async fn drop_tables<P: Projection>(
     conn: &mut PgConnection,
     generation: &Generation,
 ) -> Result<(), sqlx::Error> {
+    act_as_read_model_owner(conn).await?;
     each_table::<P>(conn, generation, "DROP TABLE IF EXISTS").await
 }
 
@@ -134,6 +212,7 @@ pub(crate) async fn point_views<P: Projection>(
     conn: &mut PgConnection,
     generation: &Generation,
 ) -> Result<(), sqlx::Error> {
+    act_as_read_model_owner(conn).await?;
     for table in P::TABLES {
         let Some(select) = table.view else { continue };
         let drop = format!("DROP VIEW IF EXISTS {}", table.name);

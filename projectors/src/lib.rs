@@ -34,12 +34,15 @@ use tally_event_store::EventStore;
 use tally_event_store::partition::Topology;
 
 /// Applies the read-model migrations (`projectors/migrations`), kept in their own history
-/// table beside the event store's, and creates the first generation of every projection that
-/// has none.
+/// table beside the event store's, creates the first generation of every projection that
+/// has none, and grants the service roles what concerns the read models (run it after the
+/// event store's `migrate`, which creates the roles).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.dangerous_set_table_name("_tally_projector_migrations");
     migrator.run(pool).await?;
+    // First the grants: the first generation is created as the projectors' role.
+    catalog::grant_roles(pool).await?;
     catalog::ensure_all(pool, 0).await?;
     Ok(())
 }

@@ -21,7 +21,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tally_domain::Account;
-use tally_event_store::READ_LIMIT_MAX;
+use tally_event_store::{READ_LIMIT_MAX, roles};
 use tally_service::auth::{Claims, Role};
 use uuid::Uuid;
 
@@ -227,6 +227,17 @@ impl TestDb {
             url,
             pool,
         }
+    }
+
+    /// The URL of this database for the service role `role` (`tally_event_store::roles`):
+    /// what the kit's services connect with, so the suite runs with least privilege.
+    pub fn url_as(&self, role: &str) -> String {
+        tally_devstack::with_user(&self.url, role)
+    }
+
+    /// Like [`Self::url_as`] for the replica (the primary when there is none).
+    pub fn replica_url_as(&self, role: &str) -> String {
+        tally_devstack::with_user(self.replica_url.as_deref().unwrap_or(&self.url), role)
     }
 
     /// Waits until the replica has replayed everything the primary has written so far
@@ -494,7 +505,7 @@ pub async fn wait_ready(base: &str, proc: &Proc) {
 pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (Api, Proc) {
     let port = free_port();
     let mut all = vec![
-        ("TALLY_DATABASE_URL", db.url.clone()),
+        ("TALLY_DATABASE_URL", db.url_as(roles::COMMAND)),
         ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
     ];
     all.extend(auth_env());
@@ -665,13 +676,20 @@ impl Stack {
         let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
             env.iter().cloned().chain(extra).collect()
         };
+        // Each service as its own role, with only the privileges it needs (roles.rs).
         let command_api = Proc::spawn(
             "tally-command-api",
-            &with(vec![("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))]),
+            &with(vec![
+                ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}")),
+                ("TALLY_DATABASE_URL", db.url_as(roles::COMMAND)),
+            ]),
         );
         let relay = Proc::spawn(
             "tally-relay",
-            &with(vec![("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}"))]),
+            &with(vec![
+                ("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}")),
+                ("TALLY_DATABASE_URL", db.url_as(roles::RELAY)),
+            ]),
         );
         let projector_env = projector_env("w1");
         let projector_listen = projector_env
@@ -679,7 +697,15 @@ impl Stack {
             .find(|(k, _)| *k == "TALLY_PROJECTOR_LISTEN")
             .map(|(_, v)| format!("http://{v}"))
             .expect("projector_env names the listen address");
-        let projector = Proc::spawn("tally-projector", &with(projector_env));
+        let projector = Proc::spawn(
+            "tally-projector",
+            &with(
+                projector_env
+                    .into_iter()
+                    .chain([("TALLY_DATABASE_URL", db.url_as(roles::PROJECTOR))])
+                    .collect(),
+            ),
+        );
         let command = format!("http://127.0.0.1:{command_port}");
         let mut stack = Self {
             command,
@@ -700,14 +726,14 @@ impl Stack {
     /// environment), waits until it is ready and returns its base URL.
     pub async fn spawn_query_api(&mut self, extra: &[(&'static str, String)]) -> String {
         let port = free_port();
-        let replica = self.db.replica_url.clone().unwrap_or_else(|| self.db.url.clone());
         let env: Vec<(&'static str, String)> = self
             .env
             .iter()
             .cloned()
             .chain([
                 ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{port}")),
-                ("TALLY_REPLICA_URLS", replica),
+                ("TALLY_REPLICA_URLS", self.db.replica_url_as(roles::QUERY)),
+                ("TALLY_DATABASE_URL", self.db.url_as(roles::QUERY)),
             ])
             .chain(extra.iter().cloned())
             .collect();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_event_store::roles;
 use tally_service::auth::{Claims, Role};
 
 use crate::{cargo, target_dir};
@@ -324,16 +325,25 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             Inherit::All,
         )
     };
+    // Each service connects as its own role, with only the privileges it needs
+    // (event-store/src/roles.rs); `tally migrate` created them.
+    let as_role = |role: &str| tally_devstack::with_user(&database_url, role);
     let mut services = vec![
         spawn(
             "tally-command-api",
             "command-api",
-            &with(vec![("TALLY_COMMAND_LISTEN", args.command_listen.to_string())]),
+            &with(vec![
+                ("TALLY_COMMAND_LISTEN", args.command_listen.to_string()),
+                ("TALLY_DATABASE_URL", as_role(roles::COMMAND)),
+            ]),
         )?,
         spawn(
             "tally-relay",
             "relay",
-            &with(vec![("TALLY_RELAY_LISTEN", RELAY_LISTEN.to_owned())]),
+            &with(vec![
+                ("TALLY_RELAY_LISTEN", RELAY_LISTEN.to_owned()),
+                ("TALLY_DATABASE_URL", as_role(roles::RELAY)),
+            ]),
         )?,
     ];
     // Two projector workers: they split the (projection, partition) units between them.
@@ -345,6 +355,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             &with(vec![
                 ("TALLY_PROJECTOR_WORKER_ID", name.clone()),
                 ("TALLY_PROJECTOR_LISTEN", (*listen).to_owned()),
+                ("TALLY_DATABASE_URL", as_role(roles::PROJECTOR)),
             ]),
         )?);
     }
@@ -355,7 +366,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             &format!("query-api-{}", i + 1),
             &with(vec![
                 ("TALLY_QUERY_LISTEN", listen.to_string()),
-                ("TALLY_REPLICA_URLS", replica_url.clone()),
+                (
+                    "TALLY_REPLICA_URLS",
+                    tally_devstack::with_user(&replica_url, roles::QUERY),
+                ),
+                ("TALLY_DATABASE_URL", as_role(roles::QUERY)),
             ]),
         )?);
     }

@@ -13,6 +13,7 @@ mod projections;
 mod query;
 mod rebuild_reads;
 mod relay;
+mod roles;
 mod schemas;
 mod shutdown;
 mod transfers;
