@@ -171,7 +171,15 @@ struct ComposeService {
 type Compose = BTreeMap<String, ComposeService>;
 
 /// The variables docker-compose.yml requires from the environment.
-const COMPOSE_SECRETS: [&str; 3] = ["TALLY_JWT_SECRET", "TALLY_PG_PASSWORD", "TALLY_PG_REPLICATION_PASSWORD"];
+const COMPOSE_SECRETS: [&str; 7] = [
+    "TALLY_JWT_SECRET",
+    "TALLY_PG_PASSWORD",
+    "TALLY_PG_REPLICATION_PASSWORD",
+    "TALLY_COMMAND_DB_PASSWORD",
+    "TALLY_RELAY_DB_PASSWORD",
+    "TALLY_PROJECTOR_DB_PASSWORD",
+    "TALLY_QUERY_DB_PASSWORD",
+];
 
 fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyhow::Result<Compose> {
     let compose_bin = which("docker-compose")

@@ -516,6 +516,9 @@ async fn a_generation_built_by_an_older_shape_is_left_alone_until_rebuilt_with_t
     let accounts = open_accounts(&rig.api, 20).await;
     rig.converged().await;
     // What older projection code left behind: no `opened_at` column, built by shape 0.
+    let as_projector = sqlx::PgPool::connect(&rig.db.url_as(tally_event_store::roles::PROJECTOR))
+        .await
+        .unwrap();
     for sql in [
         "DROP VIEW account_balances",
         "ALTER TABLE account_balances_g1 DROP COLUMN opened_at",
@@ -523,7 +526,8 @@ async fn a_generation_built_by_an_older_shape_is_left_alone_until_rebuilt_with_t
          overdraft_limit, holds, version, last_position, updated_at FROM account_balances_g1",
         "UPDATE projections SET shape = 0 WHERE name = 'accounts'",
     ] {
-        sqlx::query(sql).execute(&rig.db.pool).await.unwrap();
+        // As the read models' owner, which older projectors ran as too.
+        sqlx::query(sql).execute(&as_projector).await.unwrap();
     }
     let (status, _, _) = rig
         .api
