@@ -12,6 +12,7 @@
 
 pub mod hash;
 pub mod idempotency;
+pub mod merkle;
 pub mod notify;
 pub mod partition;
 pub mod relay;
