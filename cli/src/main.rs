@@ -4,14 +4,18 @@
 //! mints a bearer token for the local stack (see `token.rs`).
 //!
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
-//! when it could not read the log (clap also uses 2 for a malformed command line).
+//! when it could not read the log (clap also uses 2 for a malformed command line). With
+//! `--checkpoint FILE` it also checks the log against signed checkpoints (`checkpoints.rs`;
+//! `tally audit keygen` and `tally audit seal` make them), with the same exit codes.
 
+mod checkpoints;
 mod export;
 mod load;
 mod progress;
 mod projections;
 mod token;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -74,11 +78,25 @@ struct MigrateArgs {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Recompute every event's hash and check every stream's chain; report the first break.
+    /// With --checkpoint, also recompute the Merkle tree over the log and check it against
+    /// signed checkpoints.
     Verify {
         /// Verify only this stream.
-        #[arg(long, value_name = "UUID")]
+        #[arg(long, value_name = "UUID", conflicts_with = "checkpoint")]
         stream: Option<Uuid>,
+        /// A signed checkpoint, or a checkpoint history file (JSON Lines), to check the log
+        /// against: each signature, then the root and last event at each tree size.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// The public key of the checkpoints' signer (`<key>.pub` from `tally audit keygen`).
+        #[arg(long, value_name = "FILE", env = "TALLY_CHECKPOINT_PUBLIC_KEY_FILE")]
+        public_key: Option<PathBuf>,
     },
+    /// Generate an Ed25519 key pair for signing checkpoints.
+    Keygen(checkpoints::KeygenArgs),
+    /// Seal a signed checkpoint of the log: extend the history file's last one with the events
+    /// committed since, sign it, append it (and publish a copy to the database).
+    Seal(checkpoints::SealArgs),
     /// Write the global feed (from a query API, `auditor` role) as JSON Lines, with its SHA-256.
     Export(export::ExportArgs),
 }
@@ -108,8 +126,19 @@ async fn main() -> ExitCode {
             }
         },
         Command::Audit {
-            command: AuditCommand::Verify { stream },
-        } => audit_verify(&cli.database_url, stream).await,
+            command:
+                AuditCommand::Verify {
+                    stream,
+                    checkpoint,
+                    public_key,
+                },
+        } => audit_verify(&cli.database_url, stream, checkpoint.as_deref(), public_key.as_deref()).await,
+        Command::Audit {
+            command: AuditCommand::Keygen(args),
+        } => exit_code(checkpoints::keygen(&args)),
+        Command::Audit {
+            command: AuditCommand::Seal(args),
+        } => exit_code(checkpoints::seal(&cli.database_url, &args).await),
         Command::Audit {
             command: AuditCommand::Export(args),
         } => exit_code(export::run(args).await),
@@ -149,7 +178,18 @@ async fn migrate(database_url: &str, args: &MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn audit_verify(database_url: &str, stream: Option<Uuid>) -> ExitCode {
+async fn audit_verify(
+    database_url: &str,
+    stream: Option<Uuid>,
+    checkpoint: Option<&Path>,
+    public_key: Option<&Path>,
+) -> ExitCode {
+    // Signatures first: no use reading the log against checkpoints nobody can vouch for.
+    let heads = match checkpoint.map(|path| checkpoints::signed_heads(path, public_key)) {
+        None => None,
+        Some(Ok(heads)) => Some(heads),
+        Some(Err(code)) => return code,
+    };
     // One connection: the verifier reads one page at a time.
     let pool = match tally_event_store::connect(database_url, 1) {
         Ok(pool) => pool,
@@ -162,12 +202,19 @@ async fn audit_verify(database_url: &str, stream: Option<Uuid>) -> ExitCode {
     let mut reporter = ProgressReporter::new("verified");
     let result = verify::verify(&pool, scope, |p| reporter.update(p)).await;
     reporter.finish();
-    match result {
+    let chains = match result {
         Ok(report) => print_report(&report, stream),
         Err(e) => {
             eprintln!("error: cannot verify the event log: {e}");
-            ExitCode::from(EXIT_DATABASE)
+            return ExitCode::from(EXIT_DATABASE);
         }
+    };
+    match heads {
+        // A broken chain is reported first: it names the event.
+        Some(heads) if chains == ExitCode::SUCCESS => {
+            checkpoints::check_log(&pool, &heads).await.unwrap_or(ExitCode::SUCCESS)
+        }
+        _ => chains,
     }
 }
 

@@ -7,15 +7,21 @@
 //!   of transactions that can no longer commit "behind" the reader are returned.
 //! - [`relay`] publishes the log to NATS JetStream (the log is the outbox).
 //! - [`verify`] re-checks every stream's hash chain (`tally audit verify`).
+//! - [`checkpoint`], [`merkle`] and [`seal`]: signed checkpoints, a Merkle tree over the log in
+//!   commit order whose signed root the table owner cannot recompute (`tally audit seal`,
+//!   `tally audit verify --checkpoint`), and inclusion proofs against them.
 //!
 //! Postgres error codes are translated into [`StoreError`] here and nowhere else.
 
+pub mod checkpoint;
 pub mod hash;
 pub mod idempotency;
+pub mod merkle;
 pub mod notify;
 pub mod partition;
 pub mod relay;
 pub mod roles;
+pub mod seal;
 pub mod snapshot;
 pub mod trace;
 pub mod verify;

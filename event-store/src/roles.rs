@@ -9,7 +9,7 @@
 //! | [`COMMAND`] (command API) | read and append `events`; read and write `idempotency_keys` and `snapshots` (a deletable cache) |
 //! | [`RELAY`] | read `events`; read and write `relay_checkpoints` |
 //! | [`PROJECTOR`] | read `events`; own the read models (it creates, fills and drops their generations) and write their control tables |
-//! | [`QUERY`] (query API) | read `events` and the read models' views |
+//! | [`QUERY`] (query API) | read `events`, the read models' views and `audit_checkpoints` |
 //!
 //! None owns `events` or may update, delete or truncate it, alter it or its triggers, or set
 //! `session_replication_role` (which would skip triggers): those need ownership or a superuser.
@@ -62,6 +62,9 @@ pub async fn ensure(pool: &PgPool) -> Result<(), sqlx::Error> {
         format!("GRANT USAGE ON SEQUENCE {position_sequence} TO {COMMAND}"),
         format!("GRANT SELECT, INSERT, UPDATE, DELETE ON idempotency_keys, snapshots TO {COMMAND}"),
         format!("GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO {RELAY}"),
+        // The query API serves inclusion proofs against the published signed checkpoints.
+        // Sealing (`tally audit seal`) publishes them as the owner: no service writes them.
+        format!("GRANT SELECT ON audit_checkpoints TO {QUERY}"),
     ];
     for grant in grants {
         sqlx::query(sqlx::AssertSqlSafe(grant)).execute(pool).await?;

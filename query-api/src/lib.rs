@@ -6,7 +6,8 @@
 //! - `cache` + `invalidations`: moka caches of account and transfer rows, kept honest by the
 //!   projectors' invalidations over NATS (a row older than an invalidation seen is never kept).
 //! - `consistency`: read-your-writes with the command API's consistency tokens.
-//! - `accounts`, `transfers`, `audit`: the handlers; `routes`: the router and what they share.
+//! - `accounts`, `transfers`, `audit`, `proofs` (inclusion proofs against signed checkpoints):
+//!   the handlers; `routes`: the router and what they share.
 //!
 //! Reads need the `reader` role, audit reads the `auditor` role; `/health`, `/ready` and
 //! `/openapi.json` are open. [`app`] puts the router behind `tally_service::edge` (timeout,
@@ -22,6 +23,7 @@ pub mod cache;
 pub mod consistency;
 pub mod invalidations;
 pub mod openapi;
+pub mod proofs;
 pub mod routes;
 pub mod sources;
 pub mod transfers;

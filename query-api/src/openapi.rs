@@ -11,6 +11,7 @@ use utoipa::OpenApi;
 
 use crate::accounts::StatementPage;
 use crate::audit::{AccountAsOf, AuditEvent, FeedPage, StreamHistory};
+use crate::proofs::InclusionProofView;
 use crate::routes::Readiness;
 use crate::sources::ReplicaState;
 use crate::transfers::TransfersPage;
@@ -37,6 +38,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
         crate::audit::get_stream_events,
         crate::audit::get_feed,
         crate::audit::get_account_as_of,
+        crate::proofs::get_event_proof,
         tally_service::problem::health,
         crate::routes::ready,
     ),
@@ -50,6 +52,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
         StreamHistory,
         FeedPage,
         AccountAsOf,
+        InclusionProofView,
         Readiness,
         ReplicaState,
         Problem
@@ -57,7 +60,8 @@ use crate::views::{AccountView, StatementLine, TransferView};
     tags(
         (name = "accounts", description = "Account balances, status and statements."),
         (name = "transfers", description = "Transfers and their status."),
-        (name = "audit", description = "The event log itself: stream histories, the global feed, past states."),
+        (name = "audit", description = "The event log itself: stream histories, the global feed, past states, \
+            inclusion proofs against signed checkpoints."),
         (name = "ops", description = "Liveness and readiness probes."),
     )
 )]

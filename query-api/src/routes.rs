@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
             get(crate::audit::get_stream_events),
         )
         .route("/v1/audit/events", get(crate::audit::get_feed))
+        .route("/v1/audit/events/{event_id}/proof", get(crate::proofs::get_event_proof))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))

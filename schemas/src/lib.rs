@@ -7,8 +7,10 @@
 //! read, never rewritten in the database.
 //!
 //! The exact bytes covered by the per-stream hash chain are specified in `HASH_CHAIN.md`
-//! beside this crate; the message published to NATS in `ENVELOPE.md`.
+//! beside this crate; the message published to NATS in `ENVELOPE.md`; the signed checkpoints
+//! of the log (`checkpoint`) in `CHECKPOINT.md`, their JSON Schema under `checkpoints/`.
 
+pub mod checkpoint;
 pub mod envelope;
 pub mod invalidation;
 pub mod legacy;
@@ -27,6 +29,25 @@ use tally_domain::transfer::{
 /// The folder holding the checked-in event schemas.
 pub fn events_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("events")
+}
+
+/// The folder holding the checked-in schema of the signed checkpoint.
+pub fn checkpoints_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints")
+}
+
+/// The schema of the signed checkpoint (`checkpoints/SignedCheckpoint.v<N>.json`): a stored
+/// format, kept outside the database by auditors, so it is a contract like the events.
+pub fn checkpoint_schema() -> (String, serde_json::Value) {
+    let version = checkpoint::CHECKPOINT_VERSION;
+    let mut schema = schema_for!(checkpoint::SignedCheckpoint);
+    let file = schema_file_name("SignedCheckpoint", version);
+    schema.insert(
+        "$id".into(),
+        format!("https://tally.dev/schemas/checkpoints/{file}").into(),
+    );
+    schema.insert("title".into(), "SignedCheckpoint".into());
+    (file, schema.to_value())
 }
 
 /// The file name of a schema: `<EventType>.v<version>.json`.
@@ -181,6 +202,17 @@ mod tests {
             drifted.is_empty(),
             "event schemas drifted from the code: {drifted:?}. If the change is intended, add a new \
              schema version with an upcaster, then run `cargo xtask schemas` to write the files."
+        );
+    }
+
+    #[test]
+    fn the_checked_in_checkpoint_schema_matches_the_code() {
+        let (file, schema) = checkpoint_schema();
+        let checked_in = std::fs::read_to_string(checkpoints_dir().join(&file)).unwrap_or_default();
+        assert!(
+            checked_in == render(&schema),
+            "schemas/checkpoints/{file} drifted from the code: a change to a stored format is a new \
+             version; run `cargo xtask schemas` to write the file."
         );
     }
 

@@ -44,7 +44,7 @@ enum Task {
     /// Run schemathesis (from PyPI, in a venv under the target directory) against both APIs'
     /// OpenAPI documents on a stack of its own.
     Schemathesis,
-    /// Write schemas/events/*.json and schemas/openapi/*.json from the code.
+    /// Write schemas/events/*.json, schemas/checkpoints/*.json and schemas/openapi/*.json from the code.
     Schemas,
     /// Validate docker-compose.yml and deploy/ (docker-compose config, Kubernetes schemas,
     /// promtool on the alert rules and dashboards) and check them against the binaries'
@@ -101,6 +101,12 @@ fn write_schemas() -> anyhow::Result<()> {
         std::fs::write(&path, tally_schemas::render(&schema)).with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    let (file, schema) = tally_schemas::checkpoint_schema();
+    let dir = tally_schemas::checkpoints_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(file);
+    std::fs::write(&path, tally_schemas::render(&schema)).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
     let documents = [
         (
             tally_command_api::openapi::FILE_NAME,

@@ -28,7 +28,7 @@ fn deposit() -> NewEvent {
 
 /// Appends `events` deposits to a new stream, in appends of at most `APPEND_EVENTS_MAX` (and
 /// of two events at least twice, so chains span transactions).
-async fn seed_stream(db: &TestDb, events: usize) -> Uuid {
+pub(crate) async fn seed_stream(db: &TestDb, events: usize) -> Uuid {
     let stream_id = Uuid::now_v7();
     let chunk = APPEND_EVENTS_MAX.min(events.div_ceil(2)).max(1);
     let mut version = 0;
@@ -57,7 +57,7 @@ async fn seed_streams(db: &TestDb, streams: usize, events_each: usize) -> Vec<Uu
     ids
 }
 
-async fn stored(db: &TestDb, stream_id: Uuid, version: i64) -> StoredEvent {
+pub(crate) async fn stored(db: &TestDb, stream_id: Uuid, version: i64) -> StoredEvent {
     let events = db.store().read_stream(stream_id, version - 1, 1).await.unwrap();
     events.into_iter().next().expect("the event exists")
 }
@@ -94,14 +94,20 @@ async fn edit_payload(db: &TestDb, stream_id: Uuid, version: i64) {
 
 /// What a run of the binary printed and how it exited.
 #[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs the real `tally audit verify` against `database_url`.
-async fn tally_audit_verify(database_url: &str, extra_args: &[&str]) -> Run {
+pub(crate) async fn tally_audit_verify(database_url: &str, extra_args: &[&str]) -> Run {
+    let args: Vec<&str> = ["audit", "verify"].iter().chain(extra_args).copied().collect();
+    tally(database_url, &args).await
+}
+
+/// Runs the real `tally` with `args` against `database_url`.
+pub(crate) async fn tally(database_url: &str, args: &[&str]) -> Run {
     let bin = tally_tests::bin_dir().join("tally");
     assert!(
         bin.exists(),
@@ -109,10 +115,7 @@ async fn tally_audit_verify(database_url: &str, extra_args: &[&str]) -> Run {
         bin.display()
     );
     let mut command = Command::new(bin);
-    command
-        .args(["audit", "verify"])
-        .args(extra_args)
-        .env("TALLY_DATABASE_URL", database_url);
+    command.args(args).env("TALLY_DATABASE_URL", database_url);
     // Blocking wait for the child, off the test's runtime thread.
     let output = tokio::task::spawn_blocking(move || command.output())
         .await

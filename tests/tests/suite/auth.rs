@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 /// Every operation of the document at `{base}/openapi.json` that declares a role: (method, path
-/// with `{id}` filled in, role).
+/// with its ids filled in, role).
 async fn protected_routes(base: &str) -> Vec<(String, String, Role)> {
     let document: Value = reqwest::get(format!("{base}/openapi.json"))
         .await
@@ -30,7 +30,8 @@ async fn protected_routes(base: &str) -> Vec<(String, String, Role)> {
             };
             let concrete = path
                 .replace("{id}", &Uuid::now_v7().to_string())
-                .replace("{stream_id}", &Uuid::now_v7().to_string());
+                .replace("{stream_id}", &Uuid::now_v7().to_string())
+                .replace("{event_id}", &Uuid::now_v7().to_string());
             routes.push((method.to_uppercase(), concrete, role.parse().unwrap()));
         }
     }
@@ -84,7 +85,7 @@ async fn every_route_refuses_callers_without_the_role_its_document_declares() {
     // The matrix runs over what the documents declare; make sure they declare the routes.
     assert_eq!(command_routes.len(), 9, "{command_routes:?}");
     assert!(command_routes.iter().all(|(_, _, role)| *role == Role::Teller));
-    assert_eq!(query_routes.len(), 7, "{query_routes:?}");
+    assert_eq!(query_routes.len(), 8, "{query_routes:?}");
     let audit = |path: &str| path.starts_with("/v1/audit/") || path.ends_with("/as-of");
     assert!(
         query_routes

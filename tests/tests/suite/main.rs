@@ -3,6 +3,7 @@
 
 mod audit;
 mod auth;
+mod checkpoints;
 mod connections;
 mod e2e;
 mod event_store;
