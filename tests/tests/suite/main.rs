@@ -3,6 +3,7 @@
 
 mod audit;
 mod auth;
+mod console;
 mod e2e;
 mod event_store;
 mod idempotency;
