@@ -162,13 +162,21 @@ impl Browser {
         answer["value"][ELEMENT_KEY].as_str().map(str::to_owned)
     }
 
-    /// The visible text of the first element matching `css`, if there is one.
+    /// The visible text of the first element matching `css`, if there is one. The console's
+    /// live fragments replace elements every second or two, so an element that went stale
+    /// between finding and reading it is looked up again (a few times).
     pub async fn text_of(&self, css: &str) -> Option<String> {
-        let element = self.find(css).await?;
-        let text = self
-            .call(reqwest::Method::GET, &format!("/element/{element}/text"), None)
-            .await;
-        text.as_str().map(str::to_owned)
+        for _ in 0..5 {
+            let element = self.find(css).await?;
+            let url = format!("{}/session/{}/element/{element}/text", self.base, self.session);
+            let answer: Value = self.client.get(&url).send().await.ok()?.json().await.ok()?;
+            match answer["value"].as_str() {
+                Some(text) => return Some(text.to_owned()),
+                None if answer["value"]["error"] == "stale element reference" => continue,
+                None => panic!("WebDriver {url}: {}", answer["value"]),
+            }
+        }
+        None
     }
 
     /// Types `text` into the first element matching `css`.

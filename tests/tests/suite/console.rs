@@ -177,7 +177,7 @@ async fn an_ops_auditor_signs_in_sees_a_deposit_live_runs_a_rebuild_to_its_switc
 }
 
 #[tokio::test]
-async fn a_reader_token_gets_a_403_page_on_the_ops_pages_and_cannot_post_their_forms() {
+async fn a_reader_gets_403_pages_on_the_ops_pages_cannot_post_their_forms_and_sees_an_api_outage_as_a_page() {
     // No stack is needed: the role check comes before any read.
     let port = free_port();
     let mut env = auth_env();
@@ -237,6 +237,19 @@ async fn a_reader_token_gets_a_403_page_on_the_ops_pages_and_cannot_post_their_f
         .await
         .unwrap();
     assert_eq!(pause.status(), StatusCode::FORBIDDEN, "a reader cannot pause");
+    // This console's query API is down: the account page says so, as a page.
+    let outage = client
+        .get(format!("{console}/accounts/{}", uuid::Uuid::now_v7()))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outage.status(), StatusCode::BAD_GATEWAY);
+    let page = outage.text().await.unwrap();
+    assert!(
+        page.contains("Query API unavailable") && page.contains("cannot be reached"),
+        "{page}"
+    );
     let foreign = client
         .post(format!("{console}/sign-out"))
         .header("cookie", &cookie)
