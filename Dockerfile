@@ -1,14 +1,14 @@
 # One image with every Tally binary: tally (migrate, audit, load), tally-relay,
-# tally-command-api, tally-query-api, tally-projector. It has no default command: each service
+# tally-command-api, tally-query-api, tally-projector, tally-console. It has no default command: each service
 # of docker-compose.yml and each workload of deploy/k8s names its binary.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked \
-        -p tally-command-api -p tally-query-api -p tally-projectors -p tally-cli \
+        -p tally-command-api -p tally-query-api -p tally-projectors -p tally-cli -p tally-console \
     && mkdir /out \
     && cp target/release/tally target/release/tally-relay target/release/tally-command-api \
-          target/release/tally-query-api target/release/tally-projector /out/
+          target/release/tally-query-api target/release/tally-projector target/release/tally-console /out/
 
 FROM debian:bookworm-slim
 # curl: the compose healthchecks ask /health and /ready from inside the container.
@@ -19,5 +19,5 @@ COPY --from=build /out/ /usr/local/bin/
 # An unprivileged user: nothing in Tally needs root or writes to the filesystem.
 USER 65532:65532
 ENV TALLY_LOG_FORMAT=json
-# Command API, query API, projector (/health, /ready, /metrics).
-EXPOSE 8080 8081 9090
+# Command API, query API, projector (/health, /ready, /metrics), console.
+EXPOSE 8080 8081 9090 8083

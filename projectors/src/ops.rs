@@ -91,3 +91,32 @@ pub async fn retry(pool: &PgPool, name: &str, partition: Option<i32>) -> Result<
     .await?;
     Ok(done.rows_affected())
 }
+
+/// An account whose owner matched [`accounts_by_owner`].
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AccountMatch {
+    pub account_id: uuid::Uuid,
+    pub owner: String,
+    pub currency: String,
+    pub balance: i64,
+    pub status: String,
+}
+
+/// Most accounts [`accounts_by_owner`] returns.
+pub const OWNER_MATCHES_MAX: i64 = 50;
+
+/// Accounts whose owner is `owner` or starts with it (case-insensitive), from the live
+/// `account_balances` view, at most [`OWNER_MATCHES_MAX`]: how the console finds an account
+/// by owner (the query API has no owner lookup). No index serves it: a scan, bounded by
+/// the limit.
+pub async fn accounts_by_owner(pool: &PgPool, owner: &str) -> Result<Vec<AccountMatch>, sqlx::Error> {
+    let escaped = owner.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    sqlx::query_as(
+        "SELECT account_id, owner, currency, balance, status FROM account_balances \
+         WHERE owner ILIKE $1 ORDER BY owner, account_id LIMIT $2",
+    )
+    .bind(format!("{escaped}%"))
+    .bind(OWNER_MATCHES_MAX)
+    .fetch_all(pool)
+    .await
+}

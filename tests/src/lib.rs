@@ -65,6 +65,7 @@ pub fn client() -> reqwest::Client {
         .expect("a client")
 }
 
+pub mod browser;
 pub mod fold;
 
 /// The shared servers a test process uses.
@@ -738,6 +739,31 @@ impl Stack {
             .chain(extra.iter().cloned())
             .collect();
         let proc = Proc::spawn("tally-query-api", &env);
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&base, &proc).await;
+        self.procs.push(proc);
+        base
+    }
+
+    /// Starts a console on this stack (sampling every service's `/metrics` every 500 ms),
+    /// waits until it is ready and returns its base URL.
+    pub async fn spawn_console(&mut self) -> String {
+        let port = free_port();
+        let env: Vec<(&'static str, String)> = self
+            .env
+            .iter()
+            .cloned()
+            .chain([
+                ("TALLY_CONSOLE_LISTEN", format!("127.0.0.1:{port}")),
+                ("TALLY_QUERY_URL", self.query.clone()),
+                ("TALLY_CONSOLE_COMMAND_URLS", self.command.clone()),
+                ("TALLY_CONSOLE_QUERY_URLS", self.query.clone()),
+                ("TALLY_CONSOLE_RELAY_URLS", self.relay.clone()),
+                ("TALLY_CONSOLE_PROJECTOR_URLS", self.projector.clone()),
+                ("TALLY_CONSOLE_SAMPLE_MS", "500".into()),
+            ])
+            .collect();
+        let proc = Proc::spawn("tally-console", &env);
         let base = format!("http://127.0.0.1:{port}");
         wait_ready(&base, &proc).await;
         self.procs.push(proc);

@@ -55,6 +55,9 @@ pub struct UpArgs {
     /// Query API addresses: one instance each.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8081,127.0.0.1:8082")]
     query_listen: Vec<SocketAddr>,
+    /// Console address (the operations and audit pages).
+    #[arg(long, default_value = "127.0.0.1:8083")]
+    console_listen: SocketAddr,
     /// Open a few demo accounts with money in them.
     #[arg(long)]
     seed: bool,
@@ -295,10 +298,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &env_file,
         format!(
-            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\nexport TALLY_JWT_SECRET={secret}\n{token_exports}export TALLY_TOKEN=$TALLY_TOKEN_TELLER\n",
+            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\nexport TALLY_CONSOLE_URL=http://{}\nexport TALLY_JWT_SECRET={secret}\n{token_exports}export TALLY_TOKEN=$TALLY_TOKEN_TELLER\n",
             nats.url(),
             args.command_listen,
             args.query_listen.first().context("at least one query-api address")?,
+            args.console_listen,
         ),
     )?;
 
@@ -378,11 +382,31 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let command = format!("http://{}", args.command_listen);
     let queries: Vec<String> = args.query_listen.iter().map(|a| format!("http://{a}")).collect();
+    let console = format!("http://{}", args.console_listen);
+    // The console reads through the first query API and samples every service's /metrics.
+    services.push(spawn(
+        "tally-console",
+        "console",
+        &with(vec![
+            ("TALLY_CONSOLE_LISTEN", args.console_listen.to_string()),
+            ("TALLY_DATABASE_URL", as_role(roles::PROJECTOR)),
+            ("TALLY_QUERY_URL", queries[0].clone()),
+            ("TALLY_CONSOLE_COMMAND_URLS", command.clone()),
+            ("TALLY_CONSOLE_QUERY_URLS", queries.join(",")),
+            ("TALLY_CONSOLE_RELAY_URLS", format!("http://{RELAY_LISTEN}")),
+            (
+                "TALLY_CONSOLE_PROJECTOR_URLS",
+                PROJECTOR_LISTEN.map(|l| format!("http://{l}")).join(","),
+            ),
+        ]),
+    )?);
+    let console_service = services.len() - 1;
     runtime.block_on(async {
         services[0].wait_ready(&command).await?;
         for (i, q) in queries.iter().enumerate() {
             services[first_query + i].wait_ready(q).await?;
         }
+        services[console_service].wait_ready(&console).await?;
         anyhow::Ok(())
     })?;
     let seeded = if args.seed {
@@ -391,7 +415,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
-    print_banner(&command, &queries, &pg, &nats, &env_file, &log_dir, &seeded);
+    print_banner(&command, &queries, &console, &pg, &nats, &env_file, &log_dir, &seeded);
     print_tokens(&tokens, &env_file);
 
     // Run until Ctrl-C / SIGTERM, or until a service dies on its own.
@@ -427,9 +451,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 const RELAY_LISTEN: &str = "127.0.0.1:9092";
 const PROJECTOR_LISTEN: [&str; 2] = ["127.0.0.1:9090", "127.0.0.1:9091"];
 
+#[allow(clippy::too_many_arguments)]
 fn print_banner(
     command: &str,
     queries: &[String],
+    console: &str,
     pg: &Postgres,
     nats: &Nats,
     env_file: &Path,
@@ -446,7 +472,7 @@ fn print_banner(
         workers.join("  ")
     );
     println!(
-        "\nTally is up.\n\n  command API   {command}\n  query API     {}\n  Postgres      {} (primary)\n                {} (replica)\n  NATS          {}\n  env exports   {}   (source it for psql / tally)\n  logs          {}\n",
+        "\nTally is up.\n\n  console       {console}/   (sign in with a dev token below: ops sees the overview and projections, reader accounts, auditor audit)\n  command API   {command}\n  query API     {}\n  Postgres      {} (primary)\n                {} (replica)\n  NATS          {}\n  env exports   {}   (source it for psql / tally)\n  logs          {}\n",
         queries.join("  "),
         pg.primary_url(DATABASE),
         pg.replica_url(DATABASE).unwrap_or_default(),

@@ -64,7 +64,7 @@ pub(crate) async fn stored(db: &TestDb, stream_id: Uuid, version: i64) -> Stored
 
 /// Runs `sql` (binding `stream_id` and `version`) the way a superuser could: with the
 /// append-only trigger switched off for this one transaction.
-async fn tamper_as_superuser(db: &TestDb, sql: &str, stream_id: Uuid, version: i64) {
+pub(crate) async fn tamper_as_superuser(db: &TestDb, sql: &str, stream_id: Uuid, version: i64) {
     let mut tx = db.pool.begin().await.unwrap();
     // Ordinary triggers do not fire in replica mode; SET LOCAL ends with the transaction, so
     // the pooled connection goes back with the trigger armed.

@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod checkpoints;
 mod connections;
+mod console;
 mod e2e;
 mod event_store;
 mod idempotency;
