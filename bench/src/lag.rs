@@ -38,7 +38,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LagPlan {
     pub command_url: String,
     /// The NATS server and subject prefix the projector announces its commits on.
-    pub nats_url: String,
+    pub nats: tally_event_store::nats_users::NatsArgs,
     pub subject_prefix: String,
     pub token: String,
     pub rate_per_s: f64,
@@ -130,7 +130,7 @@ pub async fn measure(pool: &PgPool, plan: &LagPlan) -> anyhow::Result<Measuremen
         accounts.push(reply["account_id"].as_str().unwrap_or_default().parse::<Uuid>()?);
     }
     let tracker: Shared = Arc::new(Mutex::new(Tracker::new()?));
-    let nats = async_nats::connect(&plan.nats_url).await?;
+    let nats = plan.nats.options().connect(&plan.nats.url).await?;
     let announcements = nats
         .subscribe(invalidation_subject(&plan.subject_prefix, Accounts::NAME))
         .await?;

@@ -12,6 +12,7 @@ use tally_bench::runner::closed_loop;
 use tally_bench::store::StoreAppend;
 use tally_bench::{Measurement, Window};
 use tally_event_store::EventStore;
+use tally_event_store::nats_users::NatsArgs;
 use tally_event_store::partition::{self, Topology};
 
 #[derive(Debug, Parser)]
@@ -60,8 +61,8 @@ enum Command {
         #[arg(long)]
         command_url: String,
         /// Where the projector announces its commits (`TALLY_NATS_URL`, `TALLY_SUBJECT_PREFIX`).
-        #[arg(long)]
-        nats_url: String,
+        #[command(flatten)]
+        nats: NatsArgs,
         #[arg(long)]
         subject_prefix: String,
         #[arg(long)]
@@ -97,8 +98,8 @@ enum Command {
     },
     /// The JetStream limit: pipelined publishes with `Nats-Msg-Id`.
     NatsPublish {
-        #[arg(long, env = "TALLY_NATS_URL")]
-        nats_url: String,
+        #[command(flatten)]
+        nats: NatsArgs,
         #[arg(long)]
         messages: u64,
         #[arg(long)]
@@ -192,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ProjectionLag {
             database_url,
             command_url,
-            nats_url,
+            nats,
             subject_prefix,
             token,
             rate,
@@ -201,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
             let pool = tally_event_store::connect(&database_url, 2)?;
             let plan = tally_bench::lag::LagPlan {
                 command_url,
-                nats_url,
+                nats,
                 subject_prefix,
                 token,
                 rate_per_s: rate,
@@ -225,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             connections,
         } => tally_bench::reads::serve(mode, &database_url, listen, connections).await,
         Command::NatsPublish {
-            nats_url,
+            nats,
             messages,
             message_bytes,
             in_flight_max,
@@ -233,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
             subject_prefix,
             partitions,
         } => {
-            let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+            let js = async_nats::jetstream::new(nats.options().connect(&nats.url).await?);
             let plan = PublishPlan {
                 messages,
                 message_bytes,

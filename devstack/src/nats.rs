@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -27,6 +28,8 @@ const RESTART_RETRY_DELAY_MS: u64 = 200;
 pub struct Nats {
     root: PathBuf,
     binary: &'static Path,
+    /// A configuration file of ours (`nats.conf` in the root), when started with one.
+    config: Option<PathBuf>,
     port: u16,
     monitor_port: u16,
     child: Option<Child>,
@@ -38,16 +41,39 @@ impl Nats {
     ///
     /// `root` must not exist or be empty: it is deleted on drop.
     pub fn start(root: &Path) -> Result<Nats> {
+        Self::start_configured(root, None)
+    }
+
+    /// Like [`Nats::start`], with `config` (nats-server configuration syntax, e.g. an
+    /// `authorization` block) written to `root/nats.conf` and passed with `-c`. The command
+    /// line's listen address, ports and store still apply.
+    pub fn start_with_config(root: &Path, config: &str) -> Result<Nats> {
+        Self::start_configured(root, Some(config))
+    }
+
+    fn start_configured(root: &Path, config: Option<&str>) -> Result<Nats> {
         let binary = crate::binaries::nats_server()?;
         let root = process::prepare_root(root)?;
         // Dropping `nats` on an error deletes the root.
         let mut nats = Nats {
             root,
             binary,
+            config: None,
             port: 0,
             monitor_port: 0,
             child: None,
         };
+        if let Some(text) = config {
+            // It may hold passwords: readable by this user only.
+            let path = nats.root.join("nats.conf");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(text.as_bytes())?;
+            nats.config = Some(path);
+        }
         let (child, (port, monitor_port)) = nats.launch(|| Ok((free_port()?, free_port()?)))?;
         nats.child = Some(child);
         nats.port = port;
@@ -132,6 +158,9 @@ impl Nats {
             choose_ports,
             |(port, monitor_port), log| {
                 let mut command = Command::new(self.binary);
+                if let Some(config) = &self.config {
+                    command.arg("-c").arg(config);
+                }
                 command
                     .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
                     .arg("-sd")

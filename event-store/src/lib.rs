@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod hash;
 pub mod idempotency;
 pub mod merkle;
+pub mod nats_users;
 pub mod notify;
 pub mod partition;
 pub mod relay;

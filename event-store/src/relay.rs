@@ -28,8 +28,9 @@ use tally_schemas::envelope::{ENVELOPE_VERSION, EventEnvelope};
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
+use crate::hash::{Hash, HashInput, event_hash, format_recorded_at};
 use crate::partition::Topology;
-use crate::{Checkpoint, EventStore, StoredEvent, hash::format_recorded_at};
+use crate::{Checkpoint, EventStore, StoredEvent};
 
 /// Advisory lock key electing the active relay ("tallyrly" in ASCII).
 pub const RELAY_LOCK_KEY: i64 = 0x7461_6c6c_7972_6c79;
@@ -189,6 +190,48 @@ pub fn envelope(event: &StoredEvent) -> Result<EventEnvelope, serde_json::Error>
         prev_hash: event.prev_hash.as_ref().map(hex::encode),
         hash: hex::encode(&event.hash),
     })
+}
+
+/// The hash a received envelope states, when its own fields hash to it; otherwise why not.
+///
+/// Anyone can compute an unkeyed hash, so this alone proves nothing about where the envelope
+/// came from: what makes it an event of the log is that the log holds this same hash at its
+/// position (the projectors check both before they apply an event).
+pub fn envelope_hash(envelope: &EventEnvelope) -> Result<Hash, String> {
+    let decode = |hex_text: &str, field: &str| -> Result<Hash, String> {
+        let bytes = hex::decode(hex_text).map_err(|e| format!("{field} is not hex: {e}"))?;
+        Hash::try_from(bytes.as_slice()).map_err(|_| format!("{field} is not 32 bytes"))
+    };
+    let stated = decode(&envelope.hash, "hash")?;
+    let prev_hash = envelope
+        .prev_hash
+        .as_deref()
+        .map(|h| decode(h, "prev_hash"))
+        .transpose()?;
+    let recorded_at = chrono::DateTime::parse_from_rfc3339(&envelope.recorded_at)
+        .map_err(|e| format!("recorded_at: {e}"))?
+        .with_timezone(&chrono::Utc);
+    let computed = event_hash(&HashInput {
+        prev_hash: prev_hash.as_ref().map(|h| h.as_slice()),
+        stream_type: &envelope.stream_type,
+        stream_id: envelope.stream_id,
+        version: envelope.version,
+        event_id: envelope.event_id,
+        event_type: &envelope.event_type,
+        schema_version: i32::try_from(envelope.schema_version).map_err(|_| "schema_version out of range".to_owned())?,
+        recorded_at,
+        payload: envelope.payload.get(),
+        metadata: envelope.metadata.get(),
+    });
+    if computed == stated {
+        Ok(stated)
+    } else {
+        Err(format!(
+            "its fields hash to {}, not to the hash it states ({})",
+            hex::encode(computed),
+            envelope.hash
+        ))
+    }
 }
 
 /// Reads the stored checkpoint of relay `name` (the log's start if none).
@@ -525,5 +568,70 @@ impl Trace {
             message = message.header("traceparent", tp.as_str());
         }
         message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn stored(payload: &str) -> StoredEvent {
+        let recorded_at: DateTime<Utc> = DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap();
+        let prev_hash = [7u8; 32];
+        let (stream_id, event_id) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let hash = event_hash(&HashInput {
+            prev_hash: Some(&prev_hash),
+            stream_type: "account",
+            stream_id,
+            version: 2,
+            event_id,
+            event_type: "FundsDeposited",
+            schema_version: 1,
+            recorded_at,
+            payload,
+            metadata: "{}",
+        });
+        StoredEvent {
+            position: 10,
+            tx_id: 5,
+            stream_type: "account".into(),
+            stream_id,
+            version: 2,
+            event_id,
+            event_type: "FundsDeposited".into(),
+            schema_version: 1,
+            payload: payload.into(),
+            metadata: "{}".into(),
+            recorded_at,
+            prev_hash: Some(prev_hash.to_vec()),
+            hash: hash.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_published_envelope_hashes_to_the_hash_it_states() {
+        let event = stored(r#"{"amount":5,"currency":"EUR"}"#);
+        let envelope = envelope(&event).unwrap();
+        assert_eq!(envelope_hash(&envelope).unwrap().to_vec(), event.hash);
+    }
+
+    #[test]
+    fn an_envelope_with_a_changed_field_does_not() {
+        let mut forged = envelope(&stored(r#"{"amount":5,"currency":"EUR"}"#)).unwrap();
+        forged.payload =
+            serde_json::value::RawValue::from_string(r#"{"amount":5000,"currency":"EUR"}"#.into()).unwrap();
+        assert!(
+            envelope_hash(&forged)
+                .unwrap_err()
+                .contains("not to the hash it states")
+        );
+        let mut renumbered = envelope(&stored("{}")).unwrap();
+        renumbered.version = 3;
+        assert!(envelope_hash(&renumbered).is_err());
+        renumbered.hash = "zz".into();
+        assert!(envelope_hash(&renumbered).unwrap_err().contains("not hex"));
     }
 }

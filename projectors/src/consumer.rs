@@ -8,13 +8,15 @@
 //! still on an earlier version's whole-partition filter, until it is narrowed) writes the
 //! checkpoint alone.
 //! Messages are acknowledged only after the commit; a redelivered one is dropped by version.
+//! Every event is first checked against the log (`verify`): one that is not the log's is
+//! refused (dead-lettered and acknowledged, never applied) and the partition goes on.
 //!
 //! Failures: a dependency failing (database unreachable, deadlock) is retried with back-off for
 //! as long as it lasts (state `retrying`). A batch failing for its data is retried a bounded
 //! number of times, then its events are applied one at a time to find the culprit: the events
 //! before it are committed, the poison event is published to the dead-letter subject with the
 //! error, and the partition **stops** (state `failed`, error in `tally projections status`)
-//! until `tally projections retry` clears it. Nothing is skipped.
+//! until `tally projections retry` clears it. Nothing of the log is skipped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,7 @@ use tracing::Instrument;
 
 use crate::catalog;
 use crate::model::{self, ApplyError, BatchOutcome, EventMeta, Incoming, Projection, WriteMode};
+use crate::verify::{self, Claim, Refusal};
 use tally_schemas::invalidation::{INVALIDATION_ROWS_MAX, InvalidatedRow, Invalidation, invalidation_subject};
 
 /// How long JetStream waits for an ack before redelivering.
@@ -303,8 +306,9 @@ impl<P: Projection> Unit<P> {
         loop {
             let started = Instant::now();
             match self.apply(&batch).await {
-                Ok(outcome) => {
+                Ok((outcome, refused)) => {
                     self.record(&outcome, batch.len(), started.elapsed());
+                    self.refuse(&batch, &refused).await;
                     ack_all(&batch).await;
                     self.invalidate(&outcome).await;
                     return true;
@@ -348,8 +352,9 @@ impl<P: Projection> Unit<P> {
             let one = std::slice::from_ref(message);
             let started = Instant::now();
             match self.apply(one).await {
-                Ok(outcome) => {
+                Ok((outcome, refused)) => {
                     self.record(&outcome, 1, started.elapsed());
+                    self.refuse(one, &refused).await;
                     ack_all(one).await;
                     self.invalidate(&outcome).await;
                 }
@@ -397,13 +402,43 @@ impl<P: Projection> Unit<P> {
         }
     }
 
+    /// Publishes each refused event to the dead-letter subject with its reason. Their count
+    /// and the last reason were recorded in the batch's transaction.
+    async fn refuse(&self, batch: &[jetstream::Message], refused: &[Refusal]) {
+        for refusal in refused {
+            let message = &batch[refusal.index];
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            tracing::error!(projection = P::NAME, partition = self.partition, sequence, reason = %refusal.reason, "refused an event the log does not hold: dead-lettered, not applied");
+            metrics::counter!("tally_projection_refused_events_total", &self.labels).increment(1);
+            self.publish_dead_letter(message, sequence, &refusal.reason).await;
+        }
+    }
+
     async fn dead_letter(&self, message: &jetstream::Message, error: &ApplyError) {
         let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let reason = error.to_string();
         tracing::error!(projection = P::NAME, partition = self.partition, sequence, %reason, "poison event: dead-lettered, partition stopped");
+        self.publish_dead_letter(message, sequence, &reason).await;
+        let recorded = sqlx::query(
+            "UPDATE projection_partitions SET state = 'failed', last_error = $3, last_error_at = now(), \
+                 dead_letters = dead_letters + 1, updated_at = now() \
+             WHERE projection = $1 AND partition = $2",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(format!("stream sequence {sequence}: {reason}"))
+        .execute(&self.shared.pool)
+        .await;
+        if let Err(e) = recorded {
+            tracing::error!(projection = P::NAME, partition = self.partition, error = %e, "cannot record the failure");
+        }
+    }
+
+    /// The message, with the reason in headers, on the dead-letter subject (kept in the stream).
+    async fn publish_dead_letter(&self, message: &jetstream::Message, sequence: u64, reason: &str) {
         metrics::counter!("tally_projection_dead_letters_total", &self.labels).increment(1);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Tally-Error", header_value(&reason).as_str());
+        headers.insert("Tally-Error", header_value(reason).as_str());
         headers.insert("Tally-Projection", P::NAME);
         headers.insert("Tally-Partition", self.partition.to_string().as_str());
         headers.insert("Tally-Stream-Sequence", sequence.to_string().as_str());
@@ -420,21 +455,8 @@ impl<P: Projection> Unit<P> {
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = published {
-            // The partition stops anyway and the error is in its state: nothing is lost.
+            // The error is in the partition's state and the log: nothing is lost.
             tracing::error!(projection = P::NAME, partition = self.partition, error = %e, "cannot publish the dead letter");
-        }
-        let recorded = sqlx::query(
-            "UPDATE projection_partitions SET state = 'failed', last_error = $3, last_error_at = now(), \
-                 dead_letters = dead_letters + 1, updated_at = now() \
-             WHERE projection = $1 AND partition = $2",
-        )
-        .bind(P::NAME)
-        .bind(self.partition as i32)
-        .bind(format!("stream sequence {sequence}: {reason}"))
-        .execute(&self.shared.pool)
-        .await;
-        if let Err(e) = recorded {
-            tracing::error!(projection = P::NAME, partition = self.partition, error = %e, "cannot record the failure");
         }
     }
 
@@ -493,11 +515,13 @@ impl<P: Projection> Unit<P> {
         .await;
     }
 
-    /// One transaction: the rows, and the checkpoint fenced by the lease. A batch holding
-    /// nothing of this projection's stream type (a partition carries every stream type) is
-    /// the gate's read and the checkpoint statement alone, without a transaction.
-    async fn apply(&self, batch: &[jetstream::Message]) -> Result<BatchOutcome, BatchError> {
-        let mut incoming = Vec::with_capacity(batch.len());
+    /// One transaction: the check of the events against the log, the rows, and the checkpoint
+    /// fenced by the lease. A batch holding nothing of this projection's stream type (a
+    /// partition carries every stream type) writes the checkpoint alone. Returns what the batch
+    /// did and the events it refused (`verify`), which the caller dead-letters.
+    async fn apply(&self, batch: &[jetstream::Message]) -> Result<(BatchOutcome, Vec<Refusal>), BatchError> {
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut claims = Vec::with_capacity(batch.len());
         let mut last_sequence = 0u64;
         let mut pending = 0u64;
         for message in batch {
@@ -505,8 +529,19 @@ impl<P: Projection> Unit<P> {
             let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
             last_sequence = last_sequence.max(sequence);
             pending = info.as_ref().map_or(pending, |i| i.pending);
-            incoming.push(self.incoming(&message.payload, sequence)?);
+            let (event, claim) = self.incoming(&message.payload, sequence)?;
+            decoded.push(event);
+            claims.push(claim);
         }
+        let mut tx = self.shared.pool.begin().await?;
+        let refused = verify::refusals(&mut tx, &claims).await?;
+        let incoming: Vec<Incoming> = decoded
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !refused.iter().any(|r| r.index == *i))
+            .map(|(_, event)| event)
+            .collect();
+        // Only the log's events move the checkpoint: a refused one's position means nothing.
         let last = incoming.iter().max_by_key(|e| e.meta.position);
         let progress = Progress {
             stream_sequence: last_sequence as i64,
@@ -514,12 +549,11 @@ impl<P: Projection> Unit<P> {
             lag_events: pending as i64,
             last_event_at: last.map(|e| e.meta.recorded_at),
         };
+        // Share-locked: a rebuild's switch or a pause waits for this batch, and it for them.
+        let live = live_gate::<P>(&mut tx).await?;
         let outcome = if incoming.iter().any(|e| e.stream_type == P::STREAM_TYPE) {
-            let mut tx = self.shared.pool.begin().await?;
-            // Share-locked: a rebuild's switch or a pause waits for this batch, and it for them.
-            let live = live_gate::<P>(&mut tx).await?;
             let mut rows = model::RowCache::<P>::new();
-            let outcome = model::apply_batch::<P>(
+            model::apply_batch::<P>(
                 &mut tx,
                 &self.shared.store,
                 &live.generation,
@@ -527,20 +561,16 @@ impl<P: Projection> Unit<P> {
                 &incoming,
                 WriteMode::Live,
             )
-            .await?;
-            self.checkpoint(&mut tx, &progress, &outcome).await?;
-            tx.commit().await?;
-            outcome
+            .await?
         } else {
-            let outcome = BatchOutcome {
+            BatchOutcome {
                 ignored: incoming.len() as u64,
                 ..BatchOutcome::default()
-            };
-            let mut conn = self.shared.pool.acquire().await?;
-            live_gate::<P>(&mut conn).await?;
-            self.checkpoint(&mut conn, &progress, &outcome).await?;
-            outcome
+            }
         };
+        self.record_refusals(&mut tx, &refused).await?;
+        self.checkpoint(&mut tx, &progress, &outcome).await?;
+        tx.commit().await?;
         metrics::gauge!("tally_projection_lag_events", &self.labels).set(pending as f64);
         if let Some(last) = last {
             let lag = if pending == 0 {
@@ -550,7 +580,27 @@ impl<P: Projection> Unit<P> {
             };
             metrics::gauge!("tally_projection_lag_seconds", &self.labels).set(lag);
         }
-        Ok(outcome)
+        Ok((outcome, refused))
+    }
+
+    /// Counts the refused events as dead letters of the partition, with the last reason, in the
+    /// batch's transaction; the state stays as it is.
+    async fn record_refusals(&self, conn: &mut sqlx::PgConnection, refused: &[Refusal]) -> Result<(), sqlx::Error> {
+        let Some(last) = refused.last() else {
+            return Ok(());
+        };
+        sqlx::query(
+            "UPDATE projection_partitions SET dead_letters = dead_letters + $3, last_error = $4, \
+                 last_error_at = now(), updated_at = now() \
+             WHERE projection = $1 AND partition = $2",
+        )
+        .bind(P::NAME)
+        .bind(self.partition as i32)
+        .bind(refused.len() as i64)
+        .bind(format!("refused {} event(s); the last: {}", refused.len(), last.reason))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     /// Records the batch's progress, on condition that this worker still holds the partition's
@@ -602,13 +652,20 @@ impl<P: Projection> Unit<P> {
         }))
     }
 
-    fn incoming(&self, payload: &[u8], sequence: u64) -> Result<Incoming, ApplyError> {
+    /// The event a message carries, and what it claims to be in the log.
+    fn incoming(&self, payload: &[u8], sequence: u64) -> Result<(Incoming, Claim), ApplyError> {
         let bad = |reason: String| ApplyError::BadEnvelope { sequence, reason };
         let envelope: EventEnvelope = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
         let recorded_at = DateTime::parse_from_rfc3339(&envelope.recorded_at)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| bad(format!("recorded_at: {e}")))?;
-        Ok(Incoming {
+        let claim = Claim {
+            position: envelope.position,
+            stream_id: envelope.stream_id,
+            version: envelope.version,
+            hash: tally_event_store::relay::envelope_hash(&envelope),
+        };
+        let event = Incoming {
             meta: EventMeta {
                 stream_id: envelope.stream_id,
                 version: envelope.version,
@@ -620,7 +677,8 @@ impl<P: Projection> Unit<P> {
             event_type: envelope.event_type,
             schema_version: envelope.schema_version,
             payload: envelope.payload.get().to_owned(),
-        })
+        };
+        Ok((event, claim))
     }
 
     fn record(&self, outcome: &BatchOutcome, events: usize, took: Duration) {

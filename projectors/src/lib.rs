@@ -22,6 +22,7 @@ pub mod model;
 pub mod ops;
 pub mod rebuild;
 pub mod transfers;
+mod verify;
 pub mod worker;
 
 use std::future::Future;
@@ -61,8 +62,9 @@ pub struct Config {
     pub database_url: String,
     #[arg(long, env = "TALLY_DB_CONNECTIONS_MAX", default_value_t = 16)]
     pub db_connections_max: u32,
-    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS, signed in as the projectors' user (`tally_projector`).
+    #[command(flatten)]
+    pub nats: tally_event_store::nats_users::NatsArgs,
     #[arg(long, env = "TALLY_NATS_STREAM", default_value = tally_event_store::partition::STREAM_NAME_DEFAULT)]
     pub nats_stream: String,
     #[arg(long, env = "TALLY_SUBJECT_PREFIX", default_value = tally_event_store::partition::SUBJECT_PREFIX_DEFAULT)]

@@ -11,9 +11,11 @@ async fn main() -> anyhow::Result<()> {
     tally_service::metrics::install();
     let config = Config::parse();
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
-    let nats = async_nats::ConnectOptions::new()
+    let nats = config
+        .nats
+        .options()
         .retry_on_initial_connect()
-        .connect(&config.nats_url)
+        .connect(&config.nats.url)
         .await?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let router = tally_projectors::http::router(pool.clone(), nats.clone());

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::Event;
 use futures::StreamExt;
+use tally_event_store::nats_users::NatsArgs;
 use tally_schemas::invalidation::{Invalidation, invalidation_wildcard};
 
 use crate::cache::{VersionedCache, floor_ttl};
@@ -92,12 +93,13 @@ enum Cache {
     Transfers,
 }
 
-/// Subscribes to every projection's invalidations on `nats_url` and applies them, for as long
+/// Subscribes to every projection's invalidations on `nats` and applies them, for as long
 /// as the process lives. The caches are off until the subscription is in place, and off again
 /// (and emptied) whenever the connection drops: invalidations sent meanwhile are lost.
-pub async fn listen(caches: Arc<Caches>, nats_url: String, subject_prefix: String) {
+pub async fn listen(caches: Arc<Caches>, nats: NatsArgs, subject_prefix: String) {
     let (events, mut connection) = tokio::sync::mpsc::channel::<Event>(CONNECTION_EVENTS_MAX);
-    let client = async_nats::ConnectOptions::new()
+    let client = nats
+        .options()
         .retry_on_initial_connect()
         .event_callback(move |event| {
             let events = events.clone();
@@ -105,7 +107,7 @@ pub async fn listen(caches: Arc<Caches>, nats_url: String, subject_prefix: Strin
                 let _ = events.try_send(event);
             }
         })
-        .connect(nats_url.as_str())
+        .connect(nats.url.as_str())
         .await;
     let client = match client {
         Ok(client) => client,

@@ -75,9 +75,10 @@ pub struct Config {
     /// How often each replica's health and lag are checked (milliseconds).
     #[arg(long, env = "TALLY_REPLICA_CHECK_MS", default_value_t = 1_000)]
     pub replica_check_ms: u64,
-    /// NATS, for the projectors' cache invalidations.
-    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS, for the projectors' cache invalidations, signed in as the query API's user
+    /// (`tally_query`: it may only subscribe to them).
+    #[command(flatten)]
+    pub nats: tally_event_store::nats_users::NatsArgs,
     /// Subject prefix of the events (invalidations come on `<prefix>-invalidations.>`).
     #[arg(long, env = "TALLY_SUBJECT_PREFIX", default_value = tally_event_store::partition::SUBJECT_PREFIX_DEFAULT)]
     pub subject_prefix: String,
@@ -150,7 +151,7 @@ impl AppState {
         );
         tokio::spawn(invalidations::listen(
             caches.clone(),
-            config.nats_url.clone(),
+            config.nats.clone(),
             config.subject_prefix.clone(),
         ));
         Ok(Self {

@@ -5,6 +5,9 @@
 //! (`cargo test -p tally-tests`), the kit starts a private set for the test process.
 //! Either way each test gets its own database ([`TestDb`]) and its own JetStream stream and
 //! subject prefix ([`TestNats`]), so tests run in parallel and never see each other's data.
+//! NATS requires a password: each service the kit starts signs in as its own NATS user, with
+//! only that user's permissions (`tally_event_store::nats_users`); the tests' own clients sign
+//! in as the admin user ([`TestNats::connect`]).
 //!
 //! Every service the kit starts verifies HS256 tokens signed with [`JWT_SECRET`]; the kit's
 //! clients ([`Api`], [`client`]) send a token minted with it ([`token`]).
@@ -21,6 +24,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tally_domain::Account;
+use tally_event_store::nats_users::{self, Credentials};
 use tally_event_store::{READ_LIMIT_MAX, roles};
 use tally_service::auth::{Claims, Role};
 use uuid::Uuid;
@@ -75,6 +79,8 @@ pub struct Services {
     pub primary_admin_url: String,
     pub replica_admin_url: Option<String>,
     pub nats_url: String,
+    /// The NATS users' passwords.
+    pub nats_credentials: Credentials,
 }
 
 fn with_database(url: &str, database: &str) -> String {
@@ -86,15 +92,18 @@ fn with_database(url: &str, database: &str) -> String {
 pub fn services() -> &'static Services {
     static SERVICES: OnceLock<Services> = OnceLock::new();
     SERVICES.get_or_init(|| {
-        if let (Ok(primary), Ok(nats)) = (
+        if let (Ok(primary), Ok(nats), Ok(passwords)) = (
             std::env::var("TALLY_TEST_DATABASE_URL"),
             std::env::var("TALLY_TEST_NATS_URL"),
+            std::env::var("TALLY_TEST_NATS_PASSWORDS"),
         ) {
             let replica = std::env::var("TALLY_TEST_REPLICA_URL").ok().filter(|r| !r.is_empty());
             return Services {
                 primary_admin_url: primary,
                 replica_admin_url: replica,
                 nats_url: nats,
+                nats_credentials: Credentials::decode(&passwords)
+                    .expect("TALLY_TEST_NATS_PASSWORDS names every NATS user (user=password,...)"),
             };
         }
         start_private_services()
@@ -113,11 +122,17 @@ fn start_private_services() -> Services {
         },
     )
     .expect("starting a private Postgres for the tests");
-    let nats = tally_devstack::Nats::start(&root.join("nats")).expect("starting a private NATS for the tests");
+    let nats_credentials = Credentials::generate();
+    let nats = tally_devstack::Nats::start_with_config(
+        &root.join("nats"),
+        &nats_credentials.authorization(&nats_users::shared_topology()),
+    )
+    .expect("starting a private NATS for the tests");
     let services = Services {
         primary_admin_url: pg.primary_url("postgres"),
         replica_admin_url: pg.replica_url("postgres"),
         nats_url: nats.url(),
+        nats_credentials,
     };
     // Kept alive for the whole process on purpose.
     std::mem::forget(pg);
@@ -162,6 +177,7 @@ impl PrivateCluster {
             primary_admin_url: self.pg.primary_url("postgres"),
             replica_admin_url: self.pg.replica_url("postgres"),
             nats_url: services().nats_url.clone(),
+            nats_credentials: services().nats_credentials.clone(),
         }
     }
 
@@ -319,12 +335,14 @@ impl TestDb {
     }
 }
 
-/// A JetStream stream and subject prefix of this test's own on the shared NATS server.
+/// A JetStream stream and subject prefix of this test's own on the shared NATS server (whose
+/// permissions allow any stream and any `*.events` prefix: `nats_users::shared_topology`).
 #[derive(Debug, Clone)]
 pub struct TestNats {
     pub url: String,
     pub stream: String,
     pub subject_prefix: String,
+    pub credentials: Credentials,
 }
 
 impl TestNats {
@@ -334,15 +352,65 @@ impl TestNats {
             url: services().nats_url.clone(),
             stream: format!("T_{id}"),
             subject_prefix: format!("t{id}.events"),
+            credentials: services().nats_credentials.clone(),
         }
     }
 
-    pub fn env(&self) -> Vec<(&'static str, String)> {
+    /// A stream of this test's own on a NATS server of its own (with the same users and
+    /// permissions as the shared one), for tests that stop or kill the server: stopping the
+    /// shared one would break other tests. The server stops when the returned handle drops.
+    pub fn private_server(name: &str) -> (Self, tally_devstack::Nats) {
+        let root = std::env::temp_dir().join(format!("tally-{name}-nats-{}", Uuid::now_v7().simple()));
+        let nats = Self::new();
+        let server = tally_devstack::Nats::start_with_config(
+            &root,
+            &nats.credentials.authorization(&nats_users::shared_topology()),
+        )
+        .expect("starting a private NATS");
+        (
+            Self {
+                url: server.url(),
+                ..nats
+            },
+            server,
+        )
+    }
+
+    /// What a service signing in to this stream's server as NATS user `user` is started with.
+    pub fn env(&self, user: &str) -> Vec<(&'static str, String)> {
+        let mut env = self.topology_env();
+        env.extend(self.credentials.env(user));
+        env
+    }
+
+    /// The server, stream and prefix, without a user (add [`Credentials::env`]).
+    pub fn topology_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("TALLY_NATS_URL", self.url.clone()),
             ("TALLY_NATS_STREAM", self.stream.clone()),
             ("TALLY_SUBJECT_PREFIX", self.subject_prefix.clone()),
         ]
+    }
+
+    /// A client of this stream's server signed in as `user`, connecting in the background
+    /// (so it may be made while the server is down).
+    pub async fn connect_as(&self, user: &str) -> async_nats::Client {
+        nats_users::NatsArgs {
+            url: self.url.clone(),
+            user: Some(user.to_owned()),
+            password: Some(self.credentials.password(user).to_owned()),
+        }
+        .options()
+        .retry_on_initial_connect()
+        .connect(&self.url)
+        .await
+        .expect("NATS connect options are valid")
+    }
+
+    /// A client with every permission (the admin user), for a test to look at or tamper with
+    /// the stream.
+    pub async fn connect(&self) -> async_nats::Client {
+        self.connect_as(nats_users::ADMIN).await
     }
 }
 
@@ -669,7 +737,8 @@ impl Stack {
     ) -> Self {
         let nats = TestNats::new();
         let (command_port, relay_port) = (free_port(), free_port());
-        let mut env = nats.env();
+        // Without a NATS user: each service below adds its own.
+        let mut env = nats.topology_env();
         env.extend(auth_env());
         env.push(("TALLY_DATABASE_URL", db.url.clone()));
         env.push(("TALLY_PARTITIONS", "4".into()));
@@ -677,7 +746,8 @@ impl Stack {
         let with = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
             env.iter().cloned().chain(extra).collect()
         };
-        // Each service as its own role, with only the privileges it needs (roles.rs).
+        // Each service as its own role and NATS user, with only the privileges it needs
+        // (roles.rs, nats_users.rs).
         let command_api = Proc::spawn(
             "tally-command-api",
             &with(vec![
@@ -687,10 +757,15 @@ impl Stack {
         );
         let relay = Proc::spawn(
             "tally-relay",
-            &with(vec![
-                ("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}")),
-                ("TALLY_DATABASE_URL", db.url_as(roles::RELAY)),
-            ]),
+            &with(
+                [
+                    ("TALLY_RELAY_LISTEN", format!("127.0.0.1:{relay_port}")),
+                    ("TALLY_DATABASE_URL", db.url_as(roles::RELAY)),
+                ]
+                .into_iter()
+                .chain(nats.credentials.env(nats_users::RELAY))
+                .collect(),
+            ),
         );
         let projector_env = projector_env("w1");
         let projector_listen = projector_env
@@ -704,6 +779,7 @@ impl Stack {
                 projector_env
                     .into_iter()
                     .chain([("TALLY_DATABASE_URL", db.url_as(roles::PROJECTOR))])
+                    .chain(nats.credentials.env(nats_users::PROJECTOR))
                     .collect(),
             ),
         );
@@ -736,6 +812,7 @@ impl Stack {
                 ("TALLY_REPLICA_URLS", self.db.replica_url_as(roles::QUERY)),
                 ("TALLY_DATABASE_URL", self.db.url_as(roles::QUERY)),
             ])
+            .chain(self.nats.credentials.env(nats_users::QUERY))
             .chain(extra.iter().cloned())
             .collect();
         let proc = Proc::spawn("tally-query-api", &env);

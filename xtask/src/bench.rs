@@ -25,6 +25,7 @@ use tally_bench::preload::Preloaded;
 use tally_bench::report::{Report, ScenarioResult, describe_machine, timestamp_now};
 use tally_bench::{Bracket, Measurement, Window};
 use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_event_store::nats_users::{self, Credentials};
 use tally_event_store::relay::RelayConfig;
 
 use crate::stack::{Inherit, Service, create_database};
@@ -66,7 +67,8 @@ const RELAY_DATABASE: &str = "tally_bench_relay";
 /// Database of the projection-lag scenario: the relay publishes only its own events.
 const LAG_DATABASE: &str = "tally_bench_lag";
 /// The projection-lag scenario's NATS subjects (its events, its projector's announcements).
-const LAG_SUBJECT_PREFIX: &str = "bench.lag";
+/// `<name>.events`: inside what the bench server's NATS users may use (`nats_users::shared_topology`).
+const LAG_SUBJECT_PREFIX: &str = "lag.events";
 /// How long the relay and projector may take to catch up with the lag scenario's limit run.
 const LAG_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Database of the read scenarios: accounts with 99 deposits each, their read models and
@@ -205,11 +207,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             durable: true,
         },
     )?;
-    let nats = Nats::start(&dirs.run.join("nats"))?;
+    // With the users and permissions of a deployment: their checks are part of what is measured.
+    let (nats, nats_credentials) = crate::stack::start_nats(&dirs.run.join("nats"), &nats_users::shared_topology())?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     let outcome = runtime.block_on(async {
-        let mut bench = Bench::new(&pg, &nats, plan, &dirs, started_at).await?;
+        let mut bench = Bench::new(&pg, (&nats, nats_credentials), plan, &dirs, started_at).await?;
         let result = tokio::select! {
             result = bench.run(&selected) => result,
             () = tally_service::shutdown::signal() => Err(anyhow!("interrupted")),
@@ -332,6 +335,7 @@ struct Bench {
     lag_database_url: String,
     reads_database_url: String,
     nats_url: String,
+    nats_credentials: Credentials,
     /// Superuser pool on the bench database: `CHECKPOINT` before each measurement.
     admin: PgPool,
     report: Report,
@@ -340,7 +344,13 @@ struct Bench {
 }
 
 impl Bench {
-    async fn new(pg: &Postgres, nats: &Nats, plan: Plan, dirs: &Dirs, started_at: String) -> anyhow::Result<Self> {
+    async fn new(
+        pg: &Postgres,
+        (nats, nats_credentials): (&Nats, Credentials),
+        plan: Plan,
+        dirs: &Dirs,
+        started_at: String,
+    ) -> anyhow::Result<Self> {
         for database in [DATABASE, RELAY_DATABASE, REBUILD_DATABASE, LAG_DATABASE, READS_DATABASE] {
             create_database(pg, database).await?;
             let pool = PgPool::connect(&pg.primary_url(database)).await?;
@@ -364,6 +374,7 @@ impl Bench {
             lag_database_url: pg.primary_url(LAG_DATABASE),
             reads_database_url: pg.primary_url(READS_DATABASE),
             nats_url: nats.url(),
+            nats_credentials,
             admin,
             report: Report::new(machine, started_at),
             services_started: 0,
@@ -586,16 +597,23 @@ impl Bench {
         let pool = PgPool::connect(&self.lag_database_url).await?;
         tally_projectors::migrate(&pool).await?;
         // Each worker's probe listener on a port of its own.
-        let with_listener = |variable: &'static str| -> anyhow::Result<Vec<(&'static str, String)>> {
+        let credentials = self.nats_credentials.clone();
+        let with_listener = |variable: &'static str, user: &str| -> anyhow::Result<Vec<(&'static str, String)>> {
             let mut env = nats.to_vec();
             env.push((variable, format!("127.0.0.1:{}", tally_devstack::free_port()?)));
+            env.extend(credentials.env(user));
             Ok(env)
         };
-        let _relay = self.spawn_service("tally-relay", "relay", &with_listener("TALLY_RELAY_LISTEN")?, &[])?;
+        let _relay = self.spawn_service(
+            "tally-relay",
+            "relay",
+            &with_listener("TALLY_RELAY_LISTEN", nats_users::RELAY)?,
+            &[],
+        )?;
         let _projector = self.spawn_service(
             "tally-projector",
             "projector",
-            &with_listener("TALLY_PROJECTOR_LISTEN")?,
+            &with_listener("TALLY_PROJECTOR_LISTEN", nats_users::PROJECTOR)?,
             &[],
         )?;
         // A command API of its own: this scenario's log holds only its own events.
@@ -755,6 +773,7 @@ impl Bench {
             (UNTHROTTLED[0].0, UNTHROTTLED[0].1.to_owned()),
             (UNTHROTTLED[1].0, UNTHROTTLED[1].1.to_owned()),
         ];
+        env.extend(self.nats_credentials.env(nats_users::QUERY));
         if read == Read::Uncached {
             env.push((QUERY_CACHE_ENV, "0".to_owned()));
         }
@@ -815,12 +834,15 @@ impl Bench {
                 ("TALLY_DATABASE_URL", self.relay_database_url.clone()),
                 ("TALLY_NATS_URL", self.nats_url.clone()),
                 ("TALLY_NATS_STREAM", "BENCH_RELAY".into()),
-                ("TALLY_SUBJECT_PREFIX", "bench.relay".into()),
+                ("TALLY_SUBJECT_PREFIX", "relay.events".into()),
                 (
                     "TALLY_RELAY_LISTEN",
                     format!("127.0.0.1:{}", tally_devstack::free_port()?),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(self.nats_credentials.env(nats_users::RELAY))
+            .collect::<Vec<_>>(),
             &[],
         )?;
         let name = RelayConfig::default().name;
@@ -898,7 +920,8 @@ impl Bench {
     /// Runs the release `tally-bench` with `args` and parses the JSON it prints.
     async fn tally_bench<T: DeserializeOwned>(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> anyhow::Result<T> {
         let mut command = tokio::process::Command::new(self.bin_dir.join("tally-bench"));
-        command.args(args);
+        // Its NATS clients (the JetStream limit, the projection-lag listener) may do anything.
+        command.args(args).envs(self.nats_credentials.env(nats_users::ADMIN));
         run_json(command, "tally-bench").await
     }
 

@@ -24,6 +24,8 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+use tally_event_store::nats_users;
+
 use crate::{target_dir, workspace_root};
 
 /// The PyPI package (and version) validating manifests; it bundles the schemas.
@@ -171,7 +173,7 @@ struct ComposeService {
 type Compose = BTreeMap<String, ComposeService>;
 
 /// The variables docker-compose.yml requires from the environment.
-const COMPOSE_SECRETS: [&str; 7] = [
+const COMPOSE_SECRETS: [&str; 11] = [
     "TALLY_JWT_SECRET",
     "TALLY_PG_PASSWORD",
     "TALLY_PG_REPLICATION_PASSWORD",
@@ -179,7 +181,20 @@ const COMPOSE_SECRETS: [&str; 7] = [
     "TALLY_RELAY_DB_PASSWORD",
     "TALLY_PROJECTOR_DB_PASSWORD",
     "TALLY_QUERY_DB_PASSWORD",
+    "TALLY_NATS_RELAY_PASSWORD",
+    "TALLY_NATS_PROJECTOR_PASSWORD",
+    "TALLY_NATS_QUERY_PASSWORD",
+    "TALLY_NATS_ADMIN_PASSWORD",
 ];
+
+/// What `deploy/nats/auth.conf` holds above the block `nats_users` renders.
+const NATS_AUTH_HEADER: &str = "\
+# Who may do what on Tally's NATS: one user per service, allowed only its own subjects
+# (event-store/src/nats_users.rs, SECURITY.md). Generated from that code: `cargo xtask
+# check-deploy` fails when the two differ and prints what this file should hold. Each password
+# comes from the server's environment (TALLY_NATS_<USER>_PASSWORD); nats-server refuses to start
+# without it. The services sign in with TALLY_NATS_USER and TALLY_NATS_PASSWORD.
+";
 
 fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyhow::Result<Compose> {
     let compose_bin = which("docker-compose")
@@ -685,14 +700,26 @@ fn check_nats_config(root: &Path, report: &mut Report) -> anyhow::Result<()> {
         bail!("nats-server is not installed (Debian: apt-get install nats-server)");
     };
     let config = root.join("deploy/nats/nats.conf");
+    let passwords = nats_users::ALL.map(|user| (nats_users::password_variable(user), "check-deploy-stand-in"));
     match run(Command::new(nats)
         .arg("-c")
         .arg(&config)
         .arg("-t")
-        .env("SERVER_NAME", "check"))
+        .env("SERVER_NAME", "check")
+        .envs(passwords))
     {
         Ok(_) => println!("ok   nats-server -t (deploy/nats/nats.conf)"),
         Err(error) => report.fail(format!("nats-server -t: {error:#}")),
+    }
+    let expected = format!("{NATS_AUTH_HEADER}{}", nats_users::deployment_authorization());
+    let path = root.join("deploy/nats/auth.conf");
+    let actual = std::fs::read_to_string(&path).unwrap_or_default();
+    if actual == expected {
+        println!("ok   deploy/nats/auth.conf is what nats_users renders");
+    } else {
+        report.fail(format!(
+            "deploy/nats/auth.conf differs from the permissions in event-store/src/nats_users.rs; it should hold:\n{expected}"
+        ));
     }
     Ok(())
 }

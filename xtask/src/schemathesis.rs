@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_event_store::nats_users::{self, Credentials};
+use tally_event_store::partition::Topology;
 use tally_service::auth::{Claims, Role};
 
 use crate::stack::{Inherit, Service};
@@ -51,8 +53,8 @@ pub fn schemathesis() -> anyhow::Result<()> {
             durable: false,
         },
     )?;
-    let nats = Nats::start(&root.join("nats"))?;
-    let result = run(&pg, &nats);
+    let (nats, credentials) = crate::stack::start_nats(&root.join("nats"), &Topology::default())?;
+    let result = run(&pg, &nats, &credentials);
     drop(nats);
     pg.stop();
     result
@@ -68,7 +70,7 @@ struct Outcome {
 
 /// Starts the command API, the query API, the relay and a projector on `pg` and `nats`, and
 /// runs schemathesis against both APIs.
-pub fn run(pg: &Postgres, nats: &Nats) -> anyhow::Result<()> {
+pub fn run(pg: &Postgres, nats: &Nats, credentials: &Credentials) -> anyhow::Result<()> {
     let st = ensure_schemathesis()?;
     let dir = target_dir().join("schemathesis");
     let logs = dir.join("logs");
@@ -110,15 +112,21 @@ pub fn run(pg: &Postgres, nats: &Nats) -> anyhow::Result<()> {
     )?;
     let mut query_api = spawn(
         "tally-query-api",
-        &[("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}"))],
+        &[("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}"))]
+            .into_iter()
+            .chain(credentials.env(nats_users::QUERY))
+            .collect::<Vec<_>>(),
     )?;
-    let _relay = spawn("tally-relay", &[])?;
+    let _relay = spawn("tally-relay", &credentials.env(nats_users::RELAY))?;
     let _projector = spawn(
         "tally-projector",
         &[(
             "TALLY_PROJECTOR_LISTEN",
             format!("127.0.0.1:{}", tally_devstack::free_port()?),
-        )],
+        )]
+        .into_iter()
+        .chain(credentials.env(nats_users::PROJECTOR))
+        .collect::<Vec<_>>(),
     )?;
     runtime.block_on(async {
         command_api.wait_ready(&command).await?;

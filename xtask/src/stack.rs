@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_event_store::nats_users::{self, Credentials};
+use tally_event_store::partition::Topology;
 use tally_event_store::roles;
 use tally_service::auth::{Claims, Role};
 
@@ -192,6 +194,14 @@ fn signal(pid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
+/// A NATS server under `root` that requires a password, with a fresh one for each service's
+/// user and only the permissions `nats_users` gives it on `topology`.
+pub(crate) fn start_nats(root: &Path, topology: &Topology) -> anyhow::Result<(Nats, Credentials)> {
+    let credentials = Credentials::generate();
+    let nats = Nats::start_with_config(root, &credentials.authorization(topology))?;
+    Ok((nats, credentials))
+}
+
 /// Creates `database` on the primary unless it exists; the caller applies its migrations.
 pub(crate) async fn create_database(pg: &Postgres, database: &str) -> anyhow::Result<()> {
     let admin = sqlx::PgPool::connect(&pg.primary_url("postgres")).await?;
@@ -276,7 +286,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             durable: true,
         },
     )?;
-    let nats = Nats::start(&root.join("nats"))?;
+    let (nats, nats_credentials) = start_nats(&root.join("nats"), &Topology::default())?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(prepare_database(&pg, DATABASE))?;
@@ -298,8 +308,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(
         &env_file,
         format!(
-            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\nexport TALLY_CONSOLE_URL=http://{}\nexport TALLY_JWT_SECRET={secret}\n{token_exports}export TALLY_TOKEN=$TALLY_TOKEN_TELLER\n",
+            "export TALLY_DATABASE_URL={database_url}\nexport TALLY_REPLICA_URL={replica_url}\nexport TALLY_NATS_URL={}\nexport TALLY_NATS_USER={}\nexport TALLY_NATS_PASSWORD={}\nexport TALLY_COMMAND_URL=http://{}\nexport TALLY_QUERY_URL=http://{}\nexport TALLY_CONSOLE_URL=http://{}\nexport TALLY_JWT_SECRET={secret}\n{token_exports}export TALLY_TOKEN=$TALLY_TOKEN_TELLER\n",
             nats.url(),
+            nats_users::ADMIN,
+            nats_credentials.password(nats_users::ADMIN),
             args.command_listen,
             args.query_listen.first().context("at least one query-api address")?,
             args.console_listen,
@@ -344,10 +356,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         spawn(
             "tally-relay",
             "relay",
-            &with(vec![
-                ("TALLY_RELAY_LISTEN", RELAY_LISTEN.to_owned()),
-                ("TALLY_DATABASE_URL", as_role(roles::RELAY)),
-            ]),
+            &with(
+                vec![
+                    ("TALLY_RELAY_LISTEN", RELAY_LISTEN.to_owned()),
+                    ("TALLY_DATABASE_URL", as_role(roles::RELAY)),
+                ]
+                .into_iter()
+                .chain(nats_credentials.env(nats_users::RELAY))
+                .collect(),
+            ),
         )?,
     ];
     // Two projector workers: they split the (projection, partition) units between them.
@@ -356,11 +373,16 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         services.push(spawn(
             "tally-projector",
             &name,
-            &with(vec![
-                ("TALLY_PROJECTOR_WORKER_ID", name.clone()),
-                ("TALLY_PROJECTOR_LISTEN", (*listen).to_owned()),
-                ("TALLY_DATABASE_URL", as_role(roles::PROJECTOR)),
-            ]),
+            &with(
+                vec![
+                    ("TALLY_PROJECTOR_WORKER_ID", name.clone()),
+                    ("TALLY_PROJECTOR_LISTEN", (*listen).to_owned()),
+                    ("TALLY_DATABASE_URL", as_role(roles::PROJECTOR)),
+                ]
+                .into_iter()
+                .chain(nats_credentials.env(nats_users::PROJECTOR))
+                .collect(),
+            ),
         )?);
     }
     let first_query = services.len();
@@ -368,14 +390,19 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         services.push(spawn(
             "tally-query-api",
             &format!("query-api-{}", i + 1),
-            &with(vec![
-                ("TALLY_QUERY_LISTEN", listen.to_string()),
-                (
-                    "TALLY_REPLICA_URLS",
-                    tally_devstack::with_user(&replica_url, roles::QUERY),
-                ),
-                ("TALLY_DATABASE_URL", as_role(roles::QUERY)),
-            ]),
+            &with(
+                vec![
+                    ("TALLY_QUERY_LISTEN", listen.to_string()),
+                    (
+                        "TALLY_REPLICA_URLS",
+                        tally_devstack::with_user(&replica_url, roles::QUERY),
+                    ),
+                    ("TALLY_DATABASE_URL", as_role(roles::QUERY)),
+                ]
+                .into_iter()
+                .chain(nats_credentials.env(nats_users::QUERY))
+                .collect(),
+            ),
         )?);
     }
 
@@ -537,7 +564,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
             durable: false,
         },
     )?;
-    let nats = Nats::start(&root.join("nats"))?;
+    // One server for every test: each has a stream and prefix of its own.
+    let (nats, nats_credentials) = start_nats(&root.join("nats"), &nats_users::shared_topology())?;
     println!(
         "test services: postgres {} (replica {}), nats {}",
         pg.primary_port(),
@@ -558,13 +586,14 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("TALLY_TEST_DATABASE_URL", pg.primary_url("postgres"))
         .env("TALLY_TEST_REPLICA_URL", pg.replica_url("postgres").unwrap_or_default())
         .env("TALLY_TEST_NATS_URL", nats.url())
+        .env("TALLY_TEST_NATS_PASSWORDS", nats_credentials.encode())
         .env("TALLY_BIN_DIR", target_dir().join("debug"))
         .status()
         .context("running the test suite")?;
     // Hostile input against both APIs, on the same servers (a database of its own). A filtered
     // run (runner arguments given) is a developer's quick loop: it is skipped there.
     let fuzzed = if extra.is_empty() {
-        crate::schemathesis::run(&pg, &nats)
+        crate::schemathesis::run(&pg, &nats, &nats_credentials)
     } else {
         println!("runner arguments given: schemathesis skipped (cargo xtask schemathesis runs it alone)");
         Ok(())

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
 use sqlx::PgPool;
+use tally_event_store::nats_users::NatsArgs;
 use tally_event_store::partition::{self, Topology};
 use tally_event_store::relay::{Leadership, RelayConfig, RelayStatus};
 use tally_service::Problem;
@@ -32,8 +33,9 @@ struct Config {
         hide_env_values = true
     )]
     database_url: String,
-    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    /// NATS, signed in as the relay's user (`tally_relay`).
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Address of the HTTP listener: `/health`, `/ready`, `/metrics`.
     #[arg(long, env = "TALLY_RELAY_LISTEN", default_value = "0.0.0.0:9092")]
     listen: SocketAddr,
@@ -74,9 +76,11 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let pool = tally_event_store::connect(&config.database_url, 4)?;
     // Connects in the background: the probes answer (503) while NATS is unreachable.
-    let nats = async_nats::ConnectOptions::new()
+    let nats = config
+        .nats
+        .options()
         .retry_on_initial_connect()
-        .connect(&config.nats_url)
+        .connect(&config.nats.url)
         .await?;
     let status = Arc::new(RelayStatus::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

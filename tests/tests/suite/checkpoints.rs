@@ -11,6 +11,7 @@ use sqlx::{Postgres, Transaction};
 use tally_event_store::checkpoint::{self, SignedCheckpoint};
 use tally_event_store::hash::{HashInput, event_hash};
 use tally_event_store::merkle::{self, Hash};
+use tally_event_store::nats_users;
 use tally_service::auth::Role;
 use tally_tests::{Proc, TestDb, TestNats, auth_env, client_with, eventually, free_port, token, wait_ready};
 use uuid::Uuid;
@@ -338,7 +339,7 @@ async fn checkpoint_verify_refuses_an_altered_checkpoint_and_a_key_that_did_not_
 /// A query API on `db` alone (reading the primary), started and ready.
 async fn query_api(db: &TestDb, nats: &TestNats) -> (String, Proc) {
     let port = free_port();
-    let mut env = nats.env();
+    let mut env = nats.env(nats_users::QUERY);
     env.extend(auth_env());
     env.push(("TALLY_DATABASE_URL", db.url.clone()));
     env.push(("TALLY_REPLICA_URLS", db.url.clone()));

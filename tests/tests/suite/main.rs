@@ -10,6 +10,7 @@ mod e2e;
 mod event_store;
 mod idempotency;
 mod lifecycle;
+mod nats_auth;
 mod observability;
 mod projections;
 mod query;

@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use prost::Message as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tally_event_store::nats_users;
 use tally_event_store::partition::Topology;
 use tally_event_store::{EventStore, NewEvent, StreamAppend};
 use tally_service::auth::Role;
@@ -219,7 +220,7 @@ async fn append_events(store: &EventStore, events: usize) {
 /// A relay on `db` and `nats` whose probes listen on a port of its own; returns its base URL.
 fn relay(db: &TestDb, nats: &TestNats, nats_url: &str) -> (String, Proc) {
     let port = free_port();
-    let mut env = nats.env();
+    let mut env = nats.env(nats_users::RELAY);
     env.retain(|(k, _)| *k != "TALLY_NATS_URL");
     env.extend([
         ("TALLY_NATS_URL", nats_url.to_owned()),
@@ -515,7 +516,7 @@ async fn a_trace_runs_from_the_http_request_through_the_relay_to_the_projector()
     );
 
     // The relay puts that context on the NATS message.
-    let stream = async_nats::jetstream::new(async_nats::connect(&stack.nats.url).await.unwrap())
+    let stream = async_nats::jetstream::new(stack.nats.connect().await)
         .get_stream(&stack.nats.stream)
         .await
         .unwrap();

@@ -11,6 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tally_event_store::nats_users;
 use tally_event_store::partition::partition_of;
 use tally_tests::{Api, Proc, TestDb, TestNats, bin_dir, command_api, eventually, fold, projector_env};
 use uuid::Uuid;
@@ -43,15 +44,17 @@ impl Rig {
             workers: HashMap::new(),
             listen: HashMap::new(),
         };
-        rig.procs.push(Proc::spawn("tally-relay", &rig.env(&[])));
+        rig.procs
+            .push(Proc::spawn("tally-relay", &rig.env(nats_users::RELAY, &[])));
         for worker in workers {
             rig.start_worker(worker, extra);
         }
         rig
     }
 
-    pub(super) fn env(&self, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
-        let mut env = self.nats.env();
+    /// A service's environment on this rig, signed in to NATS as `nats_user`.
+    pub(super) fn env(&self, nats_user: &str, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+        let mut env = self.nats.env(nats_user);
         env.push(("TALLY_DATABASE_URL", self.db.url.clone()));
         env.push(("TALLY_PARTITIONS", PARTITIONS.to_string()));
         env.extend(extra.iter().cloned());
@@ -68,7 +71,7 @@ impl Rig {
             .clone();
         self.listen.insert(id.to_owned(), listen);
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-        let proc = Proc::spawn("tally-projector", &self.env(&env));
+        let proc = Proc::spawn("tally-projector", &self.env(nats_users::PROJECTOR, &env));
         self.workers.insert(id.to_owned(), proc);
     }
 
@@ -268,7 +271,7 @@ async fn a_consumer_left_on_the_whole_partition_is_narrowed_to_its_stream_type_a
         subject_prefix: rig.nats.subject_prefix.clone(),
         partitions: PARTITIONS,
     };
-    let js = async_nats::jetstream::new(async_nats::connect(&rig.nats.url).await.unwrap());
+    let js = async_nats::jetstream::new(rig.nats.connect().await);
     let stream = topology.ensure_stream(&js).await.unwrap();
     let projections = ["accounts", "transfers"];
     for projection in projections {
@@ -312,13 +315,7 @@ async fn a_consumer_left_on_the_whole_partition_is_narrowed_to_its_stream_type_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nats_restart_mid_stream_loses_nothing() {
-    // A NATS server of this test's own: stopping the shared one would break other tests.
-    let root = std::env::temp_dir().join(format!("tally-projector-nats-{}", Uuid::now_v7().simple()));
-    let mut server = tally_devstack::Nats::start(&root).expect("starting a private NATS");
-    let nats = TestNats {
-        url: server.url(),
-        ..TestNats::new()
-    };
+    let (nats, mut server) = TestNats::private_server("projector");
     let rig = Rig::start(nats, &["w1"], &[]).await;
     let accounts = open_accounts(&rig.api, 200).await;
     drive(&rig.api, &accounts, 16, 1_500, None).await;
@@ -462,7 +459,7 @@ async fn a_poison_event_stops_its_partition_is_dead_lettered_and_resumes_on_retr
     );
 
     // The dead letter: the event itself, with the error.
-    let client = async_nats::connect(&rig.nats.url).await.unwrap();
+    let client = rig.nats.connect().await;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(&rig.nats.stream).await.unwrap();
     let subject = format!("{}.dead-letter.accounts.{partition}", rig.nats.subject_prefix);

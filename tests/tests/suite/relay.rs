@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
+use tally_event_store::nats_users;
 use tally_event_store::{Checkpoint, EventStore, NewEvent, StreamAppend};
 use tally_tests::{Proc, TestDb, TestNats, eventually};
 use uuid::Uuid;
@@ -53,7 +54,7 @@ async fn append_round_robin(store: &EventStore, streams: usize, per_stream: usiz
 
 /// The environment of a `tally-relay` on this test's database and NATS stream.
 pub(super) fn relay_env(db: &TestDb, nats: &TestNats, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
-    let mut env = nats.env();
+    let mut env = nats.env(nats_users::RELAY);
     env.push(("TALLY_DATABASE_URL", db.url.clone()));
     env.push(("TALLY_PARTITIONS", "4".into()));
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
@@ -85,12 +86,7 @@ fn has_exited(pid: u32) -> bool {
 }
 
 pub(super) async fn jetstream_for(nats: &TestNats) -> jetstream::Context {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(&nats.url)
-        .await
-        .expect("connecting to NATS");
-    jetstream::new(client)
+    jetstream::new(nats.connect().await)
 }
 
 /// How many messages the test's JetStream stream holds (None while it does not exist or NATS
@@ -431,13 +427,7 @@ async fn a_relay_killed_with_sigkill_mid_stream_while_writers_append_republishes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_written_while_nats_is_down_for_ten_seconds_are_all_published_after_it_returns() {
-    // A NATS server of this test's own: stopping the shared one would break other tests.
-    let root = std::env::temp_dir().join(format!("tally-relay-nats-{}", Uuid::now_v7().simple()));
-    let mut server = tally_devstack::Nats::start(&root).expect("starting a private NATS");
-    let nats = TestNats {
-        url: server.url(),
-        ..TestNats::new()
-    };
+    let (nats, mut server) = TestNats::private_server("relay");
     let db = TestDb::new().await;
     let js = jetstream_for(&nats).await;
     let relay = Proc::spawn("tally-relay", &relay_env(&db, &nats, &[]));
