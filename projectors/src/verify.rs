@@ -8,6 +8,8 @@
 //! log holds that same hash for the same stream and version at its position: one indexed
 //! query per batch (`events_position`), in the batch's transaction.
 
+use std::collections::HashMap;
+
 use sqlx::PgConnection;
 use tally_event_store::hash::Hash;
 use uuid::Uuid;
@@ -43,12 +45,12 @@ pub(crate) async fn refusals(conn: &mut PgConnection, claims: &[Claim]) -> Resul
 
 /// [`refusals`] given the log's rows at the claimed positions (pure, for unit tests).
 fn judge(claims: &[Claim], stored: &[(i64, Uuid, i64, Vec<u8>)]) -> Vec<Refusal> {
-    let at = |position: i64| stored.iter().find(|row| row.0 == position);
+    let at: HashMap<i64, &(i64, Uuid, i64, Vec<u8>)> = stored.iter().map(|row| (row.0, row)).collect();
     claims
         .iter()
         .enumerate()
         .filter_map(|(index, claim)| {
-            let reason = match (&claim.hash, at(claim.position)) {
+            let reason = match (&claim.hash, at.get(&claim.position)) {
                 (Err(why), _) => format!("not an event of the log: {why}"),
                 (Ok(_), None) => format!("not an event of the log: it has no position {}", claim.position),
                 (Ok(hash), Some((_, stream_id, version, stored_hash))) => {

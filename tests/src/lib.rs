@@ -395,16 +395,21 @@ impl TestNats {
     /// A client of this stream's server signed in as `user`, connecting in the background
     /// (so it may be made while the server is down).
     pub async fn connect_as(&self, user: &str) -> async_nats::Client {
+        self.options_as(user)
+            .retry_on_initial_connect()
+            .connect(&self.url)
+            .await
+            .expect("NATS connect options are valid")
+    }
+
+    /// Connection options signing in to this stream's server as `user`, as the service would.
+    pub fn options_as(&self, user: &str) -> async_nats::ConnectOptions {
         nats_users::NatsArgs {
             url: self.url.clone(),
             user: Some(user.to_owned()),
             password: Some(self.credentials.password(user).to_owned()),
         }
         .options()
-        .retry_on_initial_connect()
-        .connect(&self.url)
-        .await
-        .expect("NATS connect options are valid")
     }
 
     /// A client with every permission (the admin user), for a test to look at or tamper with

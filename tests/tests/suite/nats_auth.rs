@@ -24,23 +24,19 @@ const VIOLATION_REPORT: Duration = Duration::from_secs(5);
 async fn client_reporting(nats: &TestNats, user: &str) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
     let reported = Arc::new(Mutex::new(Vec::new()));
     let sink = reported.clone();
-    let client = nats_users::NatsArgs {
-        url: nats.url.clone(),
-        user: Some(user.to_owned()),
-        password: Some(nats.credentials.password(user).to_owned()),
-    }
-    .options()
-    .event_callback(move |event| {
-        let sink = sink.clone();
-        async move {
-            if let async_nats::Event::ServerError(error) = event {
-                sink.lock().unwrap().push(error.to_string());
+    let client = nats
+        .options_as(user)
+        .event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    sink.lock().unwrap().push(error.to_string());
+                }
             }
-        }
-    })
-    .connect(&nats.url)
-    .await
-    .unwrap_or_else(|e| panic!("{user} cannot sign in: {e}"));
+        })
+        .connect(&nats.url)
+        .await
+        .unwrap_or_else(|e| panic!("{user} cannot sign in: {e}"));
     (client, reported)
 }
 
