@@ -20,4 +20,4 @@ COPY --from=build /out/ /usr/local/bin/
 USER 65532:65532
 ENV TALLY_LOG_FORMAT=json
 # Command API, query API, projector (/health, /ready, /metrics), console.
-EXPOSE 8080 8081 9090 8083
+EXPOSE 8080 8081 9090 8083 9180 9181

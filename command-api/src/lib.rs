@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use tally_event_store::EventStore;
 use tally_service::auth::AuthConfig;
 use tally_service::edge::{Edge, LimitsConfig};
-use tally_service::shutdown::ShutdownConfig;
+use tally_service::shutdown::{Listeners, ShutdownConfig};
 use writer::{Writer, WriterConfig};
 
 /// Configuration of the `tally-command-api` binary (flags or `TALLY_*` variables).
@@ -34,6 +34,10 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "TALLY_COMMAND_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address of the operations listener: `/metrics`, `/health`, `/ready`. Keep it off the
+    /// clients' network (`tally_service::probes`).
+    #[arg(long, env = "TALLY_COMMAND_OPS_LISTEN", default_value = "127.0.0.1:9180")]
+    pub ops_listen: SocketAddr,
     /// Postgres primary (the event store).
     #[arg(
         long,
@@ -127,15 +131,17 @@ pub fn app(state: AppState, edge: &Edge) -> axum::Router {
     tally_service::edge::protect(routes::router(state), edge)
 }
 
-/// Serves the command API on `listener` until `shutdown` resolves, then drains as `config`
-/// says (`tally_service::shutdown::serve`: grace with `/ready` at 503, stop accepting, finish
-/// the requests in flight, bounded).
+/// Serves the command API on `listeners.main` and its probes and metrics on `listeners.ops`
+/// until `shutdown` resolves, then drains as `config` says
+/// (`tally_service::shutdown::serve_with_ops`: grace with `/ready` at 503, stop accepting,
+/// finish the requests in flight, bounded).
 pub async fn run(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     state: AppState,
     edge: &Edge,
     config: &ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tally_service::shutdown::serve(listener, app(state, edge), &edge.limits, config, shutdown).await
+    let ops = routes::ops_router(state.clone());
+    tally_service::shutdown::serve_with_ops(listeners, app(state, edge), ops, &edge.limits, config, shutdown).await
 }

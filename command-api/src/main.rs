@@ -19,8 +19,9 @@ async fn main() -> anyhow::Result<()> {
     // Refuses to start without a way to check tokens.
     let edge = Edge::from_config(&config.auth, &config.limits)?;
     let pool = tally_event_store::connect(&config.database_url, config.db_connections_max)?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, "command API listening");
+    let listeners = tally_service::shutdown::Listeners::bind(config.listen, config.ops_listen).await?;
+    tracing::info!(listen = %listeners.main.local_addr()?,
+        ops_listen = %listeners.ops.local_addr()?, "command API listening");
     // Commits notify the relay (`tally_event_store::notify`), which then need not poll often.
     let store = EventStore::new(pool).notifying();
     let (writer, drained) = Writer::spawn(store.clone(), config.writer());
@@ -36,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     ));
     let state = AppState { store, writer };
     tally_command_api::run(
-        listener,
+        listeners,
         state,
         &edge,
         &config.shutdown,

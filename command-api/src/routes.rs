@@ -45,12 +45,16 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
-        .route("/metrics", get(tally_service::metrics::serve))
         .merge(crate::transfers::routes())
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
         .with_state(state)
+}
+
+/// The operations listener: `/metrics`, `/health` and `/ready` (`tally_service::probes`).
+pub fn ops_router(state: AppState) -> Router {
+    tally_service::probes::router(get(ready)).with_state(state)
 }
 
 /// `GET /ready`: 200 when the event store answers, else 503 (a load balancer stops routing here).

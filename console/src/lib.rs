@@ -44,21 +44,22 @@ pub struct Config {
     /// Base URL of the query API the pages read through (with the user's token).
     #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
     pub query_url: String,
-    /// Base URLs of the command APIs whose `/metrics` the overview samples, comma-separated.
+    /// Base URLs of the command APIs' operations listeners (`TALLY_COMMAND_OPS_LISTEN`), whose
+    /// `/metrics` the overview samples, comma-separated.
     #[arg(
         long,
         env = "TALLY_CONSOLE_COMMAND_URLS",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:9180"
     )]
     pub command_urls: Vec<String>,
-    /// Base URLs of the query APIs whose `/metrics` the overview samples (replica lag and
-    /// rotation), comma-separated.
+    /// Base URLs of the query APIs' operations listeners (`TALLY_QUERY_OPS_LISTEN`), whose
+    /// `/metrics` the overview samples (replica lag and rotation), comma-separated.
     #[arg(
         long,
         env = "TALLY_CONSOLE_QUERY_URLS",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:8081,http://127.0.0.1:8082"
+        default_value = "http://127.0.0.1:9181,http://127.0.0.1:9182"
     )]
     pub query_urls: Vec<String>,
     /// Base URLs of the relays' probe listeners (`/metrics`: leader and lag), comma-separated.

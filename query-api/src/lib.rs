@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tally_service::auth::AuthConfig;
 use tally_service::edge::{Edge, LimitsConfig};
-use tally_service::shutdown::ShutdownConfig;
+use tally_service::shutdown::{Listeners, ShutdownConfig};
 
 use crate::invalidations::{CacheConfig, Caches};
 use crate::sources::{LagBounds, Sources};
@@ -48,6 +48,10 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "TALLY_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    /// Address of the operations listener: `/metrics`, `/health`, `/ready`. Keep it off the
+    /// clients' network (`tally_service::probes`).
+    #[arg(long, env = "TALLY_QUERY_OPS_LISTEN", default_value = "127.0.0.1:9181")]
+    pub ops_listen: SocketAddr,
     /// Read replicas, comma-separated. Reads go round-robin to those within the lag bounds,
     /// to the primary when none is.
     #[arg(long, env = "TALLY_REPLICA_URLS", value_delimiter = ',', hide_env_values = true)]
@@ -168,15 +172,17 @@ pub fn app(state: AppState, edge: &Edge) -> axum::Router {
     tally_service::edge::protect(routes::router(state), edge)
 }
 
-/// Serves the query API on `listener` until `shutdown` resolves, then drains as `config`
-/// says (`tally_service::shutdown::serve`: grace with `/ready` at 503, stop accepting, finish
-/// the requests in flight, bounded).
+/// Serves the query API on `listeners.main` and its probes and metrics on `listeners.ops`
+/// until `shutdown` resolves, then drains as `config` says
+/// (`tally_service::shutdown::serve_with_ops`: grace with `/ready` at 503, stop accepting,
+/// finish the requests in flight, bounded).
 pub async fn run(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     state: AppState,
     edge: &Edge,
     config: &ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tally_service::shutdown::serve(listener, app(state, edge), &edge.limits, config, shutdown).await
+    let ops = routes::ops_router(state.clone());
+    tally_service::shutdown::serve_with_ops(listeners, app(state, edge), ops, &edge.limits, config, shutdown).await
 }

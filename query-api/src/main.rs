@@ -13,15 +13,16 @@ async fn main() -> anyhow::Result<()> {
     // Refuses to start without a way to check tokens.
     let edge = tally_service::edge::Edge::from_config(&config.auth, &config.limits)?;
     let state = AppState::start(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listeners = tally_service::shutdown::Listeners::bind(config.listen, config.ops_listen).await?;
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %listeners.main.local_addr()?,
+        ops_listen = %listeners.ops.local_addr()?,
         replicas = config.replicas().len(),
         cache_max_entries = config.cache_max_entries,
         "query API listening"
     );
     tally_query_api::run(
-        listener,
+        listeners,
         state,
         &edge,
         &config.shutdown,

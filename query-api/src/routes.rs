@@ -48,10 +48,15 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
-        .route("/metrics", get(tally_service::metrics::serve))
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .with_state(state)
+}
+
+/// The operations listener: `/metrics`, `/health` and `/ready` (`tally_service::probes`).
+/// Its `/ready` is the anonymous one: no replica hosts or error texts.
+pub fn ops_router(state: AppState) -> Router {
+    tally_service::probes::router(get(ready)).with_state(state)
 }
 
 /// What `/ready` reports.

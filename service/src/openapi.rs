@@ -135,9 +135,9 @@ fn secure_operation(operation: &mut Operation) {
     }
 }
 
-/// Routes that stay open to everyone: probes, Prometheus scrapes (which no document lists; the
-/// load balancer keeps `/metrics` from the outside) and `/openapi.json`.
-pub const OPEN_PATHS: [&str; 4] = ["/health", "/ready", "/metrics", "/openapi.json"];
+/// Routes of an API's main listener that stay open to everyone: probes and `/openapi.json`.
+/// (`/metrics` is served only on the operations listener, `crate::probes`.)
+pub const OPEN_PATHS: [&str; 3] = ["/health", "/ready", "/openapi.json"];
 
 /// For each API's tests: panics unless every operation of `document` outside [`OPEN_PATHS`]
 /// names exactly one known role under [`BEARER_AUTH`], and the open ones name none.

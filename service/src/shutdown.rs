@@ -104,6 +104,74 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let draining = Arc::new(AtomicBool::new(false));
+    serve_draining(listener, app, draining, limits, config, shutdown).await;
+    Ok(())
+}
+
+/// The two listeners of an API: `main` for its routes, `ops` for its probes and metrics
+/// ([`crate::probes`]).
+#[derive(Debug)]
+pub struct Listeners {
+    pub main: tokio::net::TcpListener,
+    pub ops: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses; an address in use is an error naming it.
+    pub async fn bind(main: std::net::SocketAddr, ops: std::net::SocketAddr) -> std::io::Result<Self> {
+        let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("binding the {what} listener {addr}: {e}")))
+        };
+        Ok(Self {
+            main: bind(main, "API").await?,
+            ops: bind(ops, "operations").await?,
+        })
+    }
+}
+
+/// Longest wait, once the main listener has drained, for scrapes in flight on the operations
+/// listener to finish.
+const OPS_DRAIN_MAX: Duration = Duration::from_secs(1);
+
+/// [`serve`] for an API: `app` on `listeners.main`, `ops` on `listeners.ops`. The operations
+/// listener keeps answering (metrics, `/ready` at 503 once draining) until the main one has
+/// drained, so the last scrapes see the shutdown; then it closes too.
+pub async fn serve_with_ops(
+    listeners: Listeners,
+    app: Router,
+    ops: Router,
+    limits: &LimitsConfig,
+    config: &ShutdownConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let draining = Arc::new(AtomicBool::new(false));
+    let ops = ops.layer(middleware::from_fn_with_state(draining.clone(), mark_draining));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops_limits = limits.clone();
+    let ops_served = tokio::spawn(async move {
+        let closing = async {
+            // Resolves when told to stop, or when the sender is dropped.
+            let _ = stopped.await;
+        };
+        let open = crate::connections::accept(listeners.ops, ops, &ops_limits, closing).await;
+        let _ = tokio::time::timeout(OPS_DRAIN_MAX, open.shutdown()).await;
+    });
+    serve_draining(listeners.main, app, draining, limits, config, shutdown).await;
+    let _ = stop.send(());
+    ops_served.await.map_err(std::io::Error::other)
+}
+
+/// [`serve`], with `draining` raised when `shutdown` resolves.
+async fn serve_draining(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    draining: Arc<AtomicBool>,
+    limits: &LimitsConfig,
+    config: &ShutdownConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let app = app.layer(middleware::from_fn_with_state(draining.clone(), mark_draining));
     let grace = config.grace();
     let closing = async move {
@@ -126,7 +194,6 @@ pub async fn serve(
             "requests still in flight after the drain bound; they are dropped"
         );
     }
-    Ok(())
 }
 
 /// Middleware: once draining, `/ready` answers `503 shutting-down` and every response closes

@@ -12,6 +12,7 @@
 //! Every service the kit starts verifies HS256 tokens signed with [`JWT_SECRET`]; the kit's
 //! clients ([`Api`], [`client`]) send a token minted with it ([`token`]).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -574,6 +575,17 @@ pub async fn wait_ready(base: &str, proc: &Proc) {
     }
 }
 
+/// `(variable, a free loopback address)`: an API's operations listener (`/metrics`) for a
+/// test, so that APIs started side by side do not contend for the default port.
+pub fn ops_listen(variable: &'static str) -> (&'static str, String) {
+    (variable, format!("127.0.0.1:{}", free_port()))
+}
+
+/// The base URL of the address an env entry from [`ops_listen`] names.
+fn ops_base(listen: &(&'static str, String)) -> String {
+    format!("http://{}", listen.1)
+}
+
 /// A command API alone on `db` (no relay, projector or query API), with extra `env`; ready
 /// when this returns. Returns a client of it and its process.
 pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (Api, Proc) {
@@ -581,6 +593,7 @@ pub async fn command_api(db: &TestDb, env: &[(&'static str, String)]) -> (Api, P
     let mut all = vec![
         ("TALLY_DATABASE_URL", db.url_as(roles::COMMAND)),
         ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
+        ops_listen("TALLY_COMMAND_OPS_LISTEN"),
     ];
     all.extend(auth_env());
     all.extend(env.iter().cloned());
@@ -707,6 +720,9 @@ pub struct Stack {
     pub command: String,
     /// Base URL of the query API (reading from the replica).
     pub query: String,
+    /// Base URL of each API's operations listener (`/metrics`, `/health`, `/ready`), by the
+    /// API's base URL: see [`Stack::ops_of`].
+    pub ops: HashMap<String, String>,
     /// Base URL of the relay's probes and metrics.
     pub relay: String,
     /// Base URL of the projector's probes and metrics.
@@ -753,10 +769,13 @@ impl Stack {
         };
         // Each service as its own role and NATS user, with only the privileges it needs
         // (roles.rs, nats_users.rs).
+        let command_ops = ops_listen("TALLY_COMMAND_OPS_LISTEN");
+        let command_ops_base = ops_base(&command_ops);
         let command_api = Proc::spawn(
             "tally-command-api",
             &with(vec![
                 ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}")),
+                command_ops,
                 ("TALLY_DATABASE_URL", db.url_as(roles::COMMAND)),
             ]),
         );
@@ -790,6 +809,7 @@ impl Stack {
         );
         let command = format!("http://127.0.0.1:{command_port}");
         let mut stack = Self {
+            ops: HashMap::from([(command.clone(), command_ops_base)]),
             command,
             query: String::new(),
             relay: format!("http://127.0.0.1:{relay_port}"),
@@ -808,12 +828,15 @@ impl Stack {
     /// environment), waits until it is ready and returns its base URL.
     pub async fn spawn_query_api(&mut self, extra: &[(&'static str, String)]) -> String {
         let port = free_port();
+        let ops = ops_listen("TALLY_QUERY_OPS_LISTEN");
+        let ops_base = ops_base(&ops);
         let env: Vec<(&'static str, String)> = self
             .env
             .iter()
             .cloned()
             .chain([
                 ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{port}")),
+                ops,
                 ("TALLY_REPLICA_URLS", self.db.replica_url_as(roles::QUERY)),
                 ("TALLY_DATABASE_URL", self.db.url_as(roles::QUERY)),
             ])
@@ -824,7 +847,15 @@ impl Stack {
         let base = format!("http://127.0.0.1:{port}");
         wait_ready(&base, &proc).await;
         self.procs.push(proc);
+        self.ops.insert(base.clone(), ops_base);
         base
+    }
+
+    /// The base URL of the operations listener (`/metrics`) of the API at `base`.
+    pub fn ops_of(&self, base: &str) -> &str {
+        self.ops
+            .get(base)
+            .unwrap_or_else(|| panic!("no API of this stack at {base}"))
     }
 
     /// Starts a console on this stack (sampling every service's `/metrics` every 500 ms),
@@ -838,8 +869,8 @@ impl Stack {
             .chain([
                 ("TALLY_CONSOLE_LISTEN", format!("127.0.0.1:{port}")),
                 ("TALLY_QUERY_URL", self.query.clone()),
-                ("TALLY_CONSOLE_COMMAND_URLS", self.command.clone()),
-                ("TALLY_CONSOLE_QUERY_URLS", self.query.clone()),
+                ("TALLY_CONSOLE_COMMAND_URLS", self.ops_of(&self.command).to_owned()),
+                ("TALLY_CONSOLE_QUERY_URLS", self.ops_of(&self.query).to_owned()),
                 ("TALLY_CONSOLE_RELAY_URLS", self.relay.clone()),
                 ("TALLY_CONSOLE_PROJECTOR_URLS", self.projector.clone()),
                 ("TALLY_CONSOLE_SAMPLE_MS", "500".into()),

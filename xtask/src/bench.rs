@@ -28,7 +28,7 @@ use tally_devstack::{Nats, PgOptions, Postgres};
 use tally_event_store::nats_users::{self, Credentials};
 use tally_event_store::relay::RelayConfig;
 
-use crate::stack::{Inherit, Service, create_database};
+use crate::stack::{Inherit, Service, create_database, free_ops_listen};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
@@ -626,6 +626,7 @@ impl Bench {
                 &[
                     ("TALLY_DATABASE_URL", self.lag_database_url.clone()),
                     ("TALLY_COMMAND_LISTEN", listen.clone()),
+                    free_ops_listen("TALLY_COMMAND_OPS_LISTEN")?,
                     ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
                     (UNTHROTTLED[0].0, UNTHROTTLED[0].1.to_owned()),
                     (UNTHROTTLED[1].0, UNTHROTTLED[1].1.to_owned()),
@@ -768,6 +769,7 @@ impl Bench {
             // No replica: the query API then reads the primary, like the limit's server.
             ("TALLY_DATABASE_URL", self.reads_database_url.clone()),
             ("TALLY_QUERY_LISTEN", listen.clone()),
+            free_ops_listen("TALLY_QUERY_OPS_LISTEN")?,
             ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
             ("TALLY_NATS_URL", self.nats_url.clone()),
             (UNTHROTTLED[0].0, UNTHROTTLED[0].1.to_owned()),
@@ -973,6 +975,7 @@ impl Bench {
                 let mut env = vec![
                     ("TALLY_DATABASE_URL", self.database_url.clone()),
                     ("TALLY_COMMAND_LISTEN", listen),
+                    free_ops_listen("TALLY_COMMAND_OPS_LISTEN")?,
                     ("TALLY_JWT_SECRET", BENCH_JWT_SECRET.to_owned()),
                     (UNTHROTTLED[0].0, UNTHROTTLED[0].1.to_owned()),
                     (UNTHROTTLED[1].0, UNTHROTTLED[1].1.to_owned()),

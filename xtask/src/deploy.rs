@@ -243,7 +243,7 @@ fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> a
         binaries.check(&command, &names, &format!("compose service {name}"), report);
         if let Some(port) = environment
             .iter()
-            .find(|(k, _)| k.ends_with("_LISTEN"))
+            .find(|(k, _)| is_main_listen(k))
             .map(|(_, v)| port_of(v))
         {
             report.check(healthcheck.contains(&format!("127.0.0.1:{port}/")), || {
@@ -275,6 +275,7 @@ fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> a
     report.check(partitions.len() == 1, || {
         format!("compose services disagree on TALLY_PARTITIONS: {partitions:?}")
     });
+    check_console_targets(&services, report);
     let relay_health = services.values().filter(|s| s.command[0] == "tally-relay");
     for relay in relay_health {
         report.check(!relay.healthcheck.is_empty(), || {
@@ -286,6 +287,44 @@ fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> a
         services.len()
     );
     Ok(services)
+}
+
+/// Whether `name` is a service's main listen variable (`TALLY_COMMAND_LISTEN`), not its
+/// operations listener's (`TALLY_COMMAND_OPS_LISTEN`).
+fn is_main_listen(name: &str) -> bool {
+    name.ends_with("_LISTEN") && !name.ends_with(OPS_LISTEN_SUFFIX)
+}
+
+/// How an API's operations listener variable ends (`TALLY_COMMAND_OPS_LISTEN`).
+const OPS_LISTEN_SUFFIX: &str = "_OPS_LISTEN";
+
+/// The port a service serves `/metrics` on: its operations listener's when it has one (the
+/// APIs), else its only listener's (relay, projectors).
+fn metrics_port(environment: &BTreeMap<String, String>) -> Option<String> {
+    let ops = environment.iter().find(|(k, _)| k.ends_with(OPS_LISTEN_SUFFIX));
+    ops.or_else(|| environment.iter().find(|(k, _)| is_main_listen(k)))
+        .map(|(_, v)| port_of(v))
+}
+
+/// Every address the console samples (`TALLY_CONSOLE_*_URLS`) is a compose service's
+/// `/metrics` port: an API's operations listener, a worker's listener.
+fn check_console_targets(services: &BTreeMap<String, ComposeService>, report: &mut Report) {
+    for service in services.values() {
+        for (name, urls) in service
+            .environment
+            .iter()
+            .filter(|(k, _)| k.starts_with("TALLY_CONSOLE_") && k.ends_with("_URLS"))
+        {
+            for url in urls.split(',').filter(|u| !u.is_empty()) {
+                let address = url.trim_start_matches("http://").trim_end_matches('/');
+                let (host, port) = address.rsplit_once(':').unwrap_or((address, "80"));
+                let expected = services.get(host).and_then(|s| metrics_port(&s.environment));
+                report.check(expected.as_deref() == Some(port), || {
+                    format!("{name} samples {url}, but {host} serves /metrics on port {expected:?}")
+                });
+            }
+        }
+    }
 }
 
 // ---- deploy/haproxy -------------------------------------------------------------------------
@@ -306,7 +345,7 @@ fn check_haproxy(root: &Path, compose: &Compose, report: &mut Report) -> anyhow:
                 "haproxy.cfg routes to {host}, which docker-compose.yml does not run"
             )),
             Some(service) => {
-                let listen = service.environment.iter().find(|(k, _)| k.ends_with("_LISTEN"));
+                let listen = service.environment.iter().find(|(k, _)| is_main_listen(k));
                 report.check(listen.is_some_and(|(_, v)| port_of(v) == port), || {
                     format!("haproxy.cfg routes to {address}, but {host} listens on {listen:?}")
                 });
@@ -479,7 +518,7 @@ fn check_k8s(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyho
                 config_maps: &config_maps,
                 secrets: &secrets,
             };
-            check_pod(&place, &template["spec"], &refs, binaries, report);
+            check_pod(&place, template, &refs, binaries, report);
         }
     }
     for document in documents
@@ -541,7 +580,11 @@ impl References<'_> {
     }
 }
 
-fn check_pod(place: &str, pod: &Value, refs: &References<'_>, binaries: &mut Binaries, report: &mut Report) {
+/// Checks a pod `template`: its volumes and containers against the manifests and binaries, and
+/// its Prometheus scrape port against the port its container serves `/metrics` on.
+fn check_pod(place: &str, template: &Value, refs: &References<'_>, binaries: &mut Binaries, report: &mut Report) {
+    let pod = &template["spec"];
+    let scrape_port = template["metadata"]["annotations"]["prometheus.io/port"].as_str();
     for volume in pod.get("volumes").and_then(Value::as_sequence).into_iter().flatten() {
         if let Some(config_map) = volume.get("configMap") {
             let name = scalar(&config_map["name"]);
@@ -564,6 +607,7 @@ fn check_pod(place: &str, pod: &Value, refs: &References<'_>, binaries: &mut Bin
         let place = format!("{place} container {}", scalar(&container["name"]));
         let mut names = BTreeSet::new();
         let mut listen = None;
+        let mut ops_listen = None;
         for from in container
             .get("envFrom")
             .and_then(Value::as_sequence)
@@ -593,7 +637,9 @@ fn check_pod(place: &str, pod: &Value, refs: &References<'_>, binaries: &mut Bin
                     );
                 }
             }
-            if name.ends_with("_LISTEN") {
+            if name.ends_with(OPS_LISTEN_SUFFIX) {
+                ops_listen = Some(port_of(&scalar(&variable["value"])));
+            } else if is_main_listen(&name) {
                 listen = Some(port_of(&scalar(&variable["value"])));
             }
             names.insert(name);
@@ -607,15 +653,29 @@ fn check_pod(place: &str, pod: &Value, refs: &References<'_>, binaries: &mut Bin
             continue;
         }
         binaries.check(&command, &names, &place, report);
-        // Probes and the named port reach the port the binary listens on.
-        let port = container
-            .get("ports")
-            .and_then(Value::as_sequence)
-            .and_then(|ports| ports.iter().find(|p| p["name"].as_str() == Some("http")))
-            .map(|p| scalar(&p["containerPort"]));
+        // Probes and the named ports reach the ports the binary listens on; Prometheus scrapes
+        // the one that serves /metrics.
+        let port_named = |wanted: &str| {
+            container
+                .get("ports")
+                .and_then(Value::as_sequence)
+                .and_then(|ports| ports.iter().find(|p| p["name"].as_str() == Some(wanted)))
+                .map(|p| scalar(&p["containerPort"]))
+        };
+        let port = port_named("http");
         report.check(port == listen, || {
             format!("{place}: containerPort http {port:?} is not its listen port {listen:?}")
         });
+        let ops = port_named("ops");
+        report.check(ops == ops_listen, || {
+            format!("{place}: containerPort ops {ops:?} is not its operations listen port {ops_listen:?}")
+        });
+        if let Some(scrape_port) = scrape_port {
+            let metrics = ops_listen.clone().or_else(|| listen.clone());
+            report.check(metrics.as_deref() == Some(scrape_port), || {
+                format!("{place}: prometheus.io/port {scrape_port} is not where it serves /metrics ({metrics:?})")
+            });
+        }
         for probe in ["livenessProbe", "readinessProbe"] {
             if listen.is_some() {
                 let path = scalar(&container[probe]["httpGet"]["path"]);

@@ -22,7 +22,7 @@ use tally_event_store::nats_users::{self, Credentials};
 use tally_event_store::partition::Topology;
 use tally_service::auth::{Claims, Role};
 
-use crate::stack::{Inherit, Service};
+use crate::stack::{Inherit, Service, free_ops_listen};
 use crate::target_dir;
 
 /// The schemathesis release this check was written against.
@@ -108,14 +108,20 @@ pub fn run(pg: &Postgres, nats: &Nats, credentials: &Credentials) -> anyhow::Res
     let query = format!("http://127.0.0.1:{query_port}");
     let mut command_api = spawn(
         "tally-command-api",
-        &[("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}"))],
+        &[
+            ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{command_port}")),
+            free_ops_listen("TALLY_COMMAND_OPS_LISTEN")?,
+        ],
     )?;
     let mut query_api = spawn(
         "tally-query-api",
-        &[("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}"))]
-            .into_iter()
-            .chain(credentials.env(nats_users::QUERY))
-            .collect::<Vec<_>>(),
+        &[
+            ("TALLY_QUERY_LISTEN", format!("127.0.0.1:{query_port}")),
+            free_ops_listen("TALLY_QUERY_OPS_LISTEN")?,
+        ]
+        .into_iter()
+        .chain(credentials.env(nats_users::QUERY))
+        .collect::<Vec<_>>(),
     )?;
     let _relay = spawn("tally-relay", &credentials.env(nats_users::RELAY))?;
     let _projector = spawn(

@@ -54,9 +54,15 @@ pub struct UpArgs {
     /// Command API address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     command_listen: SocketAddr,
+    /// Command API operations address (`/metrics`, `/health`, `/ready`).
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    command_ops_listen: SocketAddr,
     /// Query API addresses: one instance each.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8081,127.0.0.1:8082")]
     query_listen: Vec<SocketAddr>,
+    /// Query API operations addresses, one per `--query-listen` address, in the same order.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9181,127.0.0.1:9182")]
+    query_ops_listen: Vec<SocketAddr>,
     /// Console address (the operations and audit pages).
     #[arg(long, default_value = "127.0.0.1:8083")]
     console_listen: SocketAddr,
@@ -196,6 +202,12 @@ fn signal(pid: libc::pid_t, sig: libc::c_int) {
 
 /// A NATS server under `root` that requires a password, with a fresh one for each service's
 /// user and only the permissions `nats_users` gives it on `topology`.
+/// `(variable, a free loopback address)` for an API's operations listener (`/metrics`), so a
+/// bench or schemathesis run does not contend with a dev stack for the default port.
+pub(crate) fn free_ops_listen(variable: &'static str) -> anyhow::Result<(&'static str, String)> {
+    Ok((variable, format!("127.0.0.1:{}", tally_devstack::free_port()?)))
+}
+
 pub(crate) fn start_nats(root: &Path, topology: &Topology) -> anyhow::Result<(Nats, Credentials)> {
     let credentials = Credentials::generate();
     let nats = Nats::start_with_config(root, &credentials.authorization(topology))?;
@@ -260,6 +272,12 @@ async fn seed(client: &reqwest::Client, command: &str, teller: &str) -> anyhow::
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.query_listen.len() == args.query_ops_listen.len(),
+        "--query-ops-listen needs one address per --query-listen address ({} given for {})",
+        args.query_ops_listen.len(),
+        args.query_listen.len()
+    );
     let profile = if args.release { "release" } else { "debug" };
     let mut build = vec!["build", "--workspace", "--bins"];
     if args.release {
@@ -350,6 +368,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "command-api",
             &with(vec![
                 ("TALLY_COMMAND_LISTEN", args.command_listen.to_string()),
+                ("TALLY_COMMAND_OPS_LISTEN", args.command_ops_listen.to_string()),
                 ("TALLY_DATABASE_URL", as_role(roles::COMMAND)),
             ]),
         )?,
@@ -386,13 +405,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         )?);
     }
     let first_query = services.len();
-    for (i, listen) in args.query_listen.iter().enumerate() {
+    for (i, (listen, ops_listen)) in args.query_listen.iter().zip(&args.query_ops_listen).enumerate() {
         services.push(spawn(
             "tally-query-api",
             &format!("query-api-{}", i + 1),
             &with(
                 vec![
                     ("TALLY_QUERY_LISTEN", listen.to_string()),
+                    ("TALLY_QUERY_OPS_LISTEN", ops_listen.to_string()),
                     (
                         "TALLY_REPLICA_URLS",
                         tally_devstack::with_user(&replica_url, roles::QUERY),
@@ -409,8 +429,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let command = format!("http://{}", args.command_listen);
     let queries: Vec<String> = args.query_listen.iter().map(|a| format!("http://{a}")).collect();
+    let command_ops = format!("http://{}", args.command_ops_listen);
+    let queries_ops: Vec<String> = args.query_ops_listen.iter().map(|a| format!("http://{a}")).collect();
     let console = format!("http://{}", args.console_listen);
-    // The console reads through the first query API and samples every service's /metrics.
+    // The console reads through the first query API and samples every service's /metrics (the
+    // APIs' on their operations listeners).
     services.push(spawn(
         "tally-console",
         "console",
@@ -418,8 +441,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             ("TALLY_CONSOLE_LISTEN", args.console_listen.to_string()),
             ("TALLY_DATABASE_URL", as_role(roles::PROJECTOR)),
             ("TALLY_QUERY_URL", queries[0].clone()),
-            ("TALLY_CONSOLE_COMMAND_URLS", command.clone()),
-            ("TALLY_CONSOLE_QUERY_URLS", queries.join(",")),
+            ("TALLY_CONSOLE_COMMAND_URLS", command_ops.clone()),
+            ("TALLY_CONSOLE_QUERY_URLS", queries_ops.join(",")),
             ("TALLY_CONSOLE_RELAY_URLS", format!("http://{RELAY_LISTEN}")),
             (
                 "TALLY_CONSOLE_PROJECTOR_URLS",
@@ -442,7 +465,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
-    print_banner(&command, &queries, &console, &pg, &nats, &env_file, &log_dir, &seeded);
+    let ops: Vec<String> = std::iter::once(command_ops).chain(queries_ops).collect();
+    print_banner(
+        &command, &queries, &ops, &console, &pg, &nats, &env_file, &log_dir, &seeded,
+    );
     print_tokens(&tokens, &env_file);
 
     // Run until Ctrl-C / SIGTERM, or until a service dies on its own.
@@ -479,9 +505,11 @@ const RELAY_LISTEN: &str = "127.0.0.1:9092";
 const PROJECTOR_LISTEN: [&str; 2] = ["127.0.0.1:9090", "127.0.0.1:9091"];
 
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one banner of everything that runs
 fn print_banner(
     command: &str,
     queries: &[String],
+    ops: &[String],
     console: &str,
     pg: &Postgres,
     nats: &Nats,
@@ -490,12 +518,17 @@ fn print_banner(
     seeded: &[String],
 ) {
     let q = &queries[0];
-    let workers: Vec<String> = std::iter::once(RELAY_LISTEN)
-        .chain(PROJECTOR_LISTEN)
-        .map(|listen| format!("http://{listen}"))
+    let workers: Vec<String> = ops
+        .iter()
+        .cloned()
+        .chain(
+            std::iter::once(RELAY_LISTEN)
+                .chain(PROJECTOR_LISTEN)
+                .map(|listen| format!("http://{listen}")),
+        )
         .collect();
     println!(
-        "\nProbes and Prometheus metrics (/health, /ready, /metrics): the APIs above, relay and projectors at {}",
+        "\nProbes and Prometheus metrics (/health, /ready, /metrics): the APIs' operations listeners, relay and projectors at {}",
         workers.join("  ")
     );
     println!(

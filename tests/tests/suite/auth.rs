@@ -336,6 +336,7 @@ async fn a_server_without_a_token_key_refuses_to_start() {
         &[
             ("TALLY_DATABASE_URL", db.url.clone()),
             ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{}", free_port())),
+            tally_tests::ops_listen("TALLY_COMMAND_OPS_LISTEN"),
         ],
     );
     let status = proc
@@ -357,6 +358,7 @@ async fn command_api_with_default_limits(db: &TestDb) -> (String, Proc) {
         &[
             ("TALLY_DATABASE_URL", db.url.clone()),
             ("TALLY_COMMAND_LISTEN", format!("127.0.0.1:{port}")),
+            tally_tests::ops_listen("TALLY_COMMAND_OPS_LISTEN"),
             ("TALLY_JWT_SECRET", JWT_SECRET.to_owned()),
         ],
     );

@@ -344,6 +344,7 @@ async fn query_api(db: &TestDb, nats: &TestNats) -> (String, Proc) {
     env.push(("TALLY_DATABASE_URL", db.url.clone()));
     env.push(("TALLY_REPLICA_URLS", db.url.clone()));
     env.push(("TALLY_QUERY_LISTEN", format!("127.0.0.1:{port}")));
+    env.push(tally_tests::ops_listen("TALLY_QUERY_OPS_LISTEN"));
     let proc = Proc::spawn("tally-query-api", &env);
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&base, &proc).await;

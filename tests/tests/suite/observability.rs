@@ -100,8 +100,21 @@ async fn metrics_of_both_apis_count_the_commands_and_requests_they_served() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let unmatched = reqwest::get(format!("{}/no/such/route", stack.command)).await.unwrap();
     assert_eq!(unmatched.status(), StatusCode::NOT_FOUND);
+    // Metrics are for operators: only on the operations listener, which also answers probes.
+    for base in [&stack.command, &stack.query] {
+        let public = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        assert_eq!(
+            public.status(),
+            StatusCode::NOT_FOUND,
+            "{base}/metrics is not served to clients"
+        );
+        for probe in ["/health", "/ready"] {
+            let response = reqwest::get(format!("{}{probe}", stack.ops_of(base))).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{probe} on the operations listener");
+        }
+    }
 
-    let scrape = Scrape::of(&stack.command).await;
+    let scrape = Scrape::of(stack.ops_of(&stack.command)).await;
     assert_eq!(commands(&scrape, "open", "accepted"), 1.0);
     assert_eq!(commands(&scrape, "deposit", "accepted"), 6.0);
     assert_eq!(commands(&scrape, "deposit", "replayed"), 1.0);
@@ -158,7 +171,7 @@ async fn metrics_of_both_apis_count_the_commands_and_requests_they_served() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body, _) = api.post_keyed(&deposits, &json!({"amount": 1})).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let scrape = Scrape::of(&stack.command).await;
+    let scrape = Scrape::of(stack.ops_of(&stack.command)).await;
     assert_eq!(
         scrape.value("tally_command_conflict_retries_total", &[("reason", "conflict")]),
         1.0
@@ -177,7 +190,7 @@ async fn metrics_of_both_apis_count_the_commands_and_requests_they_served() {
             .unwrap();
         assert!([StatusCode::OK, StatusCode::NOT_FOUND].contains(&response.status()));
     }
-    let scrape = Scrape::of(&stack.query).await;
+    let scrape = Scrape::of(stack.ops_of(&stack.query)).await;
     let route = [("route", "/v1/accounts/{id}"), ("method", "GET")];
     assert_eq!(scrape.value("tally_http_requests_total", &route), 5.0);
     assert!(scrape.value("tally_http_requests_total", &[route[0], route[1], ("status", "404")]) >= 2.0);

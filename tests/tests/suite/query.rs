@@ -103,7 +103,7 @@ async fn a_cache_never_keeps_a_row_older_than_an_invalidation_it_has_seen() {
     // Served from the cache from now on (a hit is counted).
     get(&client(), &url, &[]).await;
     metric_reaches(
-        &stack.query,
+        stack.ops_of(&stack.query),
         "tally_query_cache_requests_total{cache=\"accounts\",result=\"hit\"}",
         1.0,
     )
@@ -128,7 +128,7 @@ async fn a_cache_never_keeps_a_row_older_than_an_invalidation_it_has_seen() {
     )
     .await;
     metric_reaches(
-        &stack.query,
+        stack.ops_of(&stack.query),
         "tally_query_cache_invalidations_total{cache=\"accounts\"}",
         1.0,
     )
@@ -142,7 +142,7 @@ async fn a_cache_never_keeps_a_row_older_than_an_invalidation_it_has_seen() {
         assert_eq!(body["version"], 2, "the paused replica's row");
     }
     metric_reaches(
-        &stack.query,
+        stack.ops_of(&stack.query),
         "tally_query_cache_requests_total{cache=\"accounts\",result=\"stale\"}",
         1.0,
     )
@@ -316,7 +316,7 @@ async fn a_replica_that_is_down_or_too_far_behind_leaves_the_rotation_and_ready_
     assert_eq!(body["replicas"][0]["usable"], false, "{body}");
     assert!(body["replicas"][0]["lag_bytes"].as_u64() > Some(0), "{body}");
     account_at(&stack.query, account, version + 1).await;
-    metric_reaches(&stack.query, "tally_replica_lag_bytes", 1.0).await;
+    metric_reaches(stack.ops_of(&stack.query), "tally_replica_lag_bytes", 1.0).await;
 
     cluster.pause_replay(false).await;
     ready("replica").await;
