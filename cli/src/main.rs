@@ -98,7 +98,8 @@ enum AuditCommand {
     /// Generate an Ed25519 key pair for signing checkpoints.
     Keygen(checkpoints::KeygenArgs),
     /// Seal a signed checkpoint of the log: extend the history file's last one with the events
-    /// committed since, sign it, append it (and publish a copy to the database).
+    /// committed since, sign it, append it (and publish a copy to the database). With --every,
+    /// keep doing so periodically (the sealer).
     Seal(checkpoints::SealArgs),
     /// Write the global feed (from a query API, `auditor` role) as JSON Lines, with its SHA-256.
     Export(export::ExportArgs),

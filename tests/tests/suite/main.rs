@@ -19,6 +19,7 @@ mod rebuild_reads;
 mod relay;
 mod roles;
 mod schemas;
+mod sealer;
 mod shutdown;
 mod transfers;
 mod writer;

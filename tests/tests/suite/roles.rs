@@ -1,7 +1,7 @@
 //! Least privilege in Postgres: each service's role (`tally_event_store::roles`) connects to a
 //! real database and tries what the table owner could do to the log. Every attempt is refused.
 //! (That the services work as these roles is shown by the rest of the suite: the kit's stack
-//! runs every service as its own role.)
+//! runs every service as its own role; `sealer.rs` runs the sealer as `tally_sealer`.)
 
 use sqlx::{Connection, PgConnection};
 use tally_event_store::roles;
