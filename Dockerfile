@@ -16,8 +16,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
-# An unprivileged user: nothing in Tally needs root or writes to the filesystem.
+# The sealer's history folder (a volume in docker-compose.yml): a new volume takes its owner
+# from here, so the unprivileged user can write it.
+RUN mkdir -p /var/lib/tally-sealer && chown 65532:65532 /var/lib/tally-sealer
+# An unprivileged user: nothing in Tally needs root, and only the sealer writes to the
+# filesystem (its history, on a volume).
 USER 65532:65532
 ENV TALLY_LOG_FORMAT=json
-# Command API, query API, projector (/health, /ready, /metrics), console.
-EXPOSE 8080 8081 9090 8083 9180 9181
+# Command API, query API (and their operations listeners), projector (/health, /ready,
+# /metrics), console, sealer.
+EXPOSE 8080 8081 9090 8083 9180 9181 9093

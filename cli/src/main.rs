@@ -42,7 +42,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create or upgrade the event store and read-model tables, and the service roles
-    /// (tally_command, tally_relay, tally_projector, tally_query) with their privileges.
+    /// (tally_command, tally_relay, tally_projector, tally_query, tally_sealer) with their
+    /// privileges.
     Migrate(MigrateArgs),
     /// Check the stored log for tampering.
     Audit {
@@ -73,6 +74,8 @@ struct MigrateArgs {
     projector_db_password: Option<String>,
     #[arg(long, env = "TALLY_QUERY_DB_PASSWORD", hide_env_values = true)]
     query_db_password: Option<String>,
+    #[arg(long, env = "TALLY_SEALER_DB_PASSWORD", hide_env_values = true)]
+    sealer_db_password: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,7 +98,8 @@ enum AuditCommand {
     /// Generate an Ed25519 key pair for signing checkpoints.
     Keygen(checkpoints::KeygenArgs),
     /// Seal a signed checkpoint of the log: extend the history file's last one with the events
-    /// committed since, sign it, append it (and publish a copy to the database).
+    /// committed since, sign it, append it (and publish a copy to the database). With --every,
+    /// keep doing so periodically (the sealer).
     Seal(checkpoints::SealArgs),
     /// Write the global feed (from a query API, `auditor` role) as JSON Lines, with its SHA-256.
     Export(export::ExportArgs),
@@ -169,6 +173,7 @@ async fn migrate(database_url: &str, args: &MigrateArgs) -> anyhow::Result<()> {
         (roles::RELAY, &args.relay_db_password),
         (roles::PROJECTOR, &args.projector_db_password),
         (roles::QUERY, &args.query_db_password),
+        (roles::SEALER, &args.sealer_db_password),
     ];
     for (role, password) in passwords {
         if let Some(password) = password {

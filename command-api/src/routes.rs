@@ -87,7 +87,7 @@ pub struct OpenAccountRequest {
     #[schema(example = "Ada")]
     pub owner: String,
     /// ISO 4217 code; the account holds only this currency.
-    #[schema(example = "EUR")]
+    #[schema(schema_with = currency_schema)]
     pub currency: String,
     /// Minor units the account may go below zero; default 0.
     #[serde(default)]
@@ -152,9 +152,28 @@ pub struct AccountCommandResponse {
     pub consistency_token: String,
 }
 
+/// The schema of a currency a client sends: one of the ISO 4217 codes the domain accepts
+/// (`Currency::iso_codes`), so clients and schemathesis see the allowed values.
+pub(crate) fn currency_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(
+            "An ISO 4217 alphabetic code with a minor unit (e.g. `EUR`, `USD`, `JPY`); any other \
+             value is refused with `422 invalid-currency`. Accounts opened before codes were checked \
+             may hold other codes.",
+        ))
+        .enum_values(Some(Currency::iso_codes().iter().copied()))
+        .examples(["EUR"])
+        .build()
+}
+
+/// `text` as a currency, or `422 invalid-currency` with the refused value in `currency`.
 pub(crate) fn parse_currency(text: &str) -> Result<Currency, Problem> {
     text.parse().map_err(|e: tally_domain::MoneyError| {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-currency", "Invalid currency").detail(e.to_string())
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-currency", "Invalid currency")
+            .detail(e.to_string())
+            // Bodies allow long strings: echo no more than a code could be.
+            .extension("currency", text.chars().take(16).collect::<String>())
     })
 }
 

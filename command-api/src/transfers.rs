@@ -64,6 +64,7 @@ pub struct TransferRequest {
     /// Integer minor units, > 0.
     pub amount: i64,
     /// Must be both accounts' currency.
+    #[schema(schema_with = crate::routes::currency_schema)]
     pub currency: String,
     pub mode: Mode,
     /// Pending only: seconds until the hold expires (1 to 30 days; default 7 days).

@@ -1,7 +1,14 @@
 //! Money is integer minor units with a currency. Never floats.
+//!
+//! A currency is an ISO 4217 alphabetic code. Parsing one ([`FromStr`], what the APIs do with a
+//! client's input) admits only codes of the ISO 4217 table that have a minor unit, since every
+//! amount is an integer of minor units. Reading one back from a stored event (serde) admits any
+//! three upper-case letters, as Tally did before it checked the table: old events are never
+//! rewritten, and an account opened in a made-up currency must still fold.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use std::borrow::Cow;
 
@@ -22,6 +29,10 @@ pub enum MoneyError {
     InvalidAmount(i64),
     #[error("currency must be a three-letter upper-case ISO 4217 code; got {0:?}")]
     InvalidCurrency(String),
+    /// Three upper-case letters, but not an ISO 4217 code Tally can count in: not in the
+    /// table at all (`ZZZ`), or a code with no minor unit (gold `XAU`, `XXX`).
+    #[error("{code} is not an ISO 4217 currency with a minor unit: {reason}")]
+    NotIso4217 { code: String, reason: &'static str },
     /// Two amounts of different currencies met in one operation. Tally never converts.
     #[error("cannot combine {left} with {right}: currencies are never converted")]
     CurrencyMismatch { left: Currency, right: Currency },
@@ -84,6 +95,9 @@ impl From<AmountMinor> for i64 {
 }
 
 /// An ISO 4217 alphabetic currency code, e.g. `EUR`.
+///
+/// Parsed ([`FromStr`]) only from an ISO 4217 code with a minor unit; deserialized (stored
+/// events) from any three upper-case letters, so events stored before the check still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Currency([u8; 3]);
@@ -106,29 +120,85 @@ impl JsonSchema for Currency {
     }
 }
 
+/// Every code [`Currency::from_str`] accepts, sorted: the ISO 4217 codes with a minor unit.
+/// iso_currency lists its codes only through an optional iterator (strum, a proc-macro crate),
+/// so they are found by asking it about each of the 17,576 three-letter words, once.
+static ISO_CODES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let mut codes = Vec::new();
+    for a in b'A'..=b'Z' {
+        for b in b'A'..=b'Z' {
+            for c in b'A'..=b'Z' {
+                let word = [a, b, c];
+                let word = std::str::from_utf8(&word).expect("ASCII letters");
+                if let Some(iso) = iso_currency::Currency::from_code(word).filter(|iso| iso.exponent().is_some()) {
+                    codes.push(iso.code());
+                }
+            }
+        }
+    }
+    codes
+});
+
 impl Currency {
     pub fn as_str(&self) -> &str {
-        // The constructor admits only ASCII upper-case letters.
+        // The constructors admit only ASCII upper-case letters.
         std::str::from_utf8(&self.0).expect("currency codes are ASCII")
+    }
+
+    /// A currency read back from storage: any three upper-case letters, ISO 4217 or not (see
+    /// the module documentation). New input goes through [`FromStr`] instead.
+    pub fn from_stored(code: &str) -> Result<Self, MoneyError> {
+        let bytes = code.as_bytes();
+        if bytes.len() == 3 && bytes.iter().all(u8::is_ascii_uppercase) {
+            Ok(Self([bytes[0], bytes[1], bytes[2]]))
+        } else {
+            Err(MoneyError::InvalidCurrency(code.chars().take(16).collect()))
+        }
+    }
+
+    /// The ISO 4217 currency of this code; `None` for a code stored before codes were checked.
+    pub fn iso_4217(&self) -> Option<iso_currency::Currency> {
+        iso_currency::Currency::from_code(self.as_str())
+    }
+
+    /// Digits of minor units in one major unit (2 for EUR: cents; 0 for JPY; 3 for KWD);
+    /// `None` for a code stored before codes were checked.
+    pub fn minor_unit_exponent(&self) -> Option<u8> {
+        self.iso_4217()
+            .and_then(|iso| iso.exponent())
+            .and_then(|e| u8::try_from(e).ok())
+    }
+
+    /// Every code new accounts and transfers accept (what the OpenAPI documents list), sorted.
+    pub fn iso_codes() -> &'static [&'static str] {
+        &ISO_CODES
     }
 }
 
 impl FromStr for Currency {
     type Err = MoneyError;
+    /// Only an ISO 4217 code with a minor unit: what a client may open an account in.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = s.as_bytes();
-        if bytes.len() == 3 && bytes.iter().all(u8::is_ascii_uppercase) {
-            Ok(Self([bytes[0], bytes[1], bytes[2]]))
-        } else {
-            Err(MoneyError::InvalidCurrency(s.chars().take(16).collect()))
+        let currency = Self::from_stored(s)?;
+        let not_iso = |reason| MoneyError::NotIso4217 {
+            code: s.to_owned(),
+            reason,
+        };
+        let iso = currency.iso_4217().ok_or_else(|| not_iso("no such code in ISO 4217"))?;
+        if iso.exponent().is_none() {
+            return Err(not_iso(
+                "ISO 4217 gives it no minor unit, and Tally counts money in minor units",
+            ));
         }
+        Ok(currency)
     }
 }
 
 impl TryFrom<String> for Currency {
     type Error = MoneyError;
+    /// Deserialization: stored events, so the lenient [`Currency::from_stored`].
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
+        Self::from_stored(&value)
     }
 }
 
@@ -216,8 +286,69 @@ mod tests {
     fn currencies_are_three_upper_case_letters() {
         assert_eq!("EUR".parse::<Currency>().unwrap().as_str(), "EUR");
         for bad in ["eur", "EU", "EURO", "E1R", "", "ÄBC"] {
-            assert!(bad.parse::<Currency>().is_err(), "{bad:?} was accepted");
+            assert!(
+                matches!(bad.parse::<Currency>(), Err(MoneyError::InvalidCurrency(_))),
+                "{bad:?} was accepted"
+            );
         }
+    }
+
+    #[test]
+    fn only_iso_4217_codes_with_a_minor_unit_parse() {
+        for good in ["EUR", "USD", "JPY", "GBP", "CHF", "KWD", "CLF"] {
+            assert_eq!(good.parse::<Currency>().unwrap().as_str(), good);
+        }
+        for (bad, reason) in [
+            ("ZZZ", "no such code"),
+            ("ABC", "no such code"),
+            ("XAU", "no minor unit"),
+            ("XXX", "no minor unit"),
+        ] {
+            let err = bad.parse::<Currency>().unwrap_err();
+            assert!(
+                matches!(&err, MoneyError::NotIso4217 { code, .. } if code == bad),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains(reason), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_currency_knows_its_minor_unit_exponent() {
+        let exponent = |code: &str| code.parse::<Currency>().unwrap().minor_unit_exponent();
+        assert_eq!(exponent("EUR"), Some(2));
+        assert_eq!(exponent("JPY"), Some(0));
+        assert_eq!(exponent("KWD"), Some(3));
+        assert_eq!(
+            "USD".parse::<Currency>().unwrap().iso_4217(),
+            Some(iso_currency::Currency::USD)
+        );
+    }
+
+    #[test]
+    fn a_stored_currency_that_is_not_iso_4217_still_reads_and_writes_back_the_same() {
+        let stored: Currency = serde_json::from_str(r#""ZZZ""#).unwrap();
+
+        assert_eq!(stored.as_str(), "ZZZ");
+        assert_eq!(stored.iso_4217(), None);
+        assert_eq!(stored.minor_unit_exponent(), None);
+        assert_eq!(serde_json::to_string(&stored).unwrap(), r#""ZZZ""#);
+        assert!(
+            serde_json::from_str::<Currency>(r#""zzz""#).is_err(),
+            "still three upper-case letters"
+        );
+    }
+
+    #[test]
+    fn the_accepted_codes_are_sorted_iso_codes_that_all_parse() {
+        let codes = Currency::iso_codes();
+        assert!(codes.len() > 150, "{}", codes.len());
+        assert!(codes.windows(2).all(|w| w[0] < w[1]));
+        for code in ["EUR", "USD", "JPY"] {
+            assert!(codes.contains(&code), "{code}");
+        }
+        assert!(!codes.contains(&"ZZZ") && !codes.contains(&"XAU"));
+        assert!(codes.iter().all(|c| c.parse::<Currency>().is_ok()));
     }
 
     #[test]

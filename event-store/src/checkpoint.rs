@@ -12,7 +12,7 @@
 //! Lines of [`SignedCheckpoint`], oldest first). [`crate::seal`] reads the log.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -253,24 +253,45 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<SignedCheckpoint>, Checkpoint
 }
 
 /// The last checkpoint of a history file, `None` when the file does not exist yet or is empty.
+/// Reads the file from its end, a block at a time, up to the start of its last line: a seal
+/// every minute for years makes a long history, and each round needs only its last line.
 pub fn read_last(path: &Path) -> Result<Option<SignedCheckpoint>, CheckpointError> {
-    let file = match File::open(path) {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK_BYTES: u64 = 8 * 1024;
+    let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(path)(e)),
     };
-    let mut last = None;
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io(path))?;
-        if line.trim().is_empty() {
-            continue;
+    let len = file.seek(SeekFrom::End(0)).map_err(io(path))?;
+    // The bytes from `start` to the end of the file, grown backwards until they hold a whole
+    // non-blank last line (or the whole file).
+    let mut tail: Vec<u8> = Vec::new();
+    let mut start = len;
+    let line = loop {
+        let text_end = tail.iter().rposition(|b| !b.is_ascii_whitespace());
+        if let Some(end) = text_end
+            && let Some(newline) = tail[..end].iter().rposition(|&b| b == b'\n')
+        {
+            break tail[newline + 1..=end].to_vec();
         }
-        last = Some(
-            serde_json::from_str::<SignedCheckpoint>(&line)
-                .map_err(|e| malformed(path, format!("line {}: {e}", n + 1)))?,
-        );
-    }
-    Ok(last)
+        if start == 0 {
+            match text_end {
+                Some(end) => break tail[..=end].to_vec(),
+                None => return Ok(None),
+            }
+        }
+        let block = BLOCK_BYTES.min(start);
+        start -= block;
+        file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+        let mut chunk = vec![0; block as usize];
+        file.read_exact(&mut chunk).map_err(io(path))?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+    };
+    serde_json::from_slice::<SignedCheckpoint>(&line)
+        .map(Some)
+        .map_err(|e| malformed(path, format!("its last line: {e}")))
 }
 
 /// Appends `checkpoint` as one line to the history file at `path` (created if missing) and
@@ -382,7 +403,22 @@ mod tests {
         append(&history, &first).unwrap();
         append(&history, &second).unwrap();
         assert_eq!(read_checkpoints(&history).unwrap(), vec![first.clone(), second.clone()]);
-        assert_eq!(read_last(&history).unwrap(), Some(second));
+        assert_eq!(read_last(&history).unwrap(), Some(second.clone()));
+        // A last line longer than a read block, and blank lines after it, are read whole.
+        let mut long = second.clone();
+        long.created_at = format!("{}{}", long.created_at, " ".repeat(20_000));
+        let mut text = std::fs::read_to_string(&history).unwrap();
+        text.push_str(&serde_json::to_string(&long).unwrap());
+        text.push_str("\n\n  \n");
+        std::fs::write(&history, text).unwrap();
+        assert_eq!(read_last(&history).unwrap(), Some(long));
+        std::fs::write(&history, "\n \n").unwrap();
+        assert_eq!(read_last(&history).unwrap(), None);
+        std::fs::write(&history, "{not json").unwrap();
+        assert!(matches!(read_last(&history), Err(CheckpointError::Malformed { .. })));
+        std::fs::remove_file(&history).unwrap();
+        append(&history, &first).unwrap();
+        append(&history, &second).unwrap();
 
         let single = dir.join("one.json");
         std::fs::write(&single, serde_json::to_string_pretty(&first).unwrap()).unwrap();

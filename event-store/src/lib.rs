@@ -23,6 +23,7 @@ pub mod partition;
 pub mod relay;
 pub mod roles;
 pub mod seal;
+pub mod sealer;
 pub mod snapshot;
 pub mod trace;
 pub mod verify;

@@ -10,6 +10,7 @@
 //! | [`RELAY`] | read `events`; read and write `relay_checkpoints` |
 //! | [`PROJECTOR`] | read `events`; own the read models (it creates, fills and drops their generations) and write their control tables |
 //! | [`QUERY`] (query API) | read `events`, the read models' views and `audit_checkpoints` |
+//! | [`SEALER`] (`tally audit seal`, the sealer) | read three columns of `events` (`tx_id`, `position`, `hash`: the Merkle tree's leaves); insert into `audit_checkpoints` (and read its `tree_size`, the conflict target) |
 //!
 //! None owns `events` or may update, delete or truncate it, alter it or its triggers, or set
 //! `session_replication_role` (which would skip triggers): those need ownership or a superuser.
@@ -30,11 +31,25 @@ pub const RELAY: &str = "tally_relay";
 pub const PROJECTOR: &str = "tally_projector";
 /// The query API's role.
 pub const QUERY: &str = "tally_query";
+/// The sealer's role (`tally audit seal`, once or `--every`): it reads only what the Merkle
+/// tree is made of and publishes checkpoints, so a leaked sealer password reads no payload and
+/// writes nothing that is trusted.
+pub const SEALER: &str = "tally_sealer";
 
 /// Every service role, with the `statement_timeout` it is created with: long enough for the
 /// longest statement its service runs (a projector's rebuild copies and indexes whole tables),
 /// short enough that a runaway statement does not hold locks and a connection for long.
-pub const ALL: [(&str, &str); 4] = [(COMMAND, "15s"), (RELAY, "30s"), (PROJECTOR, "15min"), (QUERY, "5s")];
+pub const ALL: [(&str, &str); 5] = [
+    (COMMAND, "15s"),
+    (RELAY, "30s"),
+    (PROJECTOR, "15min"),
+    (QUERY, "5s"),
+    // A page of leaves is an index range scan; a minute is far beyond one.
+    (SEALER, "1min"),
+];
+
+/// The roles that read whole events (the sealer reads three columns only).
+const EVENT_READERS: [&str; 4] = [COMMAND, RELAY, PROJECTOR, QUERY];
 
 /// How often creating a role is retried when another migration creates it at the same moment
 /// (Postgres reports that as a duplicate, or as a concurrently updated catalog row).
@@ -49,6 +64,7 @@ pub async fn ensure(pool: &PgPool) -> Result<(), sqlx::Error> {
     }
     let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(pool).await?;
     let every = ALL.map(|(role, _)| role).join(", ");
+    let readers = EVENT_READERS.join(", ");
     let position_sequence: String = sqlx::query_scalar("SELECT pg_get_serial_sequence('events', 'position')")
         .fetch_one(pool)
         .await?;
@@ -57,14 +73,19 @@ pub async fn ensure(pool: &PgPool) -> Result<(), sqlx::Error> {
         format!("GRANT USAGE ON SCHEMA public TO {every}"),
         // Only the projectors create tables (their read models' generations).
         "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
-        format!("GRANT SELECT ON events TO {every}"),
+        format!("GRANT SELECT ON events TO {readers}"),
+        // The leaves of the Merkle tree, and nothing of what the events say.
+        format!("GRANT SELECT (tx_id, position, hash) ON events TO {SEALER}"),
         format!("GRANT INSERT ON events TO {COMMAND}"),
         format!("GRANT USAGE ON SEQUENCE {position_sequence} TO {COMMAND}"),
         format!("GRANT SELECT, INSERT, UPDATE, DELETE ON idempotency_keys, snapshots TO {COMMAND}"),
         format!("GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO {RELAY}"),
-        // The query API serves inclusion proofs against the published signed checkpoints.
-        // Sealing (`tally audit seal`) publishes them as the owner: no service writes them.
+        // The query API serves inclusion proofs against the published signed checkpoints;
+        // the sealer publishes them (`INSERT … ON CONFLICT (tree_size) DO NOTHING`, which
+        // needs SELECT on its conflict target). Nothing is verified against this copy, so
+        // whoever may write it can forge nothing.
         format!("GRANT SELECT ON audit_checkpoints TO {QUERY}"),
+        format!("GRANT INSERT, SELECT (tree_size) ON audit_checkpoints TO {SEALER}"),
     ];
     for grant in grants {
         sqlx::query(sqlx::AssertSqlSafe(grant)).execute(pool).await?;

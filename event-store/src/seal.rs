@@ -5,6 +5,9 @@
 //!   since, read **gap-safely** like the relay (below `pg_snapshot_xmin`), and signs the new
 //!   head. It takes no lock and writes nothing to `events`: appends never wait for it. A seal
 //!   reads only the new events (three columns each); the first one reads the whole log.
+//! - [`seal_into_history`] is one whole round, shared by `tally audit seal` and the periodic
+//!   sealer ([`crate::sealer`]): the history file's last checkpoint, [`seal`], the new line
+//!   appended (synced), and the copy published.
 //! - [`check_log`] recomputes the tree over the log in commit order and compares it with every
 //!   checkpoint given: the last event each covers, and the root at its size. One pass over the
 //!   log, however many checkpoints.
@@ -142,6 +145,48 @@ pub async fn seal(pool: &PgPool, key: &SigningKey, previous: Option<&SignedCheck
     Ok(Sealed {
         checkpoint: checkpoint::sign(&head, &frontier, key),
         new_events,
+    })
+}
+
+/// What one round of [`seal_into_history`] did.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// The history's last checkpoint after the round: the new one, or the one it had.
+    pub checkpoint: SignedCheckpoint,
+    /// Events the round added (0 when nothing was new: no line was appended).
+    pub new_events: u64,
+    /// Whether a line was appended to the history (also on the first seal of an empty log).
+    pub appended: bool,
+}
+
+/// One round of sealing into the history file at `history`: extends its last checkpoint (its
+/// signature checked with `key`) with the events committed since, appends the new checkpoint
+/// (synced to disk before anything else), then, with `publish`, copies it to
+/// `audit_checkpoints`. With nothing new it appends nothing.
+///
+/// Publishing comes last and is idempotent, and a round with nothing new publishes the
+/// history's last checkpoint again: a copy a failed round could not publish is published by the
+/// next one. A round cut off at any point leaves the history whole (a line is written with
+/// one `write`, then synced).
+pub async fn seal_into_history(
+    pool: &PgPool,
+    key: &SigningKey,
+    history: &std::path::Path,
+    publish: bool,
+) -> Result<Round, SealError> {
+    let previous = checkpoint::read_last(history)?;
+    let sealed = seal(pool, key, previous.as_ref()).await?;
+    let appended = previous.is_none() || sealed.new_events > 0;
+    if appended {
+        checkpoint::append(history, &sealed.checkpoint)?;
+    }
+    if publish {
+        self::publish(pool, &sealed.checkpoint).await?;
+    }
+    Ok(Round {
+        checkpoint: sealed.checkpoint,
+        new_events: sealed.new_events,
+        appended,
     })
 }
 

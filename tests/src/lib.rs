@@ -453,6 +453,11 @@ impl Proc {
     /// port (`TALLY_RELAY_LISTEN=127.0.0.1:0`), so relays of parallel tests never collide on
     /// the default one; give it a port from [`free_port`] to reach its probes.
     pub fn spawn(bin: &str, env: &[(&str, String)]) -> Self {
+        Self::spawn_with_args(bin, &[], env)
+    }
+
+    /// Like [`Proc::spawn`], with command-line arguments (`tally audit seal --every 1s`).
+    pub fn spawn_with_args(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let path = bin_dir().join(bin);
         assert!(
             path.exists(),
@@ -466,6 +471,7 @@ impl Proc {
             command.env("TALLY_RELAY_LISTEN", "127.0.0.1:0");
         }
         let child = command
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("TALLY_LOG", "info,tally=debug")
             .stdin(Stdio::null())

@@ -173,7 +173,7 @@ struct ComposeService {
 type Compose = BTreeMap<String, ComposeService>;
 
 /// The variables docker-compose.yml requires from the environment.
-const COMPOSE_SECRETS: [&str; 11] = [
+const COMPOSE_SECRETS: [&str; 13] = [
     "TALLY_JWT_SECRET",
     "TALLY_PG_PASSWORD",
     "TALLY_PG_REPLICATION_PASSWORD",
@@ -181,6 +181,9 @@ const COMPOSE_SECRETS: [&str; 11] = [
     "TALLY_RELAY_DB_PASSWORD",
     "TALLY_PROJECTOR_DB_PASSWORD",
     "TALLY_QUERY_DB_PASSWORD",
+    "TALLY_SEALER_DB_PASSWORD",
+    // A path (the sealer's signing key file, a compose secret).
+    "TALLY_CHECKPOINT_KEY",
     "TALLY_NATS_RELAY_PASSWORD",
     "TALLY_NATS_PROJECTOR_PASSWORD",
     "TALLY_NATS_QUERY_PASSWORD",
@@ -268,6 +271,11 @@ fn check_compose(root: &Path, binaries: &mut Binaries, report: &mut Report) -> a
     report.check(services.values().any(|s| s.command == ["tally", "migrate"]), || {
         "docker-compose.yml has no `tally migrate` service".into()
     });
+    // One periodic sealer: two would append to one history file.
+    let sealers = services.values().filter(|s| is_sealer(&s.command)).count();
+    report.check(sealers == 1, || {
+        format!("docker-compose.yml runs {sealers} `tally audit seal` services; the topology has one")
+    });
     let partitions: BTreeSet<&String> = services
         .values()
         .filter_map(|s| s.environment.get("TALLY_PARTITIONS"))
@@ -325,6 +333,11 @@ fn check_console_targets(services: &BTreeMap<String, ComposeService>, report: &m
             }
         }
     }
+}
+
+/// Whether `command` runs the sealer (`tally audit seal`, looping with `TALLY_SEALER_EVERY`).
+fn is_sealer(command: &[String]) -> bool {
+    command.len() >= 3 && command[..3] == ["tally", "audit", "seal"]
 }
 
 // ---- deploy/haproxy -------------------------------------------------------------------------
@@ -513,6 +526,19 @@ fn check_k8s(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyho
         let place = format!("{kind} {name}");
         if matches!(kind, "Deployment" | "StatefulSet" | "Job") {
             let template = &document["spec"]["template"];
+            let runs_sealer = template["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|c| is_sealer(&strings(c.get("command"))));
+            if runs_sealer {
+                // One sealer per history, and never two at once during a rollout.
+                report.check(
+                    scalar(&document["spec"]["replicas"]) == "1"
+                        && scalar(&document["spec"]["strategy"]["type"]) == "Recreate",
+                    || format!("{place}: runs the sealer, so needs replicas: 1 and strategy Recreate"),
+                );
+            }
             workloads.insert((kind.to_owned(), name.clone()), template["metadata"]["labels"].clone());
             let refs = References {
                 config_maps: &config_maps,

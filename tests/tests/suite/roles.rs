@@ -1,7 +1,7 @@
 //! Least privilege in Postgres: each service's role (`tally_event_store::roles`) connects to a
 //! real database and tries what the table owner could do to the log. Every attempt is refused.
 //! (That the services work as these roles is shown by the rest of the suite: the kit's stack
-//! runs every service as its own role.)
+//! runs every service as its own role; `sealer.rs` runs the sealer as `tally_sealer`.)
 
 use sqlx::{Connection, PgConnection};
 use tally_event_store::roles;
@@ -86,5 +86,54 @@ async fn only_the_command_role_may_append_and_only_the_relay_may_move_its_checkp
             "{role} moving the relay's checkpoint: {moved:?}"
         );
         tx.rollback().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_sealer_role_reads_only_the_leaves_of_the_log_and_may_only_add_checkpoints() {
+    let stack = Stack::start().await;
+    Api::new(&stack.command).funded("EUR", 100).await;
+    let mut conn = PgConnection::connect(&stack.db.url_as(roles::SEALER)).await.unwrap();
+    let refused = |result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>, what: &str| {
+        let error = result.expect_err(what);
+        let code = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("42501"), "{what}: {error}");
+    };
+
+    // What a seal reads: the leaves, gap-safely.
+    let leaves: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT tx_id::text::bigint, position, hash FROM events \
+         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position) leaves",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(leaves >= 0);
+    // Not what the events say.
+    for column in ["payload", "metadata", "stream_id", "*"] {
+        refused(
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {column} FROM events LIMIT 1")))
+                .execute(&mut conn)
+                .await,
+            &format!("the sealer may not read events.{column}"),
+        );
+    }
+    // Publishing a checkpoint, as `seal::publish` does; changing or reading them, no.
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (tree_size, checkpoint) VALUES (0, '{}'::json) \
+         ON CONFLICT (tree_size) DO NOTHING",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for statement in [
+        "UPDATE audit_checkpoints SET checkpoint = '{}'::json",
+        "DELETE FROM audit_checkpoints",
+        "SELECT checkpoint FROM audit_checkpoints",
+        "SELECT account_id FROM account_balances",
+        "UPDATE relay_checkpoints SET tx_id = tx_id",
+        "SELECT key FROM idempotency_keys",
+    ] {
+        refused(sqlx::query(statement).execute(&mut conn).await, statement);
     }
 }
