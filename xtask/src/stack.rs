@@ -505,7 +505,6 @@ const RELAY_LISTEN: &str = "127.0.0.1:9092";
 const PROJECTOR_LISTEN: [&str; 2] = ["127.0.0.1:9090", "127.0.0.1:9091"];
 
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)] // one banner of everything that runs
 fn print_banner(
     command: &str,
     queries: &[String],
