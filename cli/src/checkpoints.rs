@@ -65,9 +65,14 @@ pub struct SealArgs {
 const EVERY_MIN: Duration = Duration::from_secs(1);
 const EVERY_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// A duration such as `30s`, `5m`, `1h30m` or `500ms`: numbers each followed by a unit (`ms`,
-/// `s`, `m`, `h`, `d`). The workspace has no duration-parsing crate, and this is all it needs.
 fn parse_every(text: &str) -> Result<Duration, String> {
+    parse_duration(text, EVERY_MIN, EVERY_MAX)
+}
+
+/// A duration such as `30s`, `5m`, `1h30m` or `500ms` between `min` and `max`: numbers each
+/// followed by a unit (`ms`, `s`, `m`, `h`, `d`). The workspace has no duration-parsing crate,
+/// and this is all it needs.
+pub fn parse_duration(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let invalid = || format!("{text:?} is not a duration such as 30s, 5m, 1h or 1h30m");
     let mut total = Duration::ZERO;
     let mut rest = text.trim();
@@ -93,8 +98,8 @@ fn parse_every(text: &str) -> Result<Duration, String> {
         let ms = number.checked_mul(unit_ms).ok_or_else(invalid)?;
         total = total.checked_add(Duration::from_millis(ms)).ok_or_else(invalid)?;
     }
-    if !(EVERY_MIN..=EVERY_MAX).contains(&total) {
-        return Err(format!("{text:?} is outside 1s to 7d"));
+    if !(min..=max).contains(&total) {
+        return Err(format!("{text:?} is outside {min:?} to {max:?}"));
     }
     Ok(total)
 }

@@ -1,7 +1,8 @@
 //! `tally`: operate and audit a Tally deployment.
 //!
 //! `tally load` generates HTTP load against a command API (see `load.rs`); `tally token`
-//! mints a bearer token for the local stack (see `token.rs`).
+//! mints a bearer token for the local stack (see `token.rs`); `tally ledger reconcile` compares
+//! the read models with the log (see `ledger.rs`).
 //!
 //! `tally audit verify` exits 0 when every chain is intact, 1 at the first broken event and 2
 //! when it could not read the log (clap also uses 2 for a malformed command line). With
@@ -10,6 +11,7 @@
 
 mod checkpoints;
 mod export;
+mod ledger;
 mod load;
 mod progress;
 mod projections;
@@ -49,6 +51,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Check the ledger's read models against the log.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::LedgerCommand,
     },
     /// Generate load against a command API and measure throughput and latency.
     Load(load::LoadArgs),
@@ -146,6 +153,7 @@ async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Export(args),
         } => exit_code(export::run(args).await),
+        Command::Ledger { command } => ledger::run(&cli.database_url, command).await,
         Command::Projections { command } => projections::run(&cli.database_url, command).await,
         Command::Token(args) => exit_code(token::run(&args)),
         Command::Load(args) => exit_code(load::run(args).await),

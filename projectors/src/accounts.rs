@@ -107,6 +107,13 @@ const BALANCES: TableDef = TableDef {
         "SELECT account_id, owner, currency, balance, held, available, status, overdraft_limit, holds, \
                 opened_at, version, last_position, updated_at FROM {table}",
     ),
+    // The account listing of the query API (`GET /v1/accounts`): each filter walks its index in
+    // account id order, the page order.
+    indexes: &[
+        ("owner", "owner, account_id"),
+        ("currency", "currency, account_id"),
+        ("status", "status, account_id"),
+    ],
 };
 
 const STATEMENT: TableDef = TableDef {
@@ -132,6 +139,7 @@ const STATEMENT: TableDef = TableDef {
         "SELECT account_id, version, position, recorded_at, kind, direction, amount, currency, counterparty, \
                 transfer_id, reference, balance_after FROM {table}",
     ),
+    indexes: &[],
 };
 
 const TOTALS: TableDef = TableDef {
@@ -154,6 +162,7 @@ const TOTALS: TableDef = TableDef {
                 sum(balances) + sum(transfers_out - transfers_in) = sum(inflow) - sum(outflow) AS balanced \
          FROM {table} GROUP BY currency",
     ),
+    indexes: &[],
 };
 
 impl BalanceRow {

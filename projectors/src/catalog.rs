@@ -44,15 +44,23 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
         .bind(P::NAME)
         .fetch_one(&mut *tx)
         .await?;
-    if generation.is_none() {
-        let first = Generation { number: 1 };
-        create_tables::<P>(&mut tx, &first).await?;
-        point_views::<P>(&mut tx, &first).await?;
-        sqlx::query("UPDATE projections SET generation = 1, shape = $2, updated_at = now() WHERE name = $1")
-            .bind(P::NAME)
-            .bind(P::SHAPE)
-            .execute(&mut *tx)
-            .await?;
+    match generation {
+        None => {
+            let first = Generation { number: 1 };
+            create_tables::<P>(&mut tx, &first).await?;
+            point_views::<P>(&mut tx, &first).await?;
+            sqlx::query("UPDATE projections SET generation = 1, shape = $2, updated_at = now() WHERE name = $1")
+                .bind(P::NAME)
+                .bind(P::SHAPE)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // A generation made before an index was added to the code gets it now (writes to the
+        // table wait while it is built: once, at the upgrade's `tally migrate`).
+        Some(number) => {
+            act_as_read_model_owner(&mut tx).await?;
+            create_indexes::<P>(&mut tx, &Generation { number }).await?;
+        }
     }
     sqlx::query(
         "INSERT INTO projection_partitions (projection, partition) \
@@ -170,6 +178,19 @@ pub(crate) async fn create_tables<P: Projection>(
     for table in P::TABLES {
         for ddl in table.ddl {
             let sql = ddl.replace("{table}", &generation.table(table.name));
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+        }
+    }
+    create_indexes::<P>(conn, generation).await
+}
+
+/// The secondary indexes of `generation`'s tables ([`crate::model::TableDef::indexes`]) that it
+/// does not have yet.
+async fn create_indexes<P: Projection>(conn: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
+    for table in P::TABLES {
+        let name = generation.table(table.name);
+        for (index, columns) in table.indexes {
+            let sql = format!("CREATE INDEX IF NOT EXISTS {name}_{index} ON {name} ({columns})");
             sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
         }
     }

@@ -11,7 +11,8 @@
 //!
 //! Rows live in generation tables behind views ([`catalog`]); [`rebuild`] builds a new
 //! generation straight from the log and swaps the views atomically. [`ops`] is what
-//! `tally projections` shows and changes.
+//! `tally projections` shows and changes; [`reconcile`] compares every read model with a fold
+//! of the log (`tally ledger reconcile`).
 
 pub mod accounts;
 pub mod catalog;
@@ -21,6 +22,7 @@ pub mod http;
 pub mod model;
 pub mod ops;
 pub mod rebuild;
+pub mod reconcile;
 pub mod transfers;
 mod verify;
 pub mod worker;

@@ -23,6 +23,10 @@ pub struct TableDef {
     pub ddl: &'static [&'static str],
     /// The `SELECT` of the readers' view, over `{table}`.
     pub view: Option<&'static str>,
+    /// Secondary indexes as `(name, columns)`, named `{table}_{name}`: made with each new
+    /// generation, and added to a live generation made before them (`catalog::ensure`, run by
+    /// `tally migrate`), so an index added to the code needs no rebuild.
+    pub indexes: &'static [(&'static str, &'static str)],
 }
 
 /// The tables of one generation of a projection.

@@ -107,7 +107,8 @@ pub const OWNER_MATCHES_MAX: i64 = 50;
 
 /// Accounts whose owner is `owner` or starts with it (case-insensitive), from the live
 /// `account_balances` view, at most [`OWNER_MATCHES_MAX`]: how the console finds an account
-/// by owner (the query API has no owner lookup). No index serves it: a scan, bounded by
+/// by a prefix of its owner (the query API's `GET /v1/accounts?owner=` matches owners
+/// exactly, through an index). No index serves a case-insensitive prefix: a scan, bounded by
 /// the limit.
 pub async fn accounts_by_owner(pool: &PgPool, owner: &str) -> Result<Vec<AccountMatch>, sqlx::Error> {
     let escaped = owner.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");

@@ -58,6 +58,7 @@ const TRANSFERS: TableDef = TableDef {
         "SELECT transfer_id, status, from_account, to_account, amount, settled_amount, currency, reference, \
                 created_at, expires_at, finished_at, version, last_position, updated_at FROM {table}",
     ),
+    indexes: &[],
 };
 
 impl Projection for Transfers {

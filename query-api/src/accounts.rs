@@ -1,4 +1,4 @@
-//! `GET /v1/accounts/{id}` and its statement.
+//! `GET /v1/accounts/{id}`, its statement, and the account listing `GET /v1/accounts`.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -17,7 +17,7 @@ use crate::routes::{
     PROBLEM_JSON, Params, decode_cursor, encode_cursor, invalid_parameter, page_limit, path_id, read_row,
     source_reflecting, unavailable, versioned_json,
 };
-use crate::views::{AccountView, StatementLine};
+use crate::views::{ACCOUNT_COLUMNS, AccountView, StatementLine};
 
 /// Lines per statement page when the client does not say.
 pub const STATEMENT_LIMIT_DEFAULT: i64 = 50;
@@ -252,6 +252,164 @@ async fn statement(
     Ok(StatementPage {
         account_id,
         lines,
+        has_more,
+        next_cursor,
+    })
+}
+
+/// Accounts per listing page when the client does not say.
+pub const ACCOUNTS_LIMIT_DEFAULT: i64 = 50;
+/// The most accounts one listing page holds.
+pub const ACCOUNTS_LIMIT_MAX: i64 = 500;
+/// The statuses an account can be listed by.
+const ACCOUNT_STATUSES: [&str; 3] = ["open", "frozen", "closed"];
+/// The longest `owner` a listing accepts (the command API refuses longer owners).
+const OWNER_FILTER_MAX: usize = 256;
+
+/// Filters and paging of the account listing. Filters combine (all must match); a parameter
+/// this listing does not know is a 400, so a misspelt filter never lists every account.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsQuery {
+    /// Only accounts of this owner (exact match).
+    pub owner: Option<String>,
+    /// Only accounts in this currency (ISO 4217 code).
+    pub currency: Option<String>,
+    /// Only accounts in this status: `open`, `frozen` or `closed`.
+    pub status: Option<String>,
+    /// Accounts per page, 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// A command response's consistency token (or send `X-Consistency-Token`): the page
+    /// reflects every account that write touched.
+    pub consistent_with: Option<String>,
+}
+
+/// One page of the account listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountsPage {
+    /// In account id order.
+    pub accounts: Vec<AccountView>,
+    /// Whether more accounts matched than this page holds.
+    pub has_more: bool,
+    /// Pass as `cursor` (with the same filters) to continue after this page. Absent only when
+    /// nothing was read yet.
+    pub next_cursor: Option<String>,
+}
+
+const ACCOUNTS_CURSOR: &str = "accounts.v1";
+
+#[utoipa::path(
+    get,
+    path = "/v1/accounts",
+    tag = "accounts",
+    security(("bearerAuth" = ["reader"])),
+    summary = "Find accounts by owner, currency and status, in pages of account id order",
+    params(
+        ("X-Consistency-Token" = Option<String>, Header, description = "Wait until the listing reflects that write."),
+        AccountsQuery,
+    ),
+    responses(
+        (status = 200, description = "One page of accounts.", body = AccountsPage),
+        (status = 400, description = "`invalid-parameter`: a malformed cursor, currency or status, or a parameter \
+            the listing does not know; `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
+            in the log.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn list_accounts(
+    _: Require<Reader>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Params(query): Params<AccountsQuery>,
+) -> Response {
+    match accounts(&state, &headers, query).await {
+        Ok(page) => Json(page).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn accounts(state: &AppState, headers: &HeaderMap, query: AccountsQuery) -> Result<AccountsPage, Response> {
+    let limit = page_limit(query.limit, ACCOUNTS_LIMIT_DEFAULT, ACCOUNTS_LIMIT_MAX)?;
+    if let Some(status) = &query.status
+        && !ACCOUNT_STATUSES.contains(&status.as_str())
+    {
+        return Err(invalid_parameter(format!(
+            "status must be one of {}; got {status:?}.",
+            ACCOUNT_STATUSES.join(", ")
+        )));
+    }
+    if let Some(currency) = &query.currency
+        && !(currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(invalid_parameter(format!(
+            "currency must be an ISO 4217 code (three capital letters); got {currency:?}."
+        )));
+    }
+    if let Some(owner) = &query.owner
+        && (owner.is_empty() || owner.len() > OWNER_FILTER_MAX)
+    {
+        return Err(invalid_parameter(format!(
+            "owner must be 1 to {OWNER_FILTER_MAX} bytes long."
+        )));
+    }
+    let after = match &query.cursor {
+        None => None,
+        Some(cursor) => {
+            let parts = decode_cursor(cursor, ACCOUNTS_CURSOR, 1)?;
+            Some(
+                Uuid::try_parse(&parts[0])
+                    .map_err(|_| invalid_parameter("cursor is not one this API returned for this listing"))?,
+            )
+        }
+    };
+    let pool = match consistency::requested(headers, query.consistent_with.as_deref())? {
+        None => state.sources.pick().0.clone(),
+        Some(token) => {
+            consistency::source_with_writes(
+                state,
+                &token,
+                tally_domain::account::STREAM_TYPE,
+                "account_balances",
+                "account_id",
+            )
+            .await?
+        }
+    };
+    // Only the filters given go into the statement, so the planner walks the index of the
+    // most selective one (each is `(column, account_id)`, in page order).
+    let mut sql = sqlx::QueryBuilder::new(format!("SELECT {ACCOUNT_COLUMNS} FROM account_balances WHERE true"));
+    if let Some(after) = after {
+        sql.push(" AND account_id > ").push_bind(after);
+    }
+    if let Some(owner) = &query.owner {
+        sql.push(" AND owner = ").push_bind(owner);
+    }
+    if let Some(currency) = &query.currency {
+        sql.push(" AND currency = ").push_bind(currency);
+    }
+    if let Some(status) = &query.status {
+        sql.push(" AND status = ").push_bind(status);
+    }
+    sql.push(" ORDER BY account_id LIMIT ").push_bind(limit + 1);
+    let rows = sql.build().fetch_all(&pool).await.map_err(|e| unavailable(&e))?;
+    let mut accounts = rows
+        .iter()
+        .map(AccountView::from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(&e))?;
+    let has_more = accounts.len() as i64 > limit;
+    accounts.truncate(limit as usize);
+    let next_cursor = accounts
+        .last()
+        .map(|last| encode_cursor(&[ACCOUNTS_CURSOR, &last.account_id.simple().to_string()]))
+        .or(query.cursor);
+    Ok(AccountsPage {
+        accounts,
         has_more,
         next_cursor,
     })

@@ -185,6 +185,38 @@ pub async fn writes_of_type(
     Ok(Some(writes))
 }
 
+/// A source whose read model `table` (keyed by `id_column`) shows every stream of
+/// `stream_type` the token's transaction wrote at least at the version it wrote, for a listing
+/// read with a token: the listing is then read from that same source.
+pub async fn source_with_writes(
+    state: &AppState,
+    token: &ConsistencyToken,
+    stream_type: &str,
+    table: &str,
+    id_column: &str,
+) -> Result<PgPool, Response> {
+    let behind_sql = format!(
+        "SELECT count(*) FROM UNNEST($1::uuid[], $2::bigint[]) AS w(id, version) \
+         LEFT JOIN {table} t ON t.{id_column} = w.id \
+         WHERE t.version IS NULL OR t.version < w.version"
+    );
+    let behind_sql = behind_sql.as_str();
+    wait_until(state, token, || async move {
+        let (pool, _) = state.sources.pick();
+        let Some(writes) = writes_of_type(pool, token, stream_type).await? else {
+            return Ok(None);
+        };
+        let (ids, versions): (Vec<Uuid>, Vec<i64>) = writes.into_iter().unzip();
+        let behind: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(behind_sql))
+            .bind(&ids)
+            .bind(&versions)
+            .fetch_one(pool)
+            .await?;
+        Ok((behind == 0).then(|| pool.clone()))
+    })
+    .await
+}
+
 /// Whether `pool`'s copy of the log has the token's event.
 pub async fn log_has(pool: &PgPool, token: &ConsistencyToken) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = $1 AND version = $2)")

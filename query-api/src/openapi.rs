@@ -9,7 +9,7 @@ use axum::response::Response;
 use tally_service::Problem;
 use utoipa::OpenApi;
 
-use crate::accounts::StatementPage;
+use crate::accounts::{AccountsPage, StatementPage};
 use crate::audit::{AccountAsOf, AuditEvent, FeedPage, StreamHistory};
 use crate::proofs::InclusionProofView;
 use crate::routes::Readiness;
@@ -31,6 +31,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
                        `https://tally.dev/problems/<code>`."
     ),
     paths(
+        crate::accounts::list_accounts,
         crate::accounts::get_account,
         crate::accounts::get_statement,
         crate::transfers::get_transfer,
@@ -44,6 +45,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
     ),
     components(schemas(
         AccountView,
+        AccountsPage,
         StatementLine,
         StatementPage,
         TransferView,

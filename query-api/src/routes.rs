@@ -31,6 +31,7 @@ use crate::sources::ReplicaState;
 /// [`crate::app`]): its handlers expect the authentication the edge performs.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/v1/accounts", get(crate::accounts::list_accounts))
         .route("/v1/accounts/{id}", get(crate::accounts::get_account))
         .route("/v1/accounts/{id}/statement", get(crate::accounts::get_statement))
         .route(

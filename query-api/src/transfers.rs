@@ -177,25 +177,13 @@ async fn account_transfers(
         None => state.sources.pick().0.clone(),
         // Every transfer the token's transaction wrote must show at least that version.
         Some(token) => {
-            consistency::wait_until(state, &token, || async move {
-                let (pool, _) = state.sources.pick();
-                let Some(writes) =
-                    consistency::writes_of_type(pool, &token, tally_domain::transfer::STREAM_TYPE).await?
-                else {
-                    return Ok(None);
-                };
-                let (ids, versions): (Vec<Uuid>, Vec<i64>) = writes.into_iter().unzip();
-                let behind: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM UNNEST($1::uuid[], $2::bigint[]) AS w(id, version) \
-                     LEFT JOIN transfers t ON t.transfer_id = w.id \
-                     WHERE t.version IS NULL OR t.version < w.version",
-                )
-                .bind(&ids)
-                .bind(&versions)
-                .fetch_one(pool)
-                .await?;
-                Ok((behind == 0).then(|| pool.clone()))
-            })
+            consistency::source_with_writes(
+                state,
+                &token,
+                tally_domain::transfer::STREAM_TYPE,
+                "transfers",
+                "transfer_id",
+            )
             .await?
         }
     };

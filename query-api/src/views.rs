@@ -38,8 +38,11 @@ impl Versioned for AccountView {
     }
 }
 
+/// The columns of `account_balances` an [`AccountView`] is read from.
+pub(crate) const ACCOUNT_COLUMNS: &str = "account_id, owner, currency, balance, held, status, version, updated_at";
+
 impl AccountView {
-    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let balance: i64 = row.try_get("balance")?;
         let held: i64 = row.try_get("held")?;
         Ok(Self {
@@ -57,16 +60,14 @@ impl AccountView {
 
     /// The account's row in `account_balances`, if the projection has it.
     pub async fn load(pool: &PgPool, account_id: Uuid) -> Result<Option<Self>, sqlx::Error> {
-        sqlx::query(
-            "SELECT account_id, owner, currency, balance, held, status, version, updated_at \
-             FROM account_balances WHERE account_id = $1",
-        )
-        .bind(account_id)
-        .fetch_optional(pool)
-        .await?
-        .as_ref()
-        .map(Self::from_row)
-        .transpose()
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM account_balances WHERE account_id = $1");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(account_id)
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .map(Self::from_row)
+            .transpose()
     }
 }
 
