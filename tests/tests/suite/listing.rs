@@ -141,4 +141,34 @@ async fn accounts_are_found_by_owner_currency_and_status_in_pages_of_id_order() 
     // Readers only: no token, no listing.
     let response = reqwest::Client::new().get(&list).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    // A generation made before the listing's indexes existed gets them from `tally migrate`,
+    // without a rebuild.
+    let indexes = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'account_balances_g1' ORDER BY 1",
+        )
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap()
+    };
+    let made = indexes().await;
+    for name in [
+        "account_balances_g1_currency",
+        "account_balances_g1_owner",
+        "account_balances_g1_status",
+    ] {
+        assert!(made.iter().any(|i| i == name), "{name} in {made:?}");
+    }
+    sqlx::query("DROP INDEX account_balances_g1_owner, account_balances_g1_status")
+        .execute(&stack.db.pool)
+        .await
+        .unwrap();
+    let output = std::process::Command::new(tally_tests::bin_dir().join("tally"))
+        .arg("migrate")
+        .env("TALLY_DATABASE_URL", &stack.db.url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(indexes().await, made, "migrate put the dropped indexes back");
 }
