@@ -45,6 +45,7 @@ impl Command {
                 AccountCommand::Freeze { .. } => "freeze",
                 AccountCommand::Unfreeze => "unfreeze",
                 AccountCommand::Close => "close",
+                AccountCommand::ChangeLimit { .. } => "change_limit",
             },
             Command::Transfer(_) => "transfer",
             Command::Post { .. } => "post",

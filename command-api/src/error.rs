@@ -65,6 +65,12 @@ pub(crate) fn rejection(error: &AccountError) -> Problem {
         }
         // Reaches a client only once the writer's own reloads and retries ran out.
         AccountError::StaleState => conflict(),
+        AccountError::LimitBelowUsage {
+            available,
+            overdraft_limit,
+        } => refused("Limit below usage")
+            .extension("available", *available)
+            .extension("overdraft_limit", *overdraft_limit),
         AccountError::InsufficientFunds { available, requested } => refused("Insufficient funds")
             .extension("available", *available)
             .extension("requested", *requested),

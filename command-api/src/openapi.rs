@@ -10,7 +10,9 @@ use axum::response::Response;
 use tally_service::Problem;
 use utoipa::OpenApi;
 
-use crate::routes::{AccountCommandResponse, EmptyRequest, FreezeRequest, OpenAccountRequest, PostingRequest};
+use crate::routes::{
+    AccountCommandResponse, EmptyRequest, FreezeRequest, LimitsRequest, OpenAccountRequest, PostingRequest,
+};
 
 /// The routes and schemas of the account commands and the ops endpoints.
 #[derive(OpenApi)]
@@ -29,6 +31,7 @@ use crate::routes::{AccountCommandResponse, EmptyRequest, FreezeRequest, OpenAcc
         crate::routes::freeze,
         crate::routes::unfreeze,
         crate::routes::close,
+        crate::routes::change_limits,
         tally_service::problem::health,
         crate::routes::ready,
     ),
@@ -36,6 +39,7 @@ use crate::routes::{AccountCommandResponse, EmptyRequest, FreezeRequest, OpenAcc
         OpenAccountRequest,
         PostingRequest,
         FreezeRequest,
+        LimitsRequest,
         EmptyRequest,
         AccountCommandResponse,
         Problem

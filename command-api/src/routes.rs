@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/freeze", post(freeze))
         .route("/v1/accounts/{id}/unfreeze", post(unfreeze))
         .route("/v1/accounts/{id}/close", post(close))
+        .route("/v1/accounts/{id}/limits", post(change_limits))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
@@ -120,6 +121,16 @@ pub struct FreezeRequest {
     pub reason: String,
 }
 
+/// The body of `POST /v1/accounts/{id}/limits`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// How far below zero `available` may go, in minor units (0: no overdraft). Lowering it
+    /// below what the account already uses (pending holds included) is refused.
+    #[schema(minimum = 0, example = 5000)]
+    pub overdraft_limit: i64,
+}
+
 /// The body of `POST /v1/accounts/{id}/unfreeze` and `/close`: nothing to say but the command
 /// itself. Still a JSON object, so every command has one shape on the wire, unknown fields are
 /// refused like everywhere else, and an optional field can be added later without breaking
@@ -148,6 +159,8 @@ pub struct AccountCommandResponse {
     pub held: i64,
     /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub available: i64,
+    /// How far below zero `available` may go, in minor units.
+    pub overdraft_limit: i64,
     /// Pass as `X-Consistency-Token` to a read to see at least this write.
     pub consistency_token: String,
 }
@@ -273,6 +286,7 @@ impl AccountCommandResponse {
             currency: account.currency.map(String::from).unwrap_or_default(),
             status: account.status.as_str().to_owned(),
             balance: account.balance,
+            overdraft_limit: account.overdraft_limit,
             held: account.held,
             available: account.available(),
             consistency_token: token.to_string(),
@@ -517,12 +531,10 @@ pub(crate) async fn freeze(
     headers: HeaderMap,
     Json(body): Json<FreezeRequest>,
 ) -> Result<Response, ApiError> {
-    let account_id = parse_account_id(&id)?;
-    let idempotency = idempotency(&caller, &headers, uri.path(), &body)?;
-    let metadata = metadata(&caller, &headers, idempotency.as_ref());
-    let command = AccountCommand::Freeze { reason: body.reason };
-    let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
-    Ok(respond(outcome, false))
+    let command = AccountCommand::Freeze {
+        reason: body.reason.clone(),
+    };
+    bare_command(state, &caller, &id, uri.path(), headers, &body, command).await
 }
 
 #[utoipa::path(
@@ -557,7 +569,16 @@ pub(crate) async fn unfreeze(
     headers: HeaderMap,
     Json(body): Json<EmptyRequest>,
 ) -> Result<Response, ApiError> {
-    bare_command(state, &caller, &id, uri.path(), headers, body, AccountCommand::Unfreeze).await
+    bare_command(
+        state,
+        &caller,
+        &id,
+        uri.path(),
+        headers,
+        &body,
+        AccountCommand::Unfreeze,
+    )
+    .await
 }
 
 #[utoipa::path(
@@ -592,22 +613,62 @@ pub(crate) async fn close(
     headers: HeaderMap,
     Json(body): Json<EmptyRequest>,
 ) -> Result<Response, ApiError> {
-    bare_command(state, &caller, &id, uri.path(), headers, body, AccountCommand::Close).await
+    bare_command(state, &caller, &id, uri.path(), headers, &body, AccountCommand::Close).await
 }
 
-/// Unfreeze and close carry nothing but the command itself; their key stays optional (they
-/// move no money, and repeating one is refused by the account's rules anyway).
-async fn bare_command(
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/limits",
+    tag = "accounts",
+    security(("bearerAuth" = ["teller"])),
+    summary = "Change an account's overdraft limit, checked against its balance and pending holds",
+    params(("id" = Uuid, Path, description = ACCOUNT_ID), ("Idempotency-Key" = Option<String>, Header, description = IDEMPOTENCY_KEY_OPTIONAL)),
+    request_body = LimitsRequest,
+    responses(
+        (status = 201, description = "Changed.", body = AccountCommandResponse, headers(
+            ("X-Consistency-Token" = String, description = "The `consistency_token` of the body."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = NOT_FOUND, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = CONFLICT, body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`limit-below-usage` (with `available` and `overdraft_limit`): the account \
+            already uses more than the new limit, pending holds included; `invalid-overdraft-limit`, \
+            `account-closed`, `invalid-body`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn change_limits(
+    Require { caller, .. }: Require<Teller>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Json(body): Json<LimitsRequest>,
+) -> Result<Response, ApiError> {
+    let command = AccountCommand::ChangeLimit {
+        overdraft_limit: body.overdraft_limit,
+    };
+    bare_command(state, &caller, &id, uri.path(), headers, &body, command).await
+}
+
+/// Freeze, unfreeze, close and limit changes: commands that move no money, so their key stays
+/// optional (repeating one is refused by the account's rules or changes nothing). `body` is
+/// what the key's fingerprint covers.
+async fn bare_command<B: Serialize>(
     state: AppState,
     caller: &Principal,
     id: &str,
     path: &str,
     headers: HeaderMap,
-    body: EmptyRequest,
+    body: &B,
     command: AccountCommand,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
-    let idempotency = idempotency(caller, &headers, path, &body)?;
+    let idempotency = idempotency(caller, &headers, path, body)?;
     let metadata = metadata(caller, &headers, idempotency.as_ref());
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, false))

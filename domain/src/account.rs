@@ -60,6 +60,11 @@ pub enum AccountCommand {
     Unfreeze,
     /// Only at a zero balance with no holds; final.
     Close,
+    /// Set how far below zero `available` may go. Lowering it is refused while the account
+    /// uses more than the new limit (its pending holds count).
+    ChangeLimit {
+        overdraft_limit: i64,
+    },
 }
 
 /// The account was opened. Always version 1 of its stream.
@@ -108,6 +113,18 @@ pub struct AccountUnfrozen {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountClosed {}
+
+/// The account's overdraft limit was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OverdraftLimitChanged {
+    /// The new limit: how far below zero `available` may go, in minor units.
+    #[schemars(range(min = 0))]
+    pub overdraft_limit: i64,
+    /// The limit before.
+    #[schemars(range(min = 0))]
+    pub previous: i64,
+}
 
 /// The debit leg of an immediate transfer, on the source account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -195,6 +212,7 @@ pub enum AccountEvent {
     AccountFrozen(AccountFrozen),
     AccountUnfrozen(AccountUnfrozen),
     AccountClosed(AccountClosed),
+    OverdraftLimitChanged(OverdraftLimitChanged),
     TransferDebited(TransferDebited),
     TransferCredited(TransferCredited),
     HoldPlaced(HoldPlaced),
@@ -234,6 +252,7 @@ impl AccountEvent {
         ("AccountFrozen", 1),
         ("AccountUnfrozen", 1),
         ("AccountClosed", 1),
+        ("OverdraftLimitChanged", 1),
         ("TransferDebited", 1),
         ("TransferCredited", 1),
         ("HoldPlaced", 1),
@@ -249,6 +268,7 @@ impl AccountEvent {
             AccountEvent::AccountFrozen(_) => "AccountFrozen",
             AccountEvent::AccountUnfrozen(_) => "AccountUnfrozen",
             AccountEvent::AccountClosed(_) => "AccountClosed",
+            AccountEvent::OverdraftLimitChanged(_) => "OverdraftLimitChanged",
             AccountEvent::TransferDebited(_) => "TransferDebited",
             AccountEvent::TransferCredited(_) => "TransferCredited",
             AccountEvent::HoldPlaced(_) => "HoldPlaced",
@@ -276,6 +296,7 @@ impl AccountEvent {
             AccountEvent::AccountFrozen(e) => serde_json::to_string(e),
             AccountEvent::AccountUnfrozen(e) => serde_json::to_string(e),
             AccountEvent::AccountClosed(e) => serde_json::to_string(e),
+            AccountEvent::OverdraftLimitChanged(e) => serde_json::to_string(e),
             AccountEvent::TransferDebited(e) => serde_json::to_string(e),
             AccountEvent::TransferCredited(e) => serde_json::to_string(e),
             AccountEvent::HoldPlaced(e) => serde_json::to_string(e),
@@ -298,6 +319,7 @@ impl AccountEvent {
             "AccountFrozen" => serde_json::from_str(payload).map(AccountEvent::AccountFrozen),
             "AccountUnfrozen" => serde_json::from_str(payload).map(AccountEvent::AccountUnfrozen),
             "AccountClosed" => serde_json::from_str(payload).map(AccountEvent::AccountClosed),
+            "OverdraftLimitChanged" => serde_json::from_str(payload).map(AccountEvent::OverdraftLimitChanged),
             "TransferDebited" => serde_json::from_str(payload).map(AccountEvent::TransferDebited),
             "TransferCredited" => serde_json::from_str(payload).map(AccountEvent::TransferCredited),
             "HoldPlaced" => serde_json::from_str(payload).map(AccountEvent::HoldPlaced),
@@ -352,6 +374,10 @@ pub enum AccountError {
     /// HTTP 422.
     #[error("overdraft limit must be between 0 and {AMOUNT_MAX_MINOR} minor units")]
     InvalidOverdraftLimit,
+    /// HTTP 422: the new overdraft limit is below what the account already uses (`available`
+    /// is below its negative, pending holds included).
+    #[error("available is {available}: an overdraft limit of {overdraft_limit} would not cover it")]
+    LimitBelowUsage { available: i64, overdraft_limit: i64 },
     /// HTTP 422: the debit would take `available` below `-overdraft_limit`.
     #[error("insufficient funds: {available} available, {requested} requested")]
     InsufficientFunds { available: i64, requested: i64 },
@@ -427,6 +453,7 @@ impl AccountError {
             AccountError::InvalidReason => "invalid-reason",
             AccountError::InvalidOverdraftLimit => "invalid-overdraft-limit",
             AccountError::InsufficientFunds { .. } => "insufficient-funds",
+            AccountError::LimitBelowUsage { .. } => "limit-below-usage",
             AccountError::BalanceOverflow => "balance-overflow",
             AccountError::Frozen { .. } => "account-frozen",
             AccountError::NotFrozen => "account-not-frozen",
@@ -634,6 +661,24 @@ impl Account {
                 }
                 AccountEvent::AccountClosed(AccountClosed {})
             }
+            AccountCommand::ChangeLimit { overdraft_limit } => {
+                self.require_usable(self.account_id).map_err(not_found)?;
+                if !(0..=AMOUNT_MAX_MINOR).contains(&overdraft_limit) {
+                    return Err(AccountError::InvalidOverdraftLimit);
+                }
+                // Holds count: a pending transfer may still be posted in full.
+                let available = self.available();
+                if available < -overdraft_limit {
+                    return Err(AccountError::LimitBelowUsage {
+                        available,
+                        overdraft_limit,
+                    });
+                }
+                AccountEvent::OverdraftLimitChanged(OverdraftLimitChanged {
+                    overdraft_limit,
+                    previous: self.overdraft_limit,
+                })
+            }
         };
         Ok(vec![event])
     }
@@ -686,6 +731,7 @@ impl Aggregate for Account {
             AccountEvent::AccountFrozen(_) => self.status = AccountStatus::Frozen,
             AccountEvent::AccountUnfrozen(_) => self.status = AccountStatus::Open,
             AccountEvent::AccountClosed(_) => self.status = AccountStatus::Closed,
+            AccountEvent::OverdraftLimitChanged(e) => self.overdraft_limit = e.overdraft_limit,
             AccountEvent::TransferDebited(e) => {
                 self.balance = self.balance.saturating_sub(e.amount.get());
             }
@@ -942,6 +988,45 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_is_lowered_only_as_far_as_the_balance_and_pending_holds_allow() {
+        let changed = |overdraft_limit, previous| {
+            AccountEvent::OverdraftLimitChanged(OverdraftLimitChanged {
+                overdraft_limit,
+                previous,
+            })
+        };
+        // 100 on the account, 300 of it held: available is -200 under a limit of 500.
+        let using_200 = || vec![opened(500), deposited(100), hold_placed(300)];
+        AccountTest::with(())
+            .given(using_200())
+            .when(AccountCommand::ChangeLimit { overdraft_limit: 200 })
+            .then_expect_events(vec![changed(200, 500)]);
+        AccountTest::with(())
+            .given(using_200())
+            .when(AccountCommand::ChangeLimit { overdraft_limit: 199 })
+            .then_expect_error(AccountError::LimitBelowUsage {
+                available: -200,
+                overdraft_limit: 199,
+            });
+        AccountTest::with(())
+            .given(vec![opened(0)])
+            .when(AccountCommand::ChangeLimit { overdraft_limit: -1 })
+            .then_expect_error(AccountError::InvalidOverdraftLimit);
+        AccountTest::with(())
+            .given(vec![opened(0), AccountEvent::AccountClosed(AccountClosed {})])
+            .when(AccountCommand::ChangeLimit { overdraft_limit: 10 })
+            .then_expect_error(AccountError::Closed { account_id: id() });
+        // A raised limit is what the next debit is checked against.
+        AccountTest::with(())
+            .given(vec![opened(0), changed(250, 0)])
+            .when(AccountCommand::Withdraw {
+                amount: amount(250),
+                reference: "r".into(),
+            })
+            .then_expect_events(vec![withdrawn(250)]);
+    }
+
+    #[test]
     fn payloads_round_trip_through_their_stored_form() {
         let events = [
             opened(7),
@@ -950,6 +1035,10 @@ mod tests {
             frozen(),
             AccountEvent::AccountUnfrozen(AccountUnfrozen {}),
             AccountEvent::AccountClosed(AccountClosed {}),
+            AccountEvent::OverdraftLimitChanged(OverdraftLimitChanged {
+                overdraft_limit: 50,
+                previous: 7,
+            }),
             AccountEvent::TransferDebited(TransferDebited {
                 transfer_id: transfer_id(),
                 amount: amount(5),

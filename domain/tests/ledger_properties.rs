@@ -70,6 +70,10 @@ enum Op {
     Close {
         account: usize,
     },
+    ChangeLimit {
+        account: usize,
+        overdraft_limit: i64,
+    },
     Advance {
         seconds: i64,
     },
@@ -88,6 +92,7 @@ impl Op {
             Op::Freeze { .. } => "freeze",
             Op::Unfreeze { .. } => "unfreeze",
             Op::Close { .. } => "close",
+            Op::ChangeLimit { .. } => "change-limit",
             Op::Advance { .. } => "advance",
         }
     }
@@ -123,7 +128,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|transfer| Op::Expire { transfer }),
         1 => account.clone().prop_map(|account| Op::Freeze { account }),
         1 => account.clone().prop_map(|account| Op::Unfreeze { account }),
-        1 => account.prop_map(|account| Op::Close { account }),
+        1 => account.clone().prop_map(|account| Op::Close { account }),
+        // Mostly within range, sometimes below what the account uses or out of range.
+        2 => (account, prop_oneof![Just(0i64), 0..=500i64, Just(-1i64)])
+            .prop_map(|(account, overdraft_limit)| Op::ChangeLimit { account, overdraft_limit }),
         2 => (0..=400i64).prop_map(|seconds| Op::Advance { seconds }),
     ]
 }
@@ -281,6 +289,10 @@ impl World {
             Op::Freeze { account } => self.account_command(account, AccountCommand::Freeze { reason: "check".into() }),
             Op::Unfreeze { account } => self.account_command(account, AccountCommand::Unfreeze),
             Op::Close { account } => self.account_command(account, AccountCommand::Close),
+            Op::ChangeLimit {
+                account,
+                overdraft_limit,
+            } => self.account_command(account, AccountCommand::ChangeLimit { overdraft_limit }),
             Op::Advance { seconds } => {
                 self.now += TimeDelta::seconds(seconds);
                 Ok(())

@@ -255,6 +255,7 @@ impl Projection for Accounts {
             AccountEvent::AccountFrozen(_) => row.status = "frozen".into(),
             AccountEvent::AccountUnfrozen(_) => row.status = "open".into(),
             AccountEvent::AccountClosed(_) => row.status = "closed".into(),
+            AccountEvent::OverdraftLimitChanged(e) => row.overdraft_limit = e.overdraft_limit,
             AccountEvent::TransferDebited(e) => {
                 delta.transfers_out = e.amount.get();
                 posting = Some(Posting {

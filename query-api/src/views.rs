@@ -27,6 +27,8 @@ pub struct AccountView {
     /// `open`, `frozen` or `closed`.
     #[schema(example = "open")]
     pub status: String,
+    /// How far below zero `available` may go, in minor units.
+    pub overdraft_limit: i64,
     /// The account stream version this view reflects.
     pub version: i64,
     pub updated_at: DateTime<Utc>,
@@ -39,7 +41,8 @@ impl Versioned for AccountView {
 }
 
 /// The columns of `account_balances` an [`AccountView`] is read from.
-pub(crate) const ACCOUNT_COLUMNS: &str = "account_id, owner, currency, balance, held, status, version, updated_at";
+pub(crate) const ACCOUNT_COLUMNS: &str =
+    "account_id, owner, currency, balance, held, status, overdraft_limit, version, updated_at";
 
 impl AccountView {
     pub(crate) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
@@ -53,6 +56,7 @@ impl AccountView {
             held,
             available: balance - held,
             status: row.try_get("status")?,
+            overdraft_limit: row.try_get("overdraft_limit")?,
             version: row.try_get("version")?,
             updated_at: row.try_get("updated_at")?,
         })

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use schemars::{JsonSchema, Schema, schema_for};
 use tally_domain::account::{
     AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, FundsDeposited,
-    FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, TransferCredited, TransferDebited,
+    FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, OverdraftLimitChanged, TransferCredited, TransferDebited,
 };
 use tally_domain::transfer::{
     TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferVoided,
@@ -91,6 +91,7 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
                 "AccountFrozen" => schema_of::<AccountFrozen>(event_type, version),
                 "AccountUnfrozen" => schema_of::<AccountUnfrozen>(event_type, version),
                 "AccountClosed" => schema_of::<AccountClosed>(event_type, version),
+                "OverdraftLimitChanged" => schema_of::<OverdraftLimitChanged>(event_type, version),
                 "TransferDebited" => schema_of::<TransferDebited>(event_type, version),
                 "TransferCredited" => schema_of::<TransferCredited>(event_type, version),
                 "HoldPlaced" => schema_of::<HoldPlaced>(event_type, version),

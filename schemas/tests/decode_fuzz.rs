@@ -64,6 +64,12 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
         ("AccountUnfrozen", 1, Account, json!({})),
         ("AccountClosed", 1, Account, json!({})),
         (
+            "OverdraftLimitChanged",
+            1,
+            Account,
+            json!({"overdraft_limit": 500, "previous": 0}),
+        ),
+        (
             "TransferDebited",
             1,
             Account,

@@ -11,6 +11,7 @@ mod e2e;
 mod event_store;
 mod idempotency;
 mod lifecycle;
+mod limits;
 mod listing;
 mod nats_auth;
 mod observability;
