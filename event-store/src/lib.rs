@@ -97,15 +97,28 @@ impl StoreError {
         matches!(db.code().as_deref(), Some("40P01" | "40001"))
     }
 
-    /// The database could not be reached or the connection broke (retry later: 503).
+    /// The database could not be reached, the connection broke, or the server is shutting
+    /// down, restarting, in recovery or read-only (a standby, after a failover): retry later
+    /// (503), the request itself is fine.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
-            )
-        )
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+            ) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().as_deref().is_some_and(is_unavailable_code),
+            _ => false,
+        }
     }
+}
+
+/// SQLSTATEs that say the server, not the statement, is the problem, and that it passes:
+/// class 08 (connection exception); 57P01 `admin_shutdown` and 57P02 `crash_shutdown`
+/// ("terminating connection due to unexpected postmaster exit", a primary killed mid-command);
+/// 57P03 `cannot_connect_now` (starting up or in recovery); 53300 `too_many_connections`;
+/// 25006 `read_only_sql_transaction` (a former primary demoted to a standby, reached before
+/// the router moved).
+pub fn is_unavailable_code(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
 }
 
 /// An event to be appended.
@@ -650,5 +663,16 @@ mod tests {
         assert_eq!(conflicting_stream(&detail), Some(id));
         assert_eq!(conflicting_stream("Key (stream_id)=(nope) already exists."), None);
         assert_eq!(conflicting_stream("something else"), None);
+    }
+
+    #[test]
+    fn a_server_going_away_is_unavailable_and_a_bad_statement_is_not() {
+        for code in ["08006", "08003", "57P01", "57P02", "57P03", "53300", "25006"] {
+            assert!(is_unavailable_code(code), "{code}");
+        }
+        // Unique violation, check violation, syntax error, deadlock (retried, not a 503).
+        for code in ["23505", "23514", "42601", "40P01", "57014"] {
+            assert!(!is_unavailable_code(code), "{code}");
+        }
     }
 }

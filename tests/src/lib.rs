@@ -159,16 +159,22 @@ pub struct PrivateCluster {
 }
 
 impl PrivateCluster {
+    /// Fast and not crash-safe (fsync and synchronous commit off), like the shared servers.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Crash-safe (fsync and synchronous commit on): for tests that crash the server and count
+    /// what survived, since without it a commit acknowledged in the last moments before a crash
+    /// is lost by design.
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Self {
         let root = std::env::temp_dir().join(format!("tally-private-pg-{}", Uuid::now_v7().simple()));
-        let pg = tally_devstack::Postgres::start(
-            &root,
-            tally_devstack::PgOptions {
-                replica: true,
-                durable: false,
-            },
-        )
-        .expect("starting a private Postgres primary and replica");
+        let pg = tally_devstack::Postgres::start(&root, tally_devstack::PgOptions { replica: true, durable })
+            .expect("starting a private Postgres primary and replica");
         Self { pg }
     }
 

@@ -15,6 +15,7 @@ mod limits;
 mod listing;
 mod nats_auth;
 mod observability;
+mod outage;
 mod projections;
 mod query;
 mod rebuild_reads;
