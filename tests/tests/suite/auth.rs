@@ -83,9 +83,9 @@ async fn every_route_refuses_callers_without_the_role_its_document_declares() {
     let command_routes = protected_routes(&stack.command).await;
     let query_routes = protected_routes(&stack.query).await;
     // The matrix runs over what the documents declare; make sure they declare the routes.
-    assert_eq!(command_routes.len(), 9, "{command_routes:?}");
+    assert_eq!(command_routes.len(), 10, "{command_routes:?}");
     assert!(command_routes.iter().all(|(_, _, role)| *role == Role::Teller));
-    assert_eq!(query_routes.len(), 8, "{query_routes:?}");
+    assert_eq!(query_routes.len(), 9, "{query_routes:?}");
     let audit = |path: &str| path.starts_with("/v1/audit/") || path.ends_with("/as-of");
     assert!(
         query_routes
