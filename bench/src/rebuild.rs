@@ -32,6 +32,9 @@ pub async fn preload(store: &EventStore, events: u64) -> anyhow::Result<Measurem
                 owner: "bench".into(),
                 currency: eur,
                 overdraft_limit: 0,
+                external_id: None,
+                metadata: Default::default(),
+                flags: Vec::new(),
             })];
             stream.extend((1..n).map(|_| {
                 AccountEvent::FundsDeposited(FundsDeposited {

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use tally_domain::reservation::{self, ExternalIdReserved};
 use tally_domain::{
-    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, Transfer, TransferCommand, TransferDecision,
-    TransferEvent, ledger,
+    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, ReservationEvent, Transfer, TransferCommand,
+    TransferDecision, TransferEvent, ledger,
 };
 use tally_event_store::NewEvent;
 use uuid::Uuid;
@@ -16,7 +17,8 @@ use crate::execute::{Loaded, State, StreamKind};
 /// A command for the writer.
 #[derive(Debug, Clone)]
 pub enum Command {
-    /// A command on one account (open, deposit, withdraw, freeze, unfreeze, close).
+    /// A command on one account (open, deposit, withdraw, freeze, unfreeze, close). Opening
+    /// with an external id also reserves it on its own stream.
     Account { account_id: Uuid, command: AccountCommand },
     /// An immediate or pending transfer: both accounts and the transfer's own stream.
     Transfer(TransferCommand),
@@ -56,9 +58,15 @@ impl Command {
 
     /// Every stream the command reads or may append to.
     pub fn streams(&self) -> Vec<(Uuid, StreamKind)> {
-        use StreamKind::{Account, Transfer};
+        use StreamKind::{Account, ExternalId, Transfer};
         match self {
-            Command::Account { account_id, .. } => vec![(*account_id, Account)],
+            Command::Account { account_id, command } => match external_id(command) {
+                Some(external_id) => vec![
+                    (*account_id, Account),
+                    (reservation::stream_id(external_id), ExternalId),
+                ],
+                None => vec![(*account_id, Account)],
+            },
             Command::Transfer(t) => vec![(t.from, Account), (t.to, Account), (t.transfer_id, Transfer)],
             Command::Post {
                 transfer_id, from, to, ..
@@ -70,11 +78,20 @@ impl Command {
     }
 }
 
+/// The external id an open command reserves, if any.
+fn external_id(command: &AccountCommand) -> Option<&str> {
+    match command {
+        AccountCommand::Open { profile, .. } => profile.external_id.as_deref(),
+        _ => None,
+    }
+}
+
 /// New events for one stream.
 #[derive(Debug, Clone)]
 pub enum Events {
     Account(Vec<AccountEvent>),
     Transfer(Vec<TransferEvent>),
+    ExternalId(Vec<ReservationEvent>),
 }
 
 impl Events {
@@ -82,6 +99,7 @@ impl Events {
         match self {
             Events::Account(e) => e.is_empty(),
             Events::Transfer(e) => e.is_empty(),
+            Events::ExternalId(e) => e.is_empty(),
         }
     }
 
@@ -108,6 +126,14 @@ impl Events {
                 .map(|e| {
                     let new = row(e.type_name(), e.schema_version(), e.to_payload());
                     transfer.apply(e);
+                    new
+                })
+                .collect(),
+            (Events::ExternalId(events), State::ExternalId(reservation)) => events
+                .into_iter()
+                .map(|e| {
+                    let new = row(e.type_name(), e.schema_version(), e.to_payload());
+                    reservation.apply(e);
                     new
                 })
                 .collect(),
@@ -138,7 +164,22 @@ pub fn decide(
     let (decision, from, to, transfer_id): (TransferDecision, Uuid, Option<Uuid>, Uuid) = match command {
         Command::Account { account_id, command } => {
             let events = account(account_id)?.decide(command.clone())?;
-            return Ok(vec![(*account_id, Events::Account(events))]);
+            let Some(external_id) = external_id(command) else {
+                return Ok(vec![(*account_id, Events::Account(events))]);
+            };
+            let stream = reservation::stream_id(external_id);
+            let reserved = states[&stream].reservation().and_then(|r| r.account_id);
+            if let Some(holder) = reserved {
+                return Err(AccountError::ExternalIdTaken { account_id: holder });
+            }
+            let reserve = ReservationEvent::ExternalIdReserved(ExternalIdReserved {
+                external_id: external_id.to_owned(),
+                account_id: *account_id,
+            });
+            return Ok(vec![
+                (*account_id, Events::Account(events)),
+                (stream, Events::ExternalId(vec![reserve])),
+            ]);
         }
         Command::Transfer(t) => (
             ledger::decide_transfer(t, account(&t.from)?, account(&t.to)?, transfer(&t.transfer_id)?, now)?,

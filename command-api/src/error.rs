@@ -105,6 +105,18 @@ pub(crate) fn rejection(error: &AccountError) -> Problem {
         AccountError::InvalidExpiry { .. } => refused("Invalid expiry"),
         AccountError::BalanceOverflow => refused("Balance overflow"),
         AccountError::TransferToSelf => refused("Transfer to self"),
+        AccountError::ExceedsCredits { available, requested } => refused("Debits exceed credits")
+            .extension("available", *available)
+            .extension("requested", *requested),
+        AccountError::ExceedsDebits { balance, requested } => refused("Credits exceed debits")
+            .extension("balance", *balance)
+            .extension("requested", *requested),
+        AccountError::InvalidExternalId => refused("Invalid external id"),
+        AccountError::ExternalIdTaken { account_id } => Problem::new(StatusCode::CONFLICT, code, "External id taken")
+            .detail(detail.clone())
+            .extension("account_id", account_id.to_string()),
+        AccountError::InvalidMetadata { .. } => refused("Invalid metadata"),
+        AccountError::InvalidFlags { .. } => refused("Invalid flags"),
     }
 }
 

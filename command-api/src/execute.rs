@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
-use tally_domain::{Account, AccountError, Transfer};
+use tally_domain::{Account, AccountError, Reservation, Transfer};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse};
 use tally_event_store::{EventStore, READ_LIMIT_MAX, StoreError, StoredEvent, snapshot};
-use tally_schemas::{UpcastError, decode_account_event, decode_transfer_event};
+use tally_schemas::{UpcastError, decode_account_event, decode_reservation_event, decode_transfer_event};
 use uuid::Uuid;
 
 /// How many times a command is re-run after losing an optimistic-concurrency race before the
@@ -78,6 +78,8 @@ pub enum Outcome {
 pub enum StreamKind {
     Account,
     Transfer,
+    /// The stream that reserves one external id for one account (`tally_domain::reservation`).
+    ExternalId,
 }
 
 impl StreamKind {
@@ -85,6 +87,7 @@ impl StreamKind {
         match self {
             StreamKind::Account => tally_domain::account::STREAM_TYPE,
             StreamKind::Transfer => tally_domain::transfer::STREAM_TYPE,
+            StreamKind::ExternalId => tally_domain::reservation::STREAM_TYPE,
         }
     }
 }
@@ -94,6 +97,7 @@ impl StreamKind {
 pub enum State {
     Account(Account),
     Transfer(Transfer),
+    ExternalId(Reservation),
 }
 
 impl State {
@@ -101,6 +105,7 @@ impl State {
         match kind {
             StreamKind::Account => State::Account(Account::default()),
             StreamKind::Transfer => State::Transfer(Transfer::default()),
+            StreamKind::ExternalId => State::ExternalId(Reservation::default()),
         }
     }
 
@@ -108,6 +113,7 @@ impl State {
         match self {
             State::Account(_) => StreamKind::Account,
             State::Transfer(_) => StreamKind::Transfer,
+            State::ExternalId(_) => StreamKind::ExternalId,
         }
     }
 
@@ -117,6 +123,7 @@ impl State {
         match self {
             State::Account(a) => a.apply(decode_account_event(&stored.event_type, version, &stored.payload)?),
             State::Transfer(t) => t.apply(decode_transfer_event(&stored.event_type, version, &stored.payload)?),
+            State::ExternalId(r) => r.apply(decode_reservation_event(&stored.event_type, version, &stored.payload)?),
         }
         Ok(())
     }
@@ -141,14 +148,21 @@ impl Loaded {
     pub fn account(&self) -> Option<&Account> {
         match &self.state {
             State::Account(a) => Some(a),
-            State::Transfer(_) => None,
+            State::Transfer(_) | State::ExternalId(_) => None,
         }
     }
 
     pub fn transfer(&self) -> Option<&Transfer> {
         match &self.state {
             State::Transfer(t) => Some(t),
-            State::Account(_) => None,
+            State::Account(_) | State::ExternalId(_) => None,
+        }
+    }
+
+    pub fn reservation(&self) -> Option<&Reservation> {
+        match &self.state {
+            State::ExternalId(r) => Some(r),
+            State::Account(_) | State::Transfer(_) => None,
         }
     }
 }
@@ -182,7 +196,7 @@ impl Executed {
         let touched = self.stream(stream_id);
         match &touched.state {
             State::Account(a) => (a, touched),
-            State::Transfer(_) => unreachable!("{stream_id} is a transfer stream"),
+            State::Transfer(_) | State::ExternalId(_) => unreachable!("{stream_id} is not an account stream"),
         }
     }
 
@@ -191,7 +205,7 @@ impl Executed {
         let touched = self.stream(stream_id);
         match &touched.state {
             State::Transfer(t) => (t, touched),
-            State::Account(_) => unreachable!("{stream_id} is an account stream"),
+            State::Account(_) | State::ExternalId(_) => unreachable!("{stream_id} is not a transfer stream"),
         }
     }
 }
@@ -295,6 +309,14 @@ fn fold(stored: &StoredEvent, loaded: &mut Loaded) -> Result<(), CommandError> {
                 account_id: stored.stream_id,
             },
             StreamKind::Transfer => AccountError::TransferNotFound,
+            // Its id is derived from the external id (UUIDv5): another kind of stream there is
+            // a corrupt log, not a client's mistake.
+            StreamKind::ExternalId => {
+                return Err(CommandError::Internal(format!(
+                    "stream {} holds {} events where an external-id reservation belongs",
+                    stored.stream_id, stored.stream_type
+                )));
+            }
         }));
     }
     loaded.state.apply_stored(stored)?;

@@ -14,6 +14,7 @@ pub mod error;
 pub mod execute;
 pub mod expiry;
 pub mod openapi;
+pub mod profile;
 pub mod routes;
 pub mod transfers;
 pub mod writer;

@@ -8,6 +8,8 @@ use axum::extract::{DefaultBodyLimit, OriginalUri, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tally_domain::{Account, AccountCommand, AmountMinor, Currency, Metadata};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse, request_hash};
@@ -97,6 +99,18 @@ pub struct OpenAccountRequest {
     /// A client-chosen id (UUID); a new UUIDv7 when absent.
     #[serde(default)]
     pub account_id: Option<Uuid>,
+    /// The account's id in the client's own system: 1 to 128 visible ASCII characters,
+    /// unique in the ledger and never reused (`409 external-id-taken` names the holder).
+    #[serde(default)]
+    #[schema(example = "cust-42/eur")]
+    pub external_id: Option<String>,
+    /// Up to 16 labels: keys of 1 to 64 `A-Z a-z 0-9 _ - .`, values up to 256 characters.
+    /// The listing filters on them (`metadata.KEY=VALUE`).
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    #[schema(schema_with = crate::profile::flags_schema)]
+    pub flags: Option<Vec<String>>,
 }
 
 /// The body of `POST /v1/accounts/{id}/deposits` and `/withdrawals`.
@@ -161,6 +175,12 @@ pub struct AccountCommandResponse {
     pub available: i64,
     /// How far below zero `available` may go, in minor units.
     pub overdraft_limit: i64,
+    /// The client's id for the account, if it gave one.
+    pub external_id: Option<String>,
+    /// The account's labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Bounds on the balance: `debits_must_not_exceed_credits`, `credits_must_not_exceed_debits`.
+    pub flags: Vec<String>,
     /// Pass as `X-Consistency-Token` to a read to see at least this write.
     pub consistency_token: String,
 }
@@ -289,6 +309,9 @@ impl AccountCommandResponse {
             overdraft_limit: account.overdraft_limit,
             held: account.held,
             available: account.available(),
+            external_id: account.external_id.clone(),
+            metadata: account.metadata.clone(),
+            flags: crate::profile::flag_names(account),
             consistency_token: token.to_string(),
         }
     }
@@ -372,12 +395,14 @@ pub(crate) fn respond(outcome: Outcome, location: bool) -> Response {
             ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
         )),
         (status = 400, description = BAD_REQUEST, body = Problem, content_type = PROBLEM_JSON),
-        (status = 409, description = "`account-exists`: the `account_id` is taken; `concurrency-conflict`.",
+        (status = 409, description = "`account-exists`: the `account_id` is taken; `external-id-taken` (with the \
+            holder's `account_id`); `concurrency-conflict`.",
          body = Problem, content_type = PROBLEM_JSON),
         (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
         (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`invalid-body`, `invalid-currency`, `invalid-owner`, \
-            `invalid-overdraft-limit`, `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
+            `invalid-overdraft-limit`, `invalid-external-id`, `invalid-metadata`, `invalid-flags`, \
+            `idempotency-key-reused`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
     )
@@ -391,6 +416,7 @@ pub(crate) async fn open_account(
 ) -> Result<Response, ApiError> {
     let idempotency = idempotency(&caller, &headers, uri.path(), &body)?;
     let currency = parse_currency(&body.currency)?;
+    let profile = crate::profile::requested(body.external_id, body.metadata, body.flags)?;
     let account_id = body.account_id.unwrap_or_else(Uuid::now_v7);
     let metadata = metadata(&caller, &headers, idempotency.as_ref());
     let command = AccountCommand::Open {
@@ -398,6 +424,7 @@ pub(crate) async fn open_account(
         owner: body.owner,
         currency,
         overdraft_limit: body.overdraft_limit,
+        profile,
     };
     let outcome = run(&state, account_id, command, &metadata, idempotency).await?;
     Ok(respond(outcome, true))

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::money::{AMOUNT_MAX_MINOR, AmountMinor, Currency};
+use crate::profile::{AccountFlag, AccountProfile};
 use crate::transfer::TransferStatus;
 
 /// The stream type under which account events are stored and published.
@@ -44,6 +45,9 @@ pub enum AccountCommand {
         owner: String,
         currency: Currency,
         overdraft_limit: i64,
+        /// External id, metadata and flags ([`crate::profile`]). An external id must also be
+        /// reserved on its own stream ([`crate::reservation`]), which the command side does.
+        profile: AccountProfile,
     },
     Deposit {
         amount: AmountMinor,
@@ -76,6 +80,16 @@ pub struct AccountOpened {
     pub currency: Currency,
     /// How far below zero `available` may go, in minor units (0: no overdraft).
     pub overdraft_limit: i64,
+    /// The client's own id for the account, unique in the ledger (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = "^[\\x21-\\x7e]+$"))]
+    pub external_id: Option<String>,
+    /// The client's labels (absent: none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Bounds on the balance, sorted, without repeats (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<AccountFlag>,
 }
 
 /// Money arrived from outside the ledger.
@@ -246,7 +260,7 @@ impl AccountEvent {
     /// Every account event type with its current schema version. `schemas/` keeps one JSON
     /// Schema per entry and fails a test when this list and the checked-in files disagree.
     pub const TYPES: &'static [(&'static str, u32)] = &[
-        ("AccountOpened", 2),
+        ("AccountOpened", 3),
         ("FundsDeposited", 1),
         ("FundsWithdrawn", 1),
         ("AccountFrozen", 1),
@@ -381,6 +395,29 @@ pub enum AccountError {
     /// HTTP 422: the debit would take `available` below `-overdraft_limit`.
     #[error("insufficient funds: {available} available, {requested} requested")]
     InsufficientFunds { available: i64, requested: i64 },
+    /// HTTP 422: the account is flagged `debits_must_not_exceed_credits` and the debit (or
+    /// hold) would take `available` below zero.
+    #[error("debits must not exceed credits: {available} available, {requested} requested")]
+    ExceedsCredits { available: i64, requested: i64 },
+    /// HTTP 422: the account is flagged `credits_must_not_exceed_debits` and the credit would
+    /// take its balance above zero.
+    #[error("credits must not exceed debits: the balance is {balance}, {requested} would be credited")]
+    ExceedsDebits { balance: i64, requested: i64 },
+    /// HTTP 422.
+    #[error(
+        "external_id must be 1 to {} visible ASCII characters",
+        crate::profile::EXTERNAL_ID_LEN_MAX
+    )]
+    InvalidExternalId,
+    /// HTTP 409: another account holds this external id (external ids are never reused).
+    #[error("external_id is held by account {account_id}")]
+    ExternalIdTaken { account_id: Uuid },
+    /// HTTP 422.
+    #[error("invalid metadata: {reason}")]
+    InvalidMetadata { reason: String },
+    /// HTTP 422: flags that contradict each other or the overdraft limit.
+    #[error("invalid flags: {reason}")]
+    InvalidFlags { reason: &'static str },
     /// HTTP 422: a balance, a hold total or a sum would leave the range of a 64-bit integer.
     #[error("the balance would overflow")]
     BalanceOverflow,
@@ -453,6 +490,12 @@ impl AccountError {
             AccountError::InvalidReason => "invalid-reason",
             AccountError::InvalidOverdraftLimit => "invalid-overdraft-limit",
             AccountError::InsufficientFunds { .. } => "insufficient-funds",
+            AccountError::ExceedsCredits { .. } => "debits-exceed-credits",
+            AccountError::ExceedsDebits { .. } => "credits-exceed-debits",
+            AccountError::InvalidExternalId => "invalid-external-id",
+            AccountError::ExternalIdTaken { .. } => "external-id-taken",
+            AccountError::InvalidMetadata { .. } => "invalid-metadata",
+            AccountError::InvalidFlags { .. } => "invalid-flags",
             AccountError::LimitBelowUsage { .. } => "limit-below-usage",
             AccountError::BalanceOverflow => "balance-overflow",
             AccountError::Frozen { .. } => "account-frozen",
@@ -527,13 +570,17 @@ pub struct Account {
     pub overdraft_limit: i64,
     /// Active holds by transfer id (ordered, so snapshots serialize deterministically).
     pub holds: BTreeMap<Uuid, Hold>,
+    pub external_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Sorted, without repeats.
+    pub flags: Vec<AccountFlag>,
 }
 
 impl Account {
     /// Version of the serialized shape of `Account` (its snapshot). Bump it whenever a field is
     /// added, removed, renamed or changes type; a snapshot of another version is ignored and
     /// the stream replayed.
-    pub const SNAPSHOT_VERSION: u32 = 1;
+    pub const SNAPSHOT_VERSION: u32 = 2;
 
     /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub fn available(&self) -> i64 {
@@ -559,13 +606,24 @@ impl Account {
         Ok(currency)
     }
 
+    /// Whether the account carries `flag`.
+    pub fn has(&self, flag: AccountFlag) -> bool {
+        self.flags.contains(&flag)
+    }
+
     /// Refuses a debit (or a new hold) of `amount` that would take `available` below
-    /// `-overdraft_limit`.
+    /// `-overdraft_limit`, or below zero on an account whose debits must not exceed its credits.
     pub(crate) fn check_available(&self, amount: AmountMinor) -> Result<(), AccountError> {
         let available = self.available();
         let after = available
             .checked_sub(amount.get())
             .ok_or(AccountError::BalanceOverflow)?;
+        if self.has(AccountFlag::DebitsMustNotExceedCredits) && after < 0 {
+            return Err(AccountError::ExceedsCredits {
+                available,
+                requested: amount.get(),
+            });
+        }
         if after < -self.overdraft_limit {
             return Err(AccountError::InsufficientFunds {
                 available,
@@ -575,12 +633,20 @@ impl Account {
         Ok(())
     }
 
-    /// Refuses a credit that would overflow the balance.
+    /// Refuses a credit that would overflow the balance, or take it above zero on an account
+    /// whose credits must not exceed its debits.
     pub(crate) fn check_credit(&self, amount: AmountMinor) -> Result<(), AccountError> {
-        self.balance
+        let after = self
+            .balance
             .checked_add(amount.get())
-            .map(|_| ())
-            .ok_or(AccountError::BalanceOverflow)
+            .ok_or(AccountError::BalanceOverflow)?;
+        if self.has(AccountFlag::CreditsMustNotExceedDebits) && after > 0 {
+            return Err(AccountError::ExceedsDebits {
+                balance: self.balance,
+                requested: amount.get(),
+            });
+        }
+        Ok(())
     }
 
     /// Decides which events `command` causes, without changing the account: a refusal leaves
@@ -597,6 +663,7 @@ impl Account {
                 owner,
                 currency,
                 overdraft_limit,
+                profile,
             } => {
                 if self.status != AccountStatus::Unopened {
                     return Err(AccountError::AlreadyExists);
@@ -608,11 +675,15 @@ impl Account {
                 if !(0..=AMOUNT_MAX_MINOR).contains(&overdraft_limit) {
                     return Err(AccountError::InvalidOverdraftLimit);
                 }
+                let profile = profile.validated(overdraft_limit)?;
                 AccountEvent::AccountOpened(AccountOpened {
                     account_id,
                     owner,
                     currency,
                     overdraft_limit,
+                    external_id: profile.external_id,
+                    metadata: profile.metadata,
+                    flags: profile.flags,
                 })
             }
             AccountCommand::Deposit { amount, reference } => {
@@ -665,6 +736,11 @@ impl Account {
                 self.require_usable(self.account_id).map_err(not_found)?;
                 if !(0..=AMOUNT_MAX_MINOR).contains(&overdraft_limit) {
                     return Err(AccountError::InvalidOverdraftLimit);
+                }
+                if overdraft_limit != 0 && self.has(AccountFlag::DebitsMustNotExceedCredits) {
+                    return Err(AccountError::InvalidFlags {
+                        reason: "an account whose debits must not exceed its credits has no overdraft limit",
+                    });
                 }
                 // Holds count: a pending transfer may still be posted in full.
                 let available = self.available();
@@ -721,6 +797,9 @@ impl Aggregate for Account {
                 self.owner = e.owner;
                 self.currency = Some(e.currency);
                 self.overdraft_limit = e.overdraft_limit;
+                self.external_id = e.external_id;
+                self.metadata = e.metadata;
+                self.flags = e.flags;
             }
             AccountEvent::FundsDeposited(e) => {
                 self.balance = self.balance.saturating_add(e.amount.get());
@@ -783,12 +862,105 @@ mod tests {
     }
 
     fn opened(overdraft_limit: i64) -> AccountEvent {
+        opened_with(overdraft_limit, AccountProfile::default())
+    }
+
+    fn opened_with(overdraft_limit: i64, profile: AccountProfile) -> AccountEvent {
         AccountEvent::AccountOpened(AccountOpened {
             account_id: id(),
             owner: "Ada".into(),
             currency: eur(),
             overdraft_limit,
+            external_id: profile.external_id,
+            metadata: profile.metadata,
+            flags: profile.flags,
         })
+    }
+
+    fn labelled() -> AccountProfile {
+        AccountProfile {
+            external_id: Some("cust-42".into()),
+            metadata: [("region".to_owned(), "eu".to_owned())].into(),
+            flags: vec![AccountFlag::CreditsMustNotExceedDebits],
+        }
+    }
+
+    fn flagged(flag: AccountFlag) -> AccountProfile {
+        AccountProfile {
+            flags: vec![flag],
+            ..AccountProfile::default()
+        }
+    }
+
+    #[test]
+    fn opening_records_the_profile_and_refuses_a_bad_one() {
+        let open = |overdraft_limit, profile| AccountCommand::Open {
+            account_id: id(),
+            owner: "Ada".into(),
+            currency: eur(),
+            overdraft_limit,
+            profile,
+        };
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(open(10, labelled()))
+            .then_expect_events(vec![opened_with(10, labelled())]);
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(open(10, flagged(AccountFlag::DebitsMustNotExceedCredits)))
+            .then_expect_error_message(
+                "invalid flags: an account whose debits must not exceed its credits has no overdraft limit",
+            );
+    }
+
+    #[test]
+    fn debits_must_not_exceed_credits_keeps_available_at_or_above_zero() {
+        let wallet = opened_with(0, flagged(AccountFlag::DebitsMustNotExceedCredits));
+        AccountTest::with(())
+            .given(vec![wallet.clone(), deposited(100), hold_placed(40)])
+            .when(AccountCommand::Withdraw {
+                amount: amount(61),
+                reference: "r".into(),
+            })
+            .then_expect_error(AccountError::ExceedsCredits {
+                available: 60,
+                requested: 61,
+            });
+        AccountTest::with(())
+            .given(vec![wallet.clone(), deposited(100), hold_placed(40)])
+            .when(AccountCommand::Withdraw {
+                amount: amount(60),
+                reference: "r".into(),
+            })
+            .then_expect_events(vec![withdrawn(60)]);
+        AccountTest::with(())
+            .given(vec![wallet])
+            .when(AccountCommand::ChangeLimit { overdraft_limit: 1 })
+            .then_expect_error(AccountError::InvalidFlags {
+                reason: "an account whose debits must not exceed its credits has no overdraft limit",
+            });
+    }
+
+    #[test]
+    fn credits_must_not_exceed_debits_keeps_the_balance_at_or_below_zero() {
+        let funding = opened_with(500, flagged(AccountFlag::CreditsMustNotExceedDebits));
+        AccountTest::with(())
+            .given(vec![funding.clone()])
+            .when(AccountCommand::Deposit {
+                amount: amount(1),
+                reference: "r".into(),
+            })
+            .then_expect_error(AccountError::ExceedsDebits {
+                balance: 0,
+                requested: 1,
+            });
+        AccountTest::with(())
+            .given(vec![funding, withdrawn(300)])
+            .when(AccountCommand::Deposit {
+                amount: amount(300),
+                reference: "r".into(),
+            })
+            .then_expect_events(vec![deposited(300)]);
     }
 
     fn deposited(v: i64) -> AccountEvent {
@@ -854,6 +1026,7 @@ mod tests {
             owner: owner.into(),
             currency: eur(),
             overdraft_limit,
+            profile: AccountProfile::default(),
         }
     }
 
@@ -1307,12 +1480,13 @@ mod tests {
     #[test]
     fn account_state_round_trips_through_its_snapshot_form() {
         let mut account = Account::default();
-        for event in [opened(10), deposited(100), hold_placed(40), frozen()] {
+        for event in [opened_with(10, labelled()), deposited(100), hold_placed(40), frozen()] {
             account.apply(event);
         }
+        assert_eq!(account.external_id.as_deref(), Some("cust-42"));
         let snapshot = serde_json::to_string(&account).unwrap();
         assert_eq!(serde_json::from_str::<Account>(&snapshot).unwrap(), account);
-        assert_eq!(Account::SNAPSHOT_VERSION, 1);
+        assert_eq!(Account::SNAPSHOT_VERSION, 2);
     }
 
     #[test]

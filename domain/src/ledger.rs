@@ -342,6 +342,7 @@ pub fn decide_expire(
 mod tests {
     use super::*;
     use crate::account::{AccountCommand, AccountError as E};
+    use crate::profile::AccountProfile;
 
     fn eur() -> Currency {
         "EUR".parse().unwrap()
@@ -375,6 +376,7 @@ mod tests {
             owner: "Ada".into(),
             currency,
             overdraft_limit,
+            profile: AccountProfile::default(),
         };
         for command in std::iter::once(open).chain(commands) {
             for event in account.decide(command).unwrap() {

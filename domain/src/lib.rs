@@ -8,12 +8,17 @@
 //! - [`account`]: the account aggregate (one stream per account) and the events on it;
 //! - [`transfer`]: the transfer stream (one per transfer id) that records a transfer's life cycle;
 //! - [`ledger`]: the decisions that span streams (transfers, holds: post, void, expire), as pure
-//!   functions returning the events for each stream.
+//!   functions returning the events for each stream;
+//! - [`profile`]: an account's external id, metadata and flags (the bounds on its balance);
+//! - [`reservation`]: the external-id stream (one per external id) that keeps external ids
+//!   unique in the ledger.
 
 pub mod account;
 pub mod ledger;
 pub mod metadata;
 pub mod money;
+pub mod profile;
+pub mod reservation;
 pub mod transfer;
 
 pub use account::{
@@ -26,6 +31,8 @@ pub use ledger::{
 };
 pub use metadata::Metadata;
 pub use money::{AMOUNT_MAX_MINOR, AmountMinor, Currency, Money, MoneyError};
+pub use profile::{AccountFlag, AccountProfile};
+pub use reservation::{ExternalIdReserved, Reservation, ReservationEvent};
 pub use transfer::{
     Transfer, TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferStatus,
     TransferVoided,

@@ -24,8 +24,8 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use tally_domain::ledger::{TransferCommand, TransferDecision, TransferMode};
 use tally_domain::{
-    Account, AccountCommand, AccountError, AccountEvent, AccountStatus, AmountMinor, Currency, Transfer, TransferEvent,
-    TransferStatus, decide_expire, decide_post, decide_transfer, decide_void,
+    Account, AccountCommand, AccountError, AccountEvent, AccountProfile, AccountStatus, AmountMinor, Currency,
+    Transfer, TransferEvent, TransferStatus, decide_expire, decide_post, decide_transfer, decide_void,
 };
 use uuid::Uuid;
 
@@ -198,6 +198,7 @@ impl World {
                 owner: format!("owner {index}"),
                 currency: currency_of(index),
                 overdraft_limit,
+                profile: AccountProfile::default(),
             };
             handle(&mut account, command).unwrap();
             accounts.insert(account_id(index), account);

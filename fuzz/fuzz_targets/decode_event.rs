@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tally_schemas::envelope::EventEnvelope;
-use tally_schemas::{current_event_types, decode_account_event, decode_transfer_event};
+use tally_schemas::{current_event_types, decode_account_event, decode_reservation_event, decode_transfer_event};
 
 fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<EventEnvelope>(data);
@@ -29,6 +29,12 @@ fuzz_target!(|data: &[u8]| {
         let stored = event.to_payload();
         let again = decode_transfer_event(event_type, event.schema_version(), &stored)
             .expect("a re-encoded transfer event decodes");
+        assert_eq!(again.to_payload(), stored);
+    }
+    if let Ok(event) = decode_reservation_event(event_type, version, &payload) {
+        let stored = event.to_payload();
+        let again = decode_reservation_event(event_type, event.schema_version(), &stored)
+            .expect("a re-encoded reservation event decodes");
         assert_eq!(again.to_payload(), stored);
     }
 });

@@ -44,6 +44,12 @@ pub struct BalanceRow {
     pub status: String,
     pub overdraft_limit: i64,
     pub holds: BTreeMap<Uuid, HoldView>,
+    /// The client's id for the account (`AccountOpened`), unique in the ledger.
+    pub external_id: Option<String>,
+    /// The client's labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Wire names of the account's flags.
+    pub flags: Vec<String>,
     pub opened_at: Option<DateTime<Utc>>,
     /// The stream version this row reflects (0: no event applied yet).
     pub version: i64,
@@ -99,20 +105,33 @@ const BALANCES: TableDef = TableDef {
         status          text        NOT NULL,
         overdraft_limit bigint      NOT NULL,
         holds           jsonb       NOT NULL,
+        external_id     text,
+        metadata        jsonb       NOT NULL DEFAULT '{}',
+        flags           jsonb       NOT NULL DEFAULT '[]',
         opened_at       timestamptz,
         version         bigint      NOT NULL,
         last_position   bigint      NOT NULL,
         updated_at      timestamptz NOT NULL)"],
     view: Some(
         "SELECT account_id, owner, currency, balance, held, available, status, overdraft_limit, holds, \
-                opened_at, version, last_position, updated_at FROM {table}",
+                external_id, metadata, flags, opened_at, version, last_position, updated_at FROM {table}",
     ),
     // The account listing of the query API (`GET /v1/accounts`): each filter walks its index in
     // account id order, the page order.
     indexes: &[
-        ("owner", "owner, account_id"),
-        ("currency", "currency, account_id"),
-        ("status", "status, account_id"),
+        ("owner", "(owner, account_id)"),
+        ("currency", "(currency, account_id)"),
+        ("status", "(status, account_id)"),
+        ("external_id", "(external_id, account_id)"),
+        // `metadata @> '{"k": "v"}'`: one GIN index serves every key (jsonb_path_ops indexes
+        // each key/value pair, and containment is all the listing asks of it).
+        ("metadata", "USING gin (metadata jsonb_path_ops)"),
+    ],
+    // Accounts opened before these existed have none of them: the defaults are their values.
+    columns_added: &[
+        ("external_id", "text"),
+        ("metadata", "jsonb NOT NULL DEFAULT '{}'"),
+        ("flags", "jsonb NOT NULL DEFAULT '[]'"),
     ],
 };
 
@@ -140,6 +159,7 @@ const STATEMENT: TableDef = TableDef {
                 transfer_id, reference, balance_after FROM {table}",
     ),
     indexes: &[],
+    columns_added: &[],
 };
 
 const TOTALS: TableDef = TableDef {
@@ -163,6 +183,7 @@ const TOTALS: TableDef = TableDef {
          FROM {table} GROUP BY currency",
     ),
     indexes: &[],
+    columns_added: &[],
 };
 
 impl BalanceRow {
@@ -176,6 +197,9 @@ impl BalanceRow {
             status: "unopened".into(),
             overdraft_limit: 0,
             holds: BTreeMap::new(),
+            external_id: None,
+            metadata: BTreeMap::new(),
+            flags: Vec::new(),
             opened_at: None,
             version: 0,
             last_position: 0,
@@ -228,6 +252,9 @@ impl Projection for Accounts {
                 row.owner = e.owner.clone();
                 row.currency = e.currency.to_string();
                 row.overdraft_limit = e.overdraft_limit;
+                row.external_id = e.external_id.clone();
+                row.metadata = e.metadata.clone();
+                row.flags = e.flags.iter().map(|f| f.as_str().to_owned()).collect();
                 row.status = "open".into();
                 row.opened_at = Some(meta.recorded_at);
                 delta.accounts = 1;
@@ -353,6 +380,7 @@ impl Projection for Accounts {
     ) -> Result<Vec<BalanceRow>, sqlx::Error> {
         let sql = format!(
             "SELECT account_id, owner, currency, balance, held, status, overdraft_limit, holds::text AS holds, \
+                    external_id, metadata::text AS metadata, flags::text AS flags, \
                     opened_at, version, last_position, updated_at \
              FROM {} WHERE account_id = ANY($1) FOR UPDATE",
             generation.table(BALANCES.name)
@@ -364,6 +392,9 @@ impl Projection for Accounts {
         rows.iter()
             .map(|row| {
                 let holds: String = row.try_get("holds")?;
+                let metadata: String = row.try_get("metadata")?;
+                let flags: String = row.try_get("flags")?;
+                let json = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
                 Ok(BalanceRow {
                     account_id: row.try_get("account_id")?,
                     owner: row.try_get("owner")?,
@@ -372,7 +403,10 @@ impl Projection for Accounts {
                     held: row.try_get("held")?,
                     status: row.try_get("status")?,
                     overdraft_limit: row.try_get("overdraft_limit")?,
-                    holds: serde_json::from_str(&holds).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    holds: serde_json::from_str(&holds).map_err(json)?,
+                    external_id: row.try_get("external_id")?,
+                    metadata: serde_json::from_str(&metadata).map_err(json)?,
+                    flags: serde_json::from_str(&flags).map_err(json)?,
                     opened_at: row.try_get("opened_at")?,
                     version: row.try_get("version")?,
                     last_position: row.try_get("last_position")?,
@@ -403,22 +437,34 @@ async fn store_balances(conn: &mut PgConnection, table: &str, rows: &[BalanceRow
     if rows.is_empty() {
         return Ok(());
     }
+    let json = |value: Result<String, serde_json::Error>| value.map_err(|e| sqlx::Error::Encode(Box::new(e)));
     let holds = rows
         .iter()
-        .map(|r| serde_json::to_string(&r.holds).map_err(|e| sqlx::Error::Encode(Box::new(e))))
+        .map(|r| json(serde_json::to_string(&r.holds)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = rows
+        .iter()
+        .map(|r| json(serde_json::to_string(&r.metadata)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let flags = rows
+        .iter()
+        .map(|r| json(serde_json::to_string(&r.flags)))
         .collect::<Result<Vec<_>, _>>()?;
     // The version guard: a row never moves backwards, whoever writes it.
     let sql = format!(
         "INSERT INTO {table} (account_id, owner, currency, balance, held, available, status, overdraft_limit, holds, \
-                              opened_at, version, last_position, updated_at) \
-         SELECT id, owner, currency, balance, held, balance - held, status, overdraft, holds::jsonb, opened_at, \
-                version, last_position, updated_at \
+                              external_id, metadata, flags, opened_at, version, last_position, updated_at) \
+         SELECT id, owner, currency, balance, held, balance - held, status, overdraft, holds::jsonb, \
+                external_id, metadata::jsonb, flags::jsonb, opened_at, version, last_position, updated_at \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], \
-                     $8::text[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::timestamptz[]) \
-              AS u(id, owner, currency, balance, held, status, overdraft, holds, opened_at, version, last_position, updated_at) \
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::bigint[], \
+                     $14::bigint[], $15::timestamptz[]) \
+              AS u(id, owner, currency, balance, held, status, overdraft, holds, external_id, metadata, flags, \
+                   opened_at, version, last_position, updated_at) \
          ON CONFLICT (account_id) DO UPDATE SET owner = EXCLUDED.owner, currency = EXCLUDED.currency, \
              balance = EXCLUDED.balance, held = EXCLUDED.held, available = EXCLUDED.available, \
              status = EXCLUDED.status, overdraft_limit = EXCLUDED.overdraft_limit, holds = EXCLUDED.holds, \
+             external_id = EXCLUDED.external_id, metadata = EXCLUDED.metadata, flags = EXCLUDED.flags, \
              opened_at = EXCLUDED.opened_at, version = EXCLUDED.version, last_position = EXCLUDED.last_position, \
              updated_at = EXCLUDED.updated_at \
          WHERE {table}.version < EXCLUDED.version"
@@ -432,6 +478,9 @@ async fn store_balances(conn: &mut PgConnection, table: &str, rows: &[BalanceRow
         .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.overdraft_limit).collect::<Vec<_>>())
         .bind(holds)
+        .bind(rows.iter().map(|r| r.external_id.clone()).collect::<Vec<_>>())
+        .bind(metadata)
+        .bind(flags)
         .bind(rows.iter().map(|r| r.opened_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.last_position).collect::<Vec<_>>())

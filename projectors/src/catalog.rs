@@ -40,10 +40,11 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
         .bind(P::NAME)
         .execute(&mut *tx)
         .await?;
-    let generation: Option<i32> = sqlx::query_scalar("SELECT generation FROM projections WHERE name = $1 FOR UPDATE")
-        .bind(P::NAME)
-        .fetch_one(&mut *tx)
-        .await?;
+    let (generation, shape): (Option<i32>, Option<i32>) =
+        sqlx::query_as("SELECT generation, shape FROM projections WHERE name = $1 FOR UPDATE")
+            .bind(P::NAME)
+            .fetch_one(&mut *tx)
+            .await?;
     match generation {
         None => {
             let first = Generation { number: 1 };
@@ -55,12 +56,20 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
                 .execute(&mut *tx)
                 .await?;
         }
-        // A generation made before an index was added to the code gets it now (writes to the
-        // table wait while it is built: once, at the upgrade's `tally migrate`).
-        Some(number) => {
+        // A generation made before a column or an index was added to the code gets it now
+        // (writes to the table wait while an index is built: once, at the upgrade's `tally
+        // migrate`); its views are made again to show a new column. A generation
+        // of another shape gets nothing: its columns may not be this code's, and it is
+        // replaced by a rebuild (`tally projections rebuild`), which makes every index.
+        Some(number) if shape == Some(P::SHAPE) => {
+            let live = Generation { number };
             act_as_read_model_owner(&mut tx).await?;
-            create_indexes::<P>(&mut tx, &Generation { number }).await?;
+            if add_columns::<P>(&mut tx, &live).await? {
+                point_views::<P>(&mut tx, &live).await?;
+            }
+            create_indexes::<P>(&mut tx, &live).await?;
         }
+        Some(_) => {}
     }
     sqlx::query(
         "INSERT INTO projection_partitions (projection, partition) \
@@ -184,13 +193,39 @@ pub(crate) async fn create_tables<P: Projection>(
     create_indexes::<P>(conn, generation).await
 }
 
+/// Adds the columns of [`crate::model::TableDef::columns_added`] that `generation`'s tables
+/// lack; whether it added any. Instant for a constant default (Postgres 11 and later), so
+/// batches wait on it only for a moment.
+async fn add_columns<P: Projection>(conn: &mut PgConnection, generation: &Generation) -> Result<bool, sqlx::Error> {
+    let mut added = false;
+    for table in P::TABLES {
+        let name = generation.table(table.name);
+        for (column, definition) in table.columns_added {
+            let exists: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute \
+                 WHERE attrelid = $1::regclass AND attname = $2 AND NOT attisdropped)",
+            )
+            .bind(&name)
+            .bind(column)
+            .fetch_one(&mut *conn)
+            .await?;
+            if !exists {
+                let sql = format!("ALTER TABLE {name} ADD COLUMN {column} {definition}");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+                added = true;
+            }
+        }
+    }
+    Ok(added)
+}
+
 /// The secondary indexes of `generation`'s tables ([`crate::model::TableDef::indexes`]) that it
 /// does not have yet.
 async fn create_indexes<P: Projection>(conn: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
     for table in P::TABLES {
         let name = generation.table(table.name);
-        for (index, columns) in table.indexes {
-            let sql = format!("CREATE INDEX IF NOT EXISTS {name}_{index} ON {name} ({columns})");
+        for (index, definition) in table.indexes {
+            let sql = format!("CREATE INDEX IF NOT EXISTS {name}_{index} ON {name} {definition}");
             sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
         }
     }

@@ -23,10 +23,17 @@ pub struct TableDef {
     pub ddl: &'static [&'static str],
     /// The `SELECT` of the readers' view, over `{table}`.
     pub view: Option<&'static str>,
-    /// Secondary indexes as `(name, columns)`, named `{table}_{name}`: made with each new
+    /// Secondary indexes as `(name, definition)`, named `{table}_{name}`; the definition is
+    /// what follows `ON {table}` (`(owner, account_id)`, `USING gin (...)`). Made with each new
     /// generation, and added to a live generation made before them (`catalog::ensure`, run by
     /// `tally migrate`), so an index added to the code needs no rebuild.
     pub indexes: &'static [(&'static str, &'static str)],
+    /// Columns added to the table after its shape was first released, as `(name, definition)`;
+    /// `ddl` has them too. A live generation made before them gets them from `catalog::ensure`
+    /// (`tally migrate`), and its view is made again to show them, so an added column needs no
+    /// rebuild. Only for columns whose default is what the older code's rows mean (e.g. an
+    /// account opened before external ids had none), and that the older code need not write.
+    pub columns_added: &'static [(&'static str, &'static str)],
 }
 
 /// The tables of one generation of a projection.

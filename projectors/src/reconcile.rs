@@ -181,7 +181,8 @@ impl Fold {
                 let decoded = decode_transfer(event)?;
                 self.transfers.entry(event.stream_id).or_default().apply(event, decoded);
             }
-            // A stream type no read model reconciled here folds (none today).
+            // External-id reservations fill no read model reconciled here (the balances row
+            // carries the external id from `AccountOpened`).
             _ => {}
         }
         Ok(())
@@ -251,6 +252,11 @@ struct BalanceView {
     available: i64,
     status: String,
     overdraft_limit: i64,
+    external_id: Option<String>,
+    #[sqlx(json)]
+    metadata: BTreeMap<String, String>,
+    #[sqlx(json)]
+    flags: Vec<String>,
     version: i64,
 }
 
@@ -265,6 +271,9 @@ impl BalanceView {
             available: account.available(),
             status: account.status.as_str().to_owned(),
             overdraft_limit: account.overdraft_limit,
+            external_id: account.external_id.clone(),
+            metadata: account.metadata.clone(),
+            flags: account.flags.iter().map(|f| f.as_str().to_owned()).collect(),
             version: fold.version,
         }
     }
@@ -274,7 +283,7 @@ impl fmt::Display for BalanceView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "v{} {} {} balance {} held {} available {} limit {} owner {:?}",
+            "v{} {} {} balance {} held {} available {} limit {} owner {:?} external id {:?} metadata {:?} flags {:?}",
             self.version,
             self.status,
             self.currency,
@@ -282,7 +291,10 @@ impl fmt::Display for BalanceView {
             self.held,
             self.available,
             self.overdraft_limit,
-            self.owner
+            self.owner,
+            self.external_id,
+            self.metadata,
+            self.flags
         )
     }
 }
@@ -375,7 +387,8 @@ async fn read_snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
     let mut snapshot = Snapshot::default();
     {
         let mut rows = sqlx::query(
-            "SELECT account_id, owner, currency, balance, held, available, status, overdraft_limit, version \
+            "SELECT account_id, owner, currency, balance, held, available, status, overdraft_limit, external_id, \
+                    metadata, flags, version \
              FROM account_balances",
         )
         .fetch(&mut *tx);
@@ -789,6 +802,9 @@ mod tests {
             available: balance,
             status: "open".into(),
             overdraft_limit: 0,
+            external_id: None,
+            metadata: BTreeMap::new(),
+            flags: Vec::new(),
             version,
         }
     }

@@ -59,6 +59,7 @@ const TRANSFERS: TableDef = TableDef {
                 created_at, expires_at, finished_at, version, last_position, updated_at FROM {table}",
     ),
     indexes: &[],
+    columns_added: &[],
 };
 
 impl Projection for Transfers {

@@ -1,8 +1,11 @@
 //! `GET /v1/accounts/{id}`, its statement, and the account listing `GET /v1/accounts`.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -278,6 +281,8 @@ pub struct AccountsQuery {
     pub currency: Option<String>,
     /// Only accounts in this status: `open`, `frozen` or `closed`.
     pub status: Option<String>,
+    /// Only the account with this external id (exact match).
+    pub external_id: Option<String>,
     /// Accounts per page, 1 to 500 (default 50).
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
@@ -301,12 +306,63 @@ pub struct AccountsPage {
 
 const ACCOUNTS_CURSOR: &str = "accounts.v1";
 
+/// The prefix of a metadata filter's parameter name (`metadata.KEY=VALUE`).
+const METADATA_FILTER_PREFIX: &str = "metadata.";
+
+/// The listing's query: its known parameters, and its metadata filters by key. The names of
+/// metadata filters are not known in advance, so they are taken out before the rest is read
+/// (where an unknown name is still a 400).
+pub(crate) struct ListingParams(AccountsQuery, BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ListingParams {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let raw = parts.uri.query().unwrap_or_default();
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(raw).map_err(|e| invalid_parameter(format!("malformed query string: {e}")))?;
+        let (filters, rest): (Vec<_>, Vec<_>) = pairs
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(METADATA_FILTER_PREFIX));
+        let mut metadata = BTreeMap::new();
+        for (name, value) in filters {
+            let key = &name[METADATA_FILTER_PREFIX.len()..];
+            if !tally_domain::profile::is_metadata_key(key) {
+                return Err(invalid_parameter(format!(
+                    "a metadata filter is metadata.KEY=VALUE, KEY 1 to {} of A-Z a-z 0-9 _ - .",
+                    tally_domain::profile::METADATA_KEY_LEN_MAX
+                )));
+            }
+            if !tally_domain::profile::is_metadata_value(&value) {
+                return Err(invalid_parameter(format!(
+                    "the value of metadata.{key} is at most {} characters, without control characters.",
+                    tally_domain::profile::METADATA_VALUE_LEN_MAX
+                )));
+            }
+            if metadata.insert(key.to_owned(), value).is_some() {
+                return Err(invalid_parameter(format!("metadata.{key} is given more than once.")));
+            }
+        }
+        if metadata.len() > tally_domain::profile::METADATA_ENTRIES_MAX {
+            return Err(invalid_parameter(format!(
+                "at most {} metadata filters.",
+                tally_domain::profile::METADATA_ENTRIES_MAX
+            )));
+        }
+        let rest = serde_urlencoded::to_string(&rest).map_err(|e| invalid_parameter(e.to_string()))?;
+        let query = serde_urlencoded::from_str(&rest).map_err(|e| invalid_parameter(e.to_string()))?;
+        Ok(ListingParams(query, metadata))
+    }
+}
+
 #[utoipa::path(
     get,
     path = "/v1/accounts",
     tag = "accounts",
     security(("bearerAuth" = ["reader"])),
-    summary = "Find accounts by owner, currency and status, in pages of account id order",
+    summary = "Find accounts by owner, currency, status, external id and metadata, in pages of account id order",
+    description = "Filters combine: every one given must match. `metadata.KEY=VALUE` (repeatable, up to 16, \
+        each key once) keeps the accounts whose metadata has KEY set to VALUE.",
     params(
         ("X-Consistency-Token" = Option<String>, Header, description = "Wait until the listing reflects that write."),
         AccountsQuery,
@@ -325,15 +381,20 @@ pub(crate) async fn list_accounts(
     _: Require<Reader>,
     State(state): State<AppState>,
     headers: HeaderMap,
-    Params(query): Params<AccountsQuery>,
+    ListingParams(query, metadata): ListingParams,
 ) -> Response {
-    match accounts(&state, &headers, query).await {
+    match accounts(&state, &headers, query, metadata).await {
         Ok(page) => Json(page).into_response(),
         Err(response) => response,
     }
 }
 
-async fn accounts(state: &AppState, headers: &HeaderMap, query: AccountsQuery) -> Result<AccountsPage, Response> {
+async fn accounts(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: AccountsQuery,
+    metadata: BTreeMap<String, String>,
+) -> Result<AccountsPage, Response> {
     let limit = page_limit(query.limit, ACCOUNTS_LIMIT_DEFAULT, ACCOUNTS_LIMIT_MAX)?;
     if let Some(status) = &query.status
         && !ACCOUNT_STATUSES.contains(&status.as_str())
@@ -350,11 +411,21 @@ async fn accounts(state: &AppState, headers: &HeaderMap, query: AccountsQuery) -
             "currency must be an ISO 4217 code (three capital letters); got {currency:?}."
         )));
     }
+    // A NUL byte cannot be in any stored text (Postgres refuses it in a parameter too), so it
+    // is the client's mistake, said here rather than left to fail the query.
     if let Some(owner) = &query.owner
-        && (owner.is_empty() || owner.len() > OWNER_FILTER_MAX)
+        && (owner.is_empty() || owner.len() > OWNER_FILTER_MAX || owner.contains('\0'))
     {
         return Err(invalid_parameter(format!(
-            "owner must be 1 to {OWNER_FILTER_MAX} bytes long."
+            "owner must be 1 to {OWNER_FILTER_MAX} bytes long, without NUL characters."
+        )));
+    }
+    if let Some(external_id) = &query.external_id
+        && !tally_domain::profile::is_external_id(external_id)
+    {
+        return Err(invalid_parameter(format!(
+            "external_id must be 1 to {} visible ASCII characters.",
+            tally_domain::profile::EXTERNAL_ID_LEN_MAX
         )));
     }
     let after = match &query.cursor {
@@ -394,6 +465,13 @@ async fn accounts(state: &AppState, headers: &HeaderMap, query: AccountsQuery) -
     }
     if let Some(status) = &query.status {
         sql.push(" AND status = ").push_bind(status);
+    }
+    if let Some(external_id) = &query.external_id {
+        sql.push(" AND external_id = ").push_bind(external_id);
+    }
+    if !metadata.is_empty() {
+        let wanted = serde_json::to_string(&metadata).expect("a map of strings serializes");
+        sql.push(" AND metadata @> ").push_bind(wanted).push("::jsonb");
     }
     sql.push(" ORDER BY account_id LIMIT ").push_bind(limit + 1);
     let rows = sql.build().fetch_all(&pool).await.map_err(|e| unavailable(&e))?;

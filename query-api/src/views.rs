@@ -1,5 +1,7 @@
 //! What the query API serves, and how each is read from a read model.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgRow;
@@ -29,6 +31,12 @@ pub struct AccountView {
     pub status: String,
     /// How far below zero `available` may go, in minor units.
     pub overdraft_limit: i64,
+    /// The client's id for the account, unique in the ledger (`null`: none given).
+    pub external_id: Option<String>,
+    /// The client's labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Bounds on the balance: `debits_must_not_exceed_credits`, `credits_must_not_exceed_debits`.
+    pub flags: Vec<String>,
     /// The account stream version this view reflects.
     pub version: i64,
     pub updated_at: DateTime<Utc>,
@@ -41,13 +49,15 @@ impl Versioned for AccountView {
 }
 
 /// The columns of `account_balances` an [`AccountView`] is read from.
-pub(crate) const ACCOUNT_COLUMNS: &str =
-    "account_id, owner, currency, balance, held, status, overdraft_limit, version, updated_at";
+pub(crate) const ACCOUNT_COLUMNS: &str = "account_id, owner, currency, balance, held, status, overdraft_limit, external_id, \
+     metadata::text AS metadata, flags::text AS flags, version, updated_at";
 
 impl AccountView {
     pub(crate) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let balance: i64 = row.try_get("balance")?;
         let held: i64 = row.try_get("held")?;
+        let json = |column: &str| -> Result<String, sqlx::Error> { row.try_get(column) };
+        let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
         Ok(Self {
             account_id: row.try_get("account_id")?,
             owner: row.try_get("owner")?,
@@ -57,6 +67,9 @@ impl AccountView {
             available: balance - held,
             status: row.try_get("status")?,
             overdraft_limit: row.try_get("overdraft_limit")?,
+            external_id: row.try_get("external_id")?,
+            metadata: serde_json::from_str(&json("metadata")?).map_err(decode)?,
+            flags: serde_json::from_str(&json("flags")?).map_err(decode)?,
             version: row.try_get("version")?,
             updated_at: row.try_get("updated_at")?,
         })

@@ -4,9 +4,12 @@
 //! History (newest last; each entry keeps its schema file under `schemas/events/`):
 //! - `AccountOpened` v1 → v2: v2 added `overdraft_limit`. A v1 account had no overdraft, so the
 //!   upcaster sets it to 0.
+//! - `AccountOpened` v2 → v3: v3 added the optional `external_id`, `metadata` and `flags`. A v2
+//!   account has none of them, so a valid v2 payload is lifted unchanged.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tally_domain::Currency;
 use uuid::Uuid;
 
 use crate::{UpcastError, schema_file_name, schema_of};
@@ -21,12 +24,34 @@ pub struct AccountOpenedV1 {
     pub currency: String,
 }
 
+/// `AccountOpened` v2: an account with an overdraft limit, and no external id, metadata or
+/// flags.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(
+    title = "AccountOpened",
+    description = "The account was opened. Always version 1 of its stream."
+)]
+pub struct AccountOpenedV2 {
+    pub account_id: Uuid,
+    pub owner: String,
+    pub currency: Currency,
+    /// How far below zero `available` may go, in minor units (0: no overdraft).
+    pub overdraft_limit: i64,
+}
+
 /// The schemas of the older versions.
 pub fn schemas() -> Vec<(String, serde_json::Value)> {
-    vec![(
-        schema_file_name("AccountOpened", 1),
-        schema_of::<AccountOpenedV1>("AccountOpened", 1).to_value(),
-    )]
+    vec![
+        (
+            schema_file_name("AccountOpened", 1),
+            schema_of::<AccountOpenedV1>("AccountOpened", 1).to_value(),
+        ),
+        (
+            schema_file_name("AccountOpened", 2),
+            schema_of::<AccountOpenedV2>("AccountOpened", 2).to_value(),
+        ),
+    ]
 }
 
 /// Lifts `payload` from `from` to `to`, one version at a time; returns the JSON text of the
@@ -49,6 +74,10 @@ pub fn upcast(event_type: &str, from: u32, to: u32, payload: &str) -> Result<Str
                     "currency": v1.currency,
                     "overdraft_limit": 0,
                 })
+            }
+            ("AccountOpened", 2) => {
+                let v2: AccountOpenedV2 = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+                serde_json::to_value(v2).map_err(|e| malformed(e.to_string()))?
             }
             _ => {
                 return Err(UpcastError::UnknownVersion {
@@ -80,6 +109,21 @@ mod tests {
         assert_eq!(opened.owner, "Ada");
         assert_eq!(opened.currency.as_str(), "EUR");
         assert_eq!(opened.overdraft_limit, 0);
+    }
+
+    #[test]
+    fn a_stored_v2_account_opened_reads_back_as_v3_with_no_profile() {
+        let v2 = r#"{"account_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","owner":"Ada","currency":"EUR","overdraft_limit":7}"#;
+
+        let AccountEvent::AccountOpened(opened) = decode_account_event("AccountOpened", 2, v2).unwrap() else {
+            panic!("decoded into the wrong type");
+        };
+        assert_eq!(opened.overdraft_limit, 7);
+        assert_eq!(opened.external_id, None);
+        assert!(opened.metadata.is_empty() && opened.flags.is_empty());
+        // A v2 payload claiming v3's fields is not a v2 payload.
+        let forged = r#"{"account_id":"01a20a8f-b2ee-73c7-8650-550d6d9d6157","owner":"Ada","currency":"EUR","overdraft_limit":7,"flags":["credits_must_not_exceed_debits"]}"#;
+        assert!(decode_account_event("AccountOpened", 2, forged).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tally_domain::account::{
     AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, FundsDeposited,
     FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, OverdraftLimitChanged, TransferCredited, TransferDebited,
 };
+use tally_domain::reservation::{ExternalIdReserved, ReservationEvent};
 use tally_domain::transfer::{
     TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferVoided,
 };
@@ -72,7 +73,11 @@ pub(crate) fn schema_of<T: JsonSchema>(event_type: &str, schema_version: u32) ->
 /// Every stored event type of every stream type, with its current schema version. Event type
 /// names are unique across stream types.
 pub fn current_event_types() -> impl Iterator<Item = (&'static str, u32)> {
-    AccountEvent::TYPES.iter().chain(TransferEvent::TYPES).copied()
+    AccountEvent::TYPES
+        .iter()
+        .chain(TransferEvent::TYPES)
+        .chain(ReservationEvent::TYPES)
+        .copied()
 }
 
 /// The schema of every event type at every version the code can read (current ones from the
@@ -102,6 +107,7 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
                 "TransferPosted" => schema_of::<TransferPosted>(event_type, version),
                 "TransferVoided" => schema_of::<TransferVoided>(event_type, version),
                 "TransferExpired" => schema_of::<TransferExpired>(event_type, version),
+                "ExternalIdReserved" => schema_of::<ExternalIdReserved>(event_type, version),
                 other => unreachable!("the domain lists event type {other} but schemas/ has no type for it"),
             };
             (schema_file_name(event_type, version), schema.to_value())
@@ -157,6 +163,17 @@ pub fn decode_transfer_event(
 ) -> Result<TransferEvent, UpcastError> {
     let payload = to_current(TransferEvent::TYPES, event_type, schema_version, payload)?;
     Ok(TransferEvent::from_payload(event_type, &payload)?)
+}
+
+/// Decodes a stored event of an external-id stream (stream type `external_id`) into the
+/// current domain event.
+pub fn decode_reservation_event(
+    event_type: &str,
+    schema_version: u32,
+    payload: &str,
+) -> Result<ReservationEvent, UpcastError> {
+    let payload = to_current(ReservationEvent::TYPES, event_type, schema_version, payload)?;
+    Ok(ReservationEvent::from_payload(event_type, &payload)?)
 }
 
 /// The payload in the current schema version of its type (`types` lists the current versions

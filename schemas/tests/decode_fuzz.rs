@@ -15,9 +15,12 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use tally_domain::AMOUNT_MAX_MINOR;
 use tally_domain::account::{AccountEvent, DecodeError};
+use tally_domain::reservation::ReservationEvent;
 use tally_domain::transfer::TransferEvent;
 use tally_schemas::envelope::EventEnvelope;
-use tally_schemas::{UpcastError, current_event_types, decode_account_event, decode_transfer_event};
+use tally_schemas::{
+    UpcastError, current_event_types, decode_account_event, decode_reservation_event, decode_transfer_event,
+};
 
 const ID_A: &str = "01a20a8f-b2ee-73c7-8650-550d6d9d6157";
 const ID_B: &str = "01a20a8f-b2ee-73c7-8650-550d6d9d6158";
@@ -29,12 +32,13 @@ const AT: &str = "2026-11-05T10:00:00Z";
 enum Stream {
     Account,
     Transfer,
+    ExternalId,
 }
 
 /// One valid stored payload of every event type at every version the code reads (the current
 /// ones and the legacy `AccountOpened` v1).
 fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
-    use Stream::{Account, Transfer};
+    use Stream::{Account, ExternalId, Transfer};
     vec![
         (
             "AccountOpened",
@@ -47,6 +51,14 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
             2,
             Account,
             json!({"account_id": ID_A, "owner": "Ada", "currency": "EUR", "overdraft_limit": 0}),
+        ),
+        (
+            "AccountOpened",
+            3,
+            Account,
+            json!({"account_id": ID_A, "owner": "Ada", "currency": "EUR", "overdraft_limit": 0,
+                   "external_id": "cust-42", "metadata": {"region": "eu"},
+                   "flags": ["debits_must_not_exceed_credits"]}),
         ),
         (
             "FundsDeposited",
@@ -117,6 +129,12 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
         ("TransferPosted", 1, Transfer, json!({"amount": 5, "posted_at": AT})),
         ("TransferVoided", 1, Transfer, json!({"voided_at": AT})),
         ("TransferExpired", 1, Transfer, json!({"expired_at": AT})),
+        (
+            "ExternalIdReserved",
+            1,
+            ExternalId,
+            json!({"external_id": "cust-42", "account_id": ID_A}),
+        ),
     ]
 }
 
@@ -125,6 +143,7 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
 enum Decoded {
     Account(AccountEvent),
     Transfer(TransferEvent),
+    Reservation(ReservationEvent),
 }
 
 impl Decoded {
@@ -132,6 +151,7 @@ impl Decoded {
         match self {
             Decoded::Account(e) => e.type_name(),
             Decoded::Transfer(e) => e.type_name(),
+            Decoded::Reservation(e) => e.type_name(),
         }
     }
 
@@ -139,6 +159,7 @@ impl Decoded {
         match self {
             Decoded::Account(e) => e.schema_version(),
             Decoded::Transfer(e) => e.schema_version(),
+            Decoded::Reservation(e) => e.schema_version(),
         }
     }
 
@@ -146,6 +167,7 @@ impl Decoded {
         match self {
             Decoded::Account(e) => e.to_payload(),
             Decoded::Transfer(e) => e.to_payload(),
+            Decoded::Reservation(e) => e.to_payload(),
         }
     }
 }
@@ -154,6 +176,7 @@ fn decode(stream: Stream, event_type: &str, version: u32, payload: &str) -> Resu
     match stream {
         Stream::Account => decode_account_event(event_type, version, payload).map(Decoded::Account),
         Stream::Transfer => decode_transfer_event(event_type, version, payload).map(Decoded::Transfer),
+        Stream::ExternalId => decode_reservation_event(event_type, version, payload).map(Decoded::Reservation),
     }
 }
 
@@ -195,6 +218,8 @@ fn known_types() -> Vec<&'static str> {
 fn stream_of(event_type: &str) -> Stream {
     if AccountEvent::TYPES.iter().any(|(t, _)| *t == event_type) {
         Stream::Account
+    } else if ReservationEvent::TYPES.iter().any(|(t, _)| *t == event_type) {
+        Stream::ExternalId
     } else {
         Stream::Transfer
     }
@@ -433,19 +458,18 @@ proptest! {
     }
 
     #[test]
-    fn events_of_the_other_stream_type_are_unknown_type_errors(
+    fn events_of_another_stream_type_are_unknown_type_errors(
         sample in prop::sample::select(samples()),
     ) {
         let (event_type, version, stream, payload) = sample;
-        let other = match stream {
-            Stream::Account => Stream::Transfer,
-            Stream::Transfer => Stream::Account,
-        };
-        let result = decode(other, event_type, version, &payload.to_string());
-        prop_assert!(
-            matches!(result, Err(UpcastError::Decode(DecodeError::UnknownType(_)))),
-            "{} read as the other stream type gave {:?}", event_type, result
-        );
+        let others = [Stream::Account, Stream::Transfer, Stream::ExternalId];
+        for other in others.into_iter().filter(|s| *s != stream) {
+            let result = decode(other, event_type, version, &payload.to_string());
+            prop_assert!(
+                matches!(result, Err(UpcastError::Decode(DecodeError::UnknownType(_)))),
+                "{} read as another stream type gave {:?}", event_type, result
+            );
+        }
     }
 
     #[test]

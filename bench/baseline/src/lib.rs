@@ -226,6 +226,7 @@ async fn open_account(
         owner: body.owner,
         currency: currency(&body.currency)?,
         overdraft_limit: body.overdraft_limit,
+        profile: tally_domain::AccountProfile::default(),
     };
     state.cqrs.execute(&account_id.to_string(), command).await?;
     let body = axum::Json(serde_json::json!({ "account_id": account_id }));

@@ -6,6 +6,7 @@ mod auth;
 mod checkpoints;
 mod connections;
 mod console;
+mod controls;
 mod currencies;
 mod e2e;
 mod event_store;
