@@ -41,6 +41,7 @@ pub async fn preload(store: &EventStore, events: u64) -> anyhow::Result<Measurem
                     amount: AmountMinor::new(1).expect("1 is a valid amount"),
                     currency: eur,
                     reference: String::new(),
+                    system_account: tally_domain::SystemAccount::World.id(&eur),
                 })
             }));
             appends.push(StreamAppend {

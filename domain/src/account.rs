@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::money::{AMOUNT_MAX_MINOR, AmountMinor, Currency};
 use crate::profile::{AccountFlag, AccountProfile};
+use crate::system::SystemAccount;
 use crate::transfer::TransferStatus;
 
 /// The stream type under which account events are stored and published.
@@ -92,22 +93,29 @@ pub struct AccountOpened {
     pub flags: Vec<AccountFlag>,
 }
 
-/// Money arrived from outside the ledger.
+/// Money arrived from outside the ledger: an entry debiting `system_account` and crediting
+/// this account by `amount`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FundsDeposited {
     pub amount: AmountMinor,
     pub currency: Currency,
     pub reference: String,
+    /// The system account on the other side: the currency's `world` account
+    /// (`crate::system::SystemAccount`).
+    pub system_account: Uuid,
 }
 
-/// Money left the ledger.
+/// Money left the ledger: an entry debiting this account and crediting `system_account` by
+/// `amount`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FundsWithdrawn {
     pub amount: AmountMinor,
     pub currency: Currency,
     pub reference: String,
+    /// The system account on the other side: the currency's `world` account.
+    pub system_account: Uuid,
 }
 
 /// The account was frozen: it refuses debits until unfrozen.
@@ -261,8 +269,8 @@ impl AccountEvent {
     /// Schema per entry and fails a test when this list and the checked-in files disagree.
     pub const TYPES: &'static [(&'static str, u32)] = &[
         ("AccountOpened", 3),
-        ("FundsDeposited", 1),
-        ("FundsWithdrawn", 1),
+        ("FundsDeposited", 2),
+        ("FundsWithdrawn", 2),
         ("AccountFrozen", 1),
         ("AccountUnfrozen", 1),
         ("AccountClosed", 1),
@@ -693,6 +701,7 @@ impl Account {
                 self.check_credit(amount)?;
                 AccountEvent::FundsDeposited(FundsDeposited {
                     amount,
+                    system_account: SystemAccount::World.id(&currency),
                     currency,
                     reference,
                 })
@@ -703,6 +712,7 @@ impl Account {
                 self.check_available(amount)?;
                 AccountEvent::FundsWithdrawn(FundsWithdrawn {
                     amount,
+                    system_account: SystemAccount::World.id(&currency),
                     currency,
                     reference,
                 })
@@ -968,6 +978,7 @@ mod tests {
             amount: amount(v),
             currency: eur(),
             reference: "r".into(),
+            system_account: SystemAccount::World.id(&eur()),
         })
     }
 
@@ -976,6 +987,7 @@ mod tests {
             amount: amount(v),
             currency: eur(),
             reference: "r".into(),
+            system_account: SystemAccount::World.id(&eur()),
         })
     }
 
@@ -1240,9 +1252,10 @@ mod tests {
 
     #[test]
     fn existing_event_payloads_keep_their_stored_shape() {
+        // v2: the system account on the other side (ADR 0003), pinned with its id.
         assert_eq!(
             deposited(5).to_payload(),
-            r#"{"amount":5,"currency":"EUR","reference":"r"}"#
+            r#"{"amount":5,"currency":"EUR","reference":"r","system_account":"e883fda3-844c-57e3-87d5-c8d28efc0790"}"#
         );
         assert_eq!(
             opened(7).to_payload(),

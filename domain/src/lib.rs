@@ -11,7 +11,9 @@
 //!   functions returning the events for each stream;
 //! - [`profile`]: an account's external id, metadata and flags (the bounds on its balance);
 //! - [`reservation`]: the external-id stream (one per external id) that keeps external ids
-//!   unique in the ledger.
+//!   unique in the ledger;
+//! - [`system`]: the ledger's own accounts per currency (`world`, `transit`), the other side
+//!   of deposits and withdrawals, so every movement is double-entry.
 
 pub mod account;
 pub mod ledger;
@@ -19,6 +21,7 @@ pub mod metadata;
 pub mod money;
 pub mod profile;
 pub mod reservation;
+pub mod system;
 pub mod transfer;
 
 pub use account::{
@@ -33,6 +36,7 @@ pub use metadata::Metadata;
 pub use money::{AMOUNT_MAX_MINOR, AmountMinor, Currency, Money, MoneyError};
 pub use profile::{AccountFlag, AccountProfile};
 pub use reservation::{ExternalIdReserved, Reservation, ReservationEvent};
+pub use system::SystemAccount;
 pub use transfer::{
     Transfer, TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferStatus,
     TransferVoided,

@@ -179,6 +179,7 @@ const TOTALS: TableDef = TableDef {
         "SELECT currency, sum(accounts)::bigint AS accounts, sum(inflow)::bigint AS inflow, \
                 sum(outflow)::bigint AS outflow, sum(balances)::bigint AS balances, sum(held)::bigint AS held, \
                 sum(transfers_out - transfers_in)::bigint AS in_transit, \
+                sum(transfers_out)::bigint AS transfers_out, sum(transfers_in)::bigint AS transfers_in, \
                 sum(balances) + sum(transfers_out - transfers_in) = sum(inflow) - sum(outflow) AS balanced \
          FROM {table} GROUP BY currency",
     ),
@@ -613,11 +614,13 @@ mod tests {
             amount: AmountMinor::new(500).unwrap(),
             currency: eur,
             reference: "salary".into(),
+            system_account: tally_domain::SystemAccount::World.id(&eur),
         });
         let withdrawal = AccountEvent::FundsWithdrawn(FundsWithdrawn {
             amount: AmountMinor::new(200).unwrap(),
             currency: eur,
             reference: "rent".into(),
+            system_account: tally_domain::SystemAccount::World.id(&eur),
         });
         Accounts::apply(&mut row, &deposit, &meta(2), &mut effects);
         Accounts::apply(&mut row, &withdrawal, &meta(3), &mut effects);

@@ -58,15 +58,16 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
         }
         // A generation made before a column or an index was added to the code gets it now
         // (writes to the table wait while an index is built: once, at the upgrade's `tally
-        // migrate`); its views are made again to show a new column. A generation
+        // migrate`). A generation
         // of another shape gets nothing: its columns may not be this code's, and it is
         // replaced by a rebuild (`tally projections rebuild`), which makes every index.
         Some(number) if shape == Some(P::SHAPE) => {
             let live = Generation { number };
             act_as_read_model_owner(&mut tx).await?;
-            if add_columns::<P>(&mut tx, &live).await? {
-                point_views::<P>(&mut tx, &live).await?;
-            }
+            add_columns::<P>(&mut tx, &live).await?;
+            // Views are made again every time: they hold no rows, and a view that gained a
+            // column in the code (a sum the readers need) then shows it with no rebuild.
+            point_views::<P>(&mut tx, &live).await?;
             create_indexes::<P>(&mut tx, &live).await?;
         }
         Some(_) => {}

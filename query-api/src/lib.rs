@@ -6,8 +6,9 @@
 //! - `cache` + `invalidations`: moka caches of account and transfer rows, kept honest by the
 //!   projectors' invalidations over NATS (a row older than an invalidation seen is never kept).
 //! - `consistency`: read-your-writes with the command API's consistency tokens.
-//! - `accounts`, `transfers`, `audit`, `proofs` (inclusion proofs against signed checkpoints):
-//!   the handlers; `routes`: the router and what they share.
+//! - `accounts`, `transfers`, `audit`, `proofs` (inclusion proofs against signed checkpoints),
+//!   `ledger` (the trial balance and the system accounts, and its gauge): the handlers;
+//!   `routes`: the router and what they share.
 //!
 //! Reads need the `reader` role, audit reads the `auditor` role; `/health`, `/ready` and
 //! `/openapi.json` are open. [`app`] puts the router behind `tally_service::edge` (timeout,
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod cache;
 pub mod consistency;
 pub mod invalidations;
+pub mod ledger;
 pub mod openapi;
 pub mod proofs;
 pub mod routes;
@@ -95,6 +97,10 @@ pub struct Config {
     /// How long a read with a consistency token waits for its write (milliseconds).
     #[arg(long, env = "TALLY_CONSISTENCY_WAIT_MS", default_value_t = 2_000)]
     pub consistency_wait_ms: u64,
+    /// How often the trial balance is read for the gauge `tally_trial_balance_minor`
+    /// (seconds; each reading passes over every balance row once); 0 turns it off.
+    #[arg(long, env = "TALLY_TRIAL_BALANCE_INTERVAL_S", default_value_t = 60)]
+    pub trial_balance_interval_s: u64,
     #[command(flatten)]
     pub auth: AuthConfig,
     #[command(flatten)]
@@ -130,8 +136,8 @@ pub struct AppState {
 
 impl AppState {
     /// Lazy, like every Tally pool: the instance starts and answers `/ready` with 503 until
-    /// a database it reads from is reachable. Starts the replica monitor and the invalidation
-    /// listener (so it must run inside a Tokio runtime).
+    /// a database it reads from is reachable. Starts the replica monitor, the invalidation
+    /// listener and the trial balance gauge (so it must run inside a Tokio runtime).
     pub fn start(config: &Config) -> Result<Self, sqlx::Error> {
         let bounds = LagBounds {
             bytes_max: config.replica_lag_max_bytes,
@@ -158,11 +164,18 @@ impl AppState {
             config.nats.clone(),
             config.subject_prefix.clone(),
         ));
-        Ok(Self {
+        let state = Self {
             sources,
             caches,
             consistency_wait: Duration::from_millis(config.consistency_wait_ms),
-        })
+        };
+        if config.trial_balance_interval_s > 0 {
+            tokio::spawn(ledger::watch(
+                state.clone(),
+                Duration::from_secs(config.trial_balance_interval_s),
+            ));
+        }
+        Ok(state)
     }
 }
 

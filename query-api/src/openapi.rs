@@ -11,6 +11,7 @@ use utoipa::OpenApi;
 
 use crate::accounts::{AccountsPage, StatementPage};
 use crate::audit::{AccountAsOf, AuditEvent, FeedPage, StreamHistory};
+use crate::ledger::{CurrencyBalance, SystemAccountView, SystemAccounts, TrialBalance};
 use crate::proofs::InclusionProofView;
 use crate::routes::Readiness;
 use crate::sources::ReplicaState;
@@ -40,6 +41,8 @@ use crate::views::{AccountView, StatementLine, TransferView};
         crate::audit::get_feed,
         crate::audit::get_account_as_of,
         crate::proofs::get_event_proof,
+        crate::ledger::get_trial_balance,
+        crate::ledger::get_system_accounts,
         tally_service::problem::health,
         crate::routes::ready,
     ),
@@ -55,6 +58,10 @@ use crate::views::{AccountView, StatementLine, TransferView};
         FeedPage,
         AccountAsOf,
         InclusionProofView,
+        TrialBalance,
+        CurrencyBalance,
+        SystemAccounts,
+        SystemAccountView,
         Readiness,
         ReplicaState,
         Problem
@@ -64,6 +71,8 @@ use crate::views::{AccountView, StatementLine, TransferView};
         (name = "transfers", description = "Transfers and their status."),
         (name = "audit", description = "The event log itself: stream histories, the global feed, past states, \
             inclusion proofs against signed checkpoints."),
+        (name = "ledger", description = "The ledger as a whole, for auditors: the trial balance and the system \
+            accounts every deposit and withdrawal is booked against."),
         (name = "ops", description = "Liveness and readiness probes."),
     )
 )]

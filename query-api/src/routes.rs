@@ -46,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/audit/events", get(crate::audit::get_feed))
         .route("/v1/audit/events/{event_id}/proof", get(crate::proofs::get_event_proof))
+        .route("/v1/ledger/trial-balance", get(crate::ledger::get_trial_balance))
+        .route("/v1/ledger/system-accounts", get(crate::ledger::get_system_accounts))
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))

@@ -6,10 +6,14 @@
 //!   upcaster sets it to 0.
 //! - `AccountOpened` v2 → v3: v3 added the optional `external_id`, `metadata` and `flags`. A v2
 //!   account has none of them, so a valid v2 payload is lifted unchanged.
+//! - `FundsDeposited` and `FundsWithdrawn` v1 → v2: v2 names the system account on the other
+//!   side (`system_account`, ADR 0003). Before system accounts, money came from and went to
+//!   outside the ledger, which is what the currency's `world` account stands for, so the
+//!   upcaster names it.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tally_domain::Currency;
+use tally_domain::{AmountMinor, Currency, SystemAccount};
 use uuid::Uuid;
 
 use crate::{UpcastError, schema_file_name, schema_of};
@@ -40,6 +44,26 @@ pub struct AccountOpenedV2 {
     pub overdraft_limit: i64,
 }
 
+/// `FundsDeposited` v1: a deposit that did not name the account on the other side.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "FundsDeposited", description = "Money arrived from outside the ledger.")]
+pub struct FundsDepositedV1 {
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub reference: String,
+}
+
+/// `FundsWithdrawn` v1: a withdrawal that did not name the account on the other side.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "FundsWithdrawn", description = "Money left the ledger.")]
+pub struct FundsWithdrawnV1 {
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub reference: String,
+}
+
 /// The schemas of the older versions.
 pub fn schemas() -> Vec<(String, serde_json::Value)> {
     vec![
@@ -50,6 +74,14 @@ pub fn schemas() -> Vec<(String, serde_json::Value)> {
         (
             schema_file_name("AccountOpened", 2),
             schema_of::<AccountOpenedV2>("AccountOpened", 2).to_value(),
+        ),
+        (
+            schema_file_name("FundsDeposited", 1),
+            schema_of::<FundsDepositedV1>("FundsDeposited", 1).to_value(),
+        ),
+        (
+            schema_file_name("FundsWithdrawn", 1),
+            schema_of::<FundsWithdrawnV1>("FundsWithdrawn", 1).to_value(),
         ),
     ]
 }
@@ -79,6 +111,14 @@ pub fn upcast(event_type: &str, from: u32, to: u32, payload: &str) -> Result<Str
                 let v2: AccountOpenedV2 = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
                 serde_json::to_value(v2).map_err(|e| malformed(e.to_string()))?
             }
+            ("FundsDeposited", 1) => {
+                let v1: FundsDepositedV1 = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+                with_world_account(v1.amount, v1.currency, v1.reference)
+            }
+            ("FundsWithdrawn", 1) => {
+                let v1: FundsWithdrawnV1 = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+                with_world_account(v1.amount, v1.currency, v1.reference)
+            }
             _ => {
                 return Err(UpcastError::UnknownVersion {
                     event_type: event_type.to_owned(),
@@ -89,6 +129,16 @@ pub fn upcast(event_type: &str, from: u32, to: u32, payload: &str) -> Result<Str
         };
     }
     Ok(value.to_string())
+}
+
+/// A v2 deposit or withdrawal: the v1 fields and the currency's `world` account.
+fn with_world_account(amount: AmountMinor, currency: Currency, reference: String) -> serde_json::Value {
+    serde_json::json!({
+        "amount": amount,
+        "currency": currency,
+        "reference": reference,
+        "system_account": SystemAccount::World.id(&currency),
+    })
 }
 
 #[cfg(test)]
@@ -136,5 +186,30 @@ mod tests {
         ] {
             assert!(decode_account_event("AccountOpened", 1, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn stored_v1_deposits_and_withdrawals_read_back_against_the_world_account() {
+        let eur: tally_domain::Currency = "EUR".parse().unwrap();
+        let world = tally_domain::SystemAccount::World.id(&eur);
+        let deposit = r#"{"amount":500,"currency":"EUR","reference":"salary"}"#;
+        let AccountEvent::FundsDeposited(d) = decode_account_event("FundsDeposited", 1, deposit).unwrap() else {
+            panic!("decoded into the wrong type");
+        };
+        assert_eq!(
+            (d.amount.get(), d.reference.as_str(), d.system_account),
+            (500, "salary", world)
+        );
+        let withdrawal = r#"{"amount":200,"currency":"EUR","reference":"rent"}"#;
+        let AccountEvent::FundsWithdrawn(w) = decode_account_event("FundsWithdrawn", 1, withdrawal).unwrap() else {
+            panic!("decoded into the wrong type");
+        };
+        assert_eq!((w.amount.get(), w.system_account), (200, world));
+        // A v1 payload already naming a system account is not a v1 payload.
+        let forged = format!(r#"{{"amount":1,"currency":"EUR","reference":"","system_account":"{world}"}}"#);
+        assert!(decode_account_event("FundsDeposited", 1, &forged).is_err());
+        // v2 reads as stored.
+        assert!(decode_account_event("FundsDeposited", 2, &forged).is_ok());
+        assert!(decode_account_event("FundsDeposited", 2, deposit).is_err());
     }
 }

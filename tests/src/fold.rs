@@ -36,6 +36,9 @@ pub struct Expected {
     pub lines: Vec<Line>,
     pub totals: BTreeMap<String, Totals>,
     pub transfers: BTreeMap<Uuid, TransferView>,
+    /// The balance of every system account the log's deposits and withdrawals name (the
+    /// other side of each: debited by a deposit, credited by a withdrawal).
+    pub system: BTreeMap<Uuid, i64>,
     pub events: usize,
 }
 
@@ -89,9 +92,11 @@ async fn fold_once(pool: &PgPool) -> Expected {
                     match &event {
                         AccountEvent::FundsDeposited(d) => {
                             inflow.entry(d.currency.to_string()).or_default().0 += d.amount.get();
+                            *out.system.entry(d.system_account).or_default() -= d.amount.get();
                         }
                         AccountEvent::FundsWithdrawn(w) => {
                             inflow.entry(w.currency.to_string()).or_default().1 += w.amount.get();
+                            *out.system.entry(w.system_account).or_default() += w.amount.get();
                         }
                         _ => {}
                     }

@@ -27,4 +27,5 @@ mod schemas;
 mod sealer;
 mod shutdown;
 mod transfers;
+mod trial_balance;
 mod writer;
