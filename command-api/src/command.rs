@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use tally_domain::reservation::{self, ExternalIdReserved};
 use tally_domain::{
-    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, ReservationEvent, Transfer, TransferCommand,
-    TransferDecision, TransferEvent, ledger,
+    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, Entry, EntryCommand, EntryEvent,
+    ReservationEvent, Transfer, TransferCommand, TransferDecision, TransferEvent, journal, ledger,
 };
 use tally_event_store::NewEvent;
 use uuid::Uuid;
@@ -34,6 +34,8 @@ pub enum Command {
     Void { transfer_id: Uuid, from: Uuid },
     /// Release a pending transfer's hold past its deadline (the expiry worker).
     Expire { transfer_id: Uuid, from: Uuid },
+    /// A journal entry: every leg's account and the entry's own stream.
+    Entry(EntryCommand),
 }
 
 impl Command {
@@ -53,12 +55,13 @@ impl Command {
             Command::Post { .. } => "post",
             Command::Void { .. } => "void",
             Command::Expire { .. } => "expire",
+            Command::Entry(_) => "entry",
         }
     }
 
     /// Every stream the command reads or may append to.
     pub fn streams(&self) -> Vec<(Uuid, StreamKind)> {
-        use StreamKind::{Account, ExternalId, Transfer};
+        use StreamKind::{Account, Entry, ExternalId, Transfer};
         match self {
             Command::Account { account_id, command } => match external_id(command) {
                 Some(external_id) => vec![
@@ -74,6 +77,12 @@ impl Command {
             Command::Void { transfer_id, from } | Command::Expire { transfer_id, from } => {
                 vec![(*from, Account), (*transfer_id, Transfer)]
             }
+            Command::Entry(e) => e
+                .legs
+                .iter()
+                .map(|leg| (leg.account, Account))
+                .chain([(e.entry_id, Entry)])
+                .collect(),
         }
     }
 }
@@ -92,6 +101,7 @@ pub enum Events {
     Account(Vec<AccountEvent>),
     Transfer(Vec<TransferEvent>),
     ExternalId(Vec<ReservationEvent>),
+    Entry(Vec<EntryEvent>),
 }
 
 impl Events {
@@ -100,6 +110,7 @@ impl Events {
             Events::Account(e) => e.is_empty(),
             Events::Transfer(e) => e.is_empty(),
             Events::ExternalId(e) => e.is_empty(),
+            Events::Entry(e) => e.is_empty(),
         }
     }
 
@@ -137,6 +148,14 @@ impl Events {
                     new
                 })
                 .collect(),
+            (Events::Entry(events), State::Entry(entry)) => events
+                .into_iter()
+                .map(|e| {
+                    let new = row(e.type_name(), e.schema_version(), e.to_payload());
+                    entry.apply(e);
+                    new
+                })
+                .collect(),
             _ => unreachable!("events are only decided for streams of their own kind"),
         };
         loaded.version += rows.len() as i64;
@@ -160,6 +179,9 @@ pub fn decide(
     };
     let transfer =
         |id: &Uuid| -> Result<&Transfer, AccountError> { states[id].transfer().ok_or(AccountError::TransferNotFound) };
+    if let Command::Entry(e) = command {
+        return decide_entry(e, states, now);
+    }
     // (decision, source, destination if it gets events, transfer stream)
     let (decision, from, to, transfer_id): (TransferDecision, Uuid, Option<Uuid>, Uuid) = match command {
         Command::Account { account_id, command } => {
@@ -210,6 +232,7 @@ pub fn decide(
             None,
             *transfer_id,
         ),
+        Command::Entry(_) => unreachable!("entries are decided above"),
     };
     let mut out = vec![(from, Events::Account(decision.from_events))];
     if let Some(to) = to {
@@ -218,4 +241,33 @@ pub fn decide(
     out.push((transfer_id, Events::Transfer(decision.transfer_events)));
     out.retain(|(_, events)| !events.is_empty());
     Ok(out)
+}
+
+/// Decides entry `e`: each leg's account (as the leg names it: a stream that is not an account
+/// refuses that leg), then the entry's stream.
+fn decide_entry(
+    e: &EntryCommand,
+    states: &HashMap<Uuid, Loaded>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(Uuid, Events)>, AccountError> {
+    let mut accounts: Vec<&Account> = Vec::with_capacity(e.legs.len());
+    for (leg, request) in e.legs.iter().enumerate() {
+        let account = states[&request.account].account().ok_or_else(|| AccountError::Leg {
+            leg,
+            source: Box::new(AccountError::AccountNotFound {
+                account_id: request.account,
+            }),
+        })?;
+        accounts.push(account);
+    }
+    let entry: &Entry = states[&e.entry_id]
+        .entry()
+        .ok_or(AccountError::EntryExists { entry_id: e.entry_id })?;
+    let decision = journal::decide_entry(e, &accounts, entry, now)?;
+    Ok(decision
+        .account_events
+        .into_iter()
+        .map(|(account, event)| (account, Events::Account(vec![event])))
+        .chain([(e.entry_id, Events::Entry(decision.entry_events))])
+        .collect())
 }

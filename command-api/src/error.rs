@@ -117,6 +117,23 @@ pub(crate) fn rejection(error: &AccountError) -> Problem {
             .extension("account_id", account_id.to_string()),
         AccountError::InvalidMetadata { .. } => refused("Invalid metadata"),
         AccountError::InvalidFlags { .. } => refused("Invalid flags"),
+        AccountError::EntryExists { entry_id } => Problem::new(StatusCode::CONFLICT, code, "Entry already exists")
+            .detail(detail.clone())
+            .extension("entry_id", entry_id.to_string()),
+        AccountError::InvalidLegs { legs } => refused("Invalid legs").extension("legs", *legs as i64),
+        AccountError::EntryUnbalanced {
+            currency,
+            debits,
+            credits,
+        } => refused("Entry unbalanced")
+            .extension("currency", currency.to_string())
+            .extension("debits", *debits)
+            .extension("credits", *credits),
+        AccountError::AccountRepeated { account_id, first } => refused("Account repeated")
+            .extension("account_id", account_id.to_string())
+            .extension("first_leg", *first as i64),
+        // The leg's own refusal (its status, code and members), naming the leg.
+        AccountError::Leg { leg, source } => rejection(source).detail(detail.clone()).extension("leg", *leg as i64),
     }
 }
 

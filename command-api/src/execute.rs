@@ -4,10 +4,12 @@
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
-use tally_domain::{Account, AccountError, Reservation, Transfer};
+use tally_domain::{Account, AccountError, Entry, Reservation, Transfer};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse};
 use tally_event_store::{EventStore, READ_LIMIT_MAX, StoreError, StoredEvent, snapshot};
-use tally_schemas::{UpcastError, decode_account_event, decode_reservation_event, decode_transfer_event};
+use tally_schemas::{
+    UpcastError, decode_account_event, decode_entry_event, decode_reservation_event, decode_transfer_event,
+};
 use uuid::Uuid;
 
 /// How many times a command is re-run after losing an optimistic-concurrency race before the
@@ -80,6 +82,8 @@ pub enum StreamKind {
     Transfer,
     /// The stream that reserves one external id for one account (`tally_domain::reservation`).
     ExternalId,
+    /// A journal entry's own stream (`tally_domain::entry`).
+    Entry,
 }
 
 impl StreamKind {
@@ -88,6 +92,7 @@ impl StreamKind {
             StreamKind::Account => tally_domain::account::STREAM_TYPE,
             StreamKind::Transfer => tally_domain::transfer::STREAM_TYPE,
             StreamKind::ExternalId => tally_domain::reservation::STREAM_TYPE,
+            StreamKind::Entry => tally_domain::entry::STREAM_TYPE,
         }
     }
 }
@@ -98,6 +103,7 @@ pub enum State {
     Account(Account),
     Transfer(Transfer),
     ExternalId(Reservation),
+    Entry(Entry),
 }
 
 impl State {
@@ -106,6 +112,7 @@ impl State {
             StreamKind::Account => State::Account(Account::default()),
             StreamKind::Transfer => State::Transfer(Transfer::default()),
             StreamKind::ExternalId => State::ExternalId(Reservation::default()),
+            StreamKind::Entry => State::Entry(Entry::default()),
         }
     }
 
@@ -114,6 +121,7 @@ impl State {
             State::Account(_) => StreamKind::Account,
             State::Transfer(_) => StreamKind::Transfer,
             State::ExternalId(_) => StreamKind::ExternalId,
+            State::Entry(_) => StreamKind::Entry,
         }
     }
 
@@ -124,6 +132,7 @@ impl State {
             State::Account(a) => a.apply(decode_account_event(&stored.event_type, version, &stored.payload)?),
             State::Transfer(t) => t.apply(decode_transfer_event(&stored.event_type, version, &stored.payload)?),
             State::ExternalId(r) => r.apply(decode_reservation_event(&stored.event_type, version, &stored.payload)?),
+            State::Entry(e) => e.apply(decode_entry_event(&stored.event_type, version, &stored.payload)?),
         }
         Ok(())
     }
@@ -148,21 +157,28 @@ impl Loaded {
     pub fn account(&self) -> Option<&Account> {
         match &self.state {
             State::Account(a) => Some(a),
-            State::Transfer(_) | State::ExternalId(_) => None,
+            _ => None,
         }
     }
 
     pub fn transfer(&self) -> Option<&Transfer> {
         match &self.state {
             State::Transfer(t) => Some(t),
-            State::Account(_) | State::ExternalId(_) => None,
+            _ => None,
         }
     }
 
     pub fn reservation(&self) -> Option<&Reservation> {
         match &self.state {
             State::ExternalId(r) => Some(r),
-            State::Account(_) | State::Transfer(_) => None,
+            _ => None,
+        }
+    }
+
+    pub fn entry(&self) -> Option<&Entry> {
+        match &self.state {
+            State::Entry(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -196,7 +212,7 @@ impl Executed {
         let touched = self.stream(stream_id);
         match &touched.state {
             State::Account(a) => (a, touched),
-            State::Transfer(_) | State::ExternalId(_) => unreachable!("{stream_id} is not an account stream"),
+            _ => unreachable!("{stream_id} is not an account stream"),
         }
     }
 
@@ -205,7 +221,16 @@ impl Executed {
         let touched = self.stream(stream_id);
         match &touched.state {
             State::Transfer(t) => (t, touched),
-            State::Account(_) | State::ExternalId(_) => unreachable!("{stream_id} is not a transfer stream"),
+            _ => unreachable!("{stream_id} is not a transfer stream"),
+        }
+    }
+
+    /// The entry `stream_id` after the command.
+    pub fn entry(&self, stream_id: Uuid) -> (&Entry, &Touched) {
+        let touched = self.stream(stream_id);
+        match &touched.state {
+            State::Entry(e) => (e, touched),
+            _ => unreachable!("{stream_id} is not an entry stream"),
         }
     }
 }
@@ -309,6 +334,10 @@ fn fold(stored: &StoredEvent, loaded: &mut Loaded) -> Result<(), CommandError> {
                 account_id: stored.stream_id,
             },
             StreamKind::Transfer => AccountError::TransferNotFound,
+            // An entry id that names another kind of stream is taken.
+            StreamKind::Entry => AccountError::EntryExists {
+                entry_id: stored.stream_id,
+            },
             // Its id is derived from the external id (UUIDv5): another kind of stream there is
             // a corrupt log, not a client's mistake.
             StreamKind::ExternalId => {

@@ -10,6 +10,7 @@
 //! `tally_service::edge` (timeout, authentication, per-client rate limit).
 
 pub mod command;
+pub mod entries;
 pub mod error;
 pub mod execute;
 pub mod expiry;

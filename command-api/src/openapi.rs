@@ -60,6 +60,7 @@ struct AccountsApi;
 pub fn document() -> utoipa::openapi::OpenApi {
     let mut document = AccountsApi::openapi();
     document.merge(crate::transfers::TransfersApi::openapi());
+    document.merge(crate::entries::EntriesApi::openapi());
     tally_service::openapi::secure(&mut document);
     document
 }

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(tally_service::problem::health))
         .route("/ready", get(ready))
         .merge(crate::transfers::routes())
+        .merge(crate::entries::routes())
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))

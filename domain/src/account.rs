@@ -222,6 +222,34 @@ pub struct HoldReleased {
     pub reason: HoldReleaseReason,
 }
 
+/// A debit leg of a journal entry (`crate::entry`) on this account: `amount` left the balance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryDebited {
+    /// The entry's id: also the id of its `entry` stream, which lists every leg.
+    pub entry_id: Uuid,
+    /// The leg's index in the entry.
+    #[schemars(range(min = 0))]
+    pub leg: u32,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub reference: String,
+}
+
+/// A credit leg of a journal entry on this account: `amount` joined the balance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryCredited {
+    /// The entry's id: also the id of its `entry` stream, which lists every leg.
+    pub entry_id: Uuid,
+    /// The leg's index in the entry.
+    #[schemars(range(min = 0))]
+    pub leg: u32,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub reference: String,
+}
+
 /// Everything that can happen to an account.
 ///
 /// The stored form is the inner struct as JSON, with the type name in a separate column
@@ -240,6 +268,17 @@ pub enum AccountEvent {
     HoldPlaced(HoldPlaced),
     HoldPosted(HoldPosted),
     HoldReleased(HoldReleased),
+    EntryDebited(EntryDebited),
+    EntryCredited(EntryCredited),
+}
+
+/// The schema version `types` (an event enum's `TYPES`) lists for event type `name`.
+pub(crate) fn version_in(types: &[(&str, u32)], name: &str) -> u32 {
+    types
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .expect("every variant is listed in TYPES")
 }
 
 /// An event payload that does not decode into the current shape of its type.
@@ -280,6 +319,8 @@ impl AccountEvent {
         ("HoldPlaced", 1),
         ("HoldPosted", 1),
         ("HoldReleased", 1),
+        ("EntryDebited", 1),
+        ("EntryCredited", 1),
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -296,17 +337,14 @@ impl AccountEvent {
             AccountEvent::HoldPlaced(_) => "HoldPlaced",
             AccountEvent::HoldPosted(_) => "HoldPosted",
             AccountEvent::HoldReleased(_) => "HoldReleased",
+            AccountEvent::EntryDebited(_) => "EntryDebited",
+            AccountEvent::EntryCredited(_) => "EntryCredited",
         }
     }
 
     /// The schema version this code writes for the event's type.
     pub fn schema_version(&self) -> u32 {
-        let name = self.type_name();
-        Self::TYPES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .expect("every variant is listed in TYPES")
+        crate::account::version_in(Self::TYPES, self.type_name())
     }
 
     /// The exact JSON text stored in the `payload` column.
@@ -324,6 +362,8 @@ impl AccountEvent {
             AccountEvent::HoldPlaced(e) => serde_json::to_string(e),
             AccountEvent::HoldPosted(e) => serde_json::to_string(e),
             AccountEvent::HoldReleased(e) => serde_json::to_string(e),
+            AccountEvent::EntryDebited(e) => serde_json::to_string(e),
+            AccountEvent::EntryCredited(e) => serde_json::to_string(e),
         };
         // These structs hold only strings, integers, uuids and timestamps: serialization
         // cannot fail.
@@ -347,6 +387,8 @@ impl AccountEvent {
             "HoldPlaced" => serde_json::from_str(payload).map(AccountEvent::HoldPlaced),
             "HoldPosted" => serde_json::from_str(payload).map(AccountEvent::HoldPosted),
             "HoldReleased" => serde_json::from_str(payload).map(AccountEvent::HoldReleased),
+            "EntryDebited" => serde_json::from_str(payload).map(AccountEvent::EntryDebited),
+            "EntryCredited" => serde_json::from_str(payload).map(AccountEvent::EntryCredited),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
         event.map_err(malformed)
@@ -485,6 +527,30 @@ pub enum AccountError {
         crate::transfer::EXPIRES_IN_S_MAX
     )]
     InvalidExpiry { expires_in_s: i64 },
+    /// HTTP 409: an entry with this id exists (entry ids are used once).
+    #[error("entry {entry_id} already exists")]
+    EntryExists { entry_id: Uuid },
+    /// HTTP 422: an entry has fewer than two legs or more than [`crate::entry::LEGS_MAX`].
+    #[error(
+        "an entry has {} to {} legs; got {legs}",
+        crate::entry::LEGS_MIN,
+        crate::entry::LEGS_MAX
+    )]
+    InvalidLegs { legs: usize },
+    /// HTTP 422: the debits and credits of an entry differ in one currency.
+    #[error("the {currency} legs do not balance: debits {debits}, credits {credits}")]
+    EntryUnbalanced {
+        currency: Currency,
+        debits: i64,
+        credits: i64,
+    },
+    /// HTTP 422 (inside [`AccountError::Leg`]): an account appears in two legs of one entry.
+    #[error("account {account_id} is already in leg {first}")]
+    AccountRepeated { account_id: Uuid, first: usize },
+    /// The refusal of one leg of an entry: `source` says why, `leg` which (its index). Its
+    /// status and code are `source`'s.
+    #[error("leg {leg}: {source}")]
+    Leg { leg: usize, source: Box<AccountError> },
 }
 
 impl AccountError {
@@ -522,6 +588,11 @@ impl AccountError {
             AccountError::HoldNotExpired { .. } => "hold-not-expired",
             AccountError::InvalidExpiry { .. } => "invalid-expiry",
             AccountError::StaleState => "concurrency-conflict",
+            AccountError::EntryExists { .. } => "entry-exists",
+            AccountError::InvalidLegs { .. } => "invalid-legs",
+            AccountError::EntryUnbalanced { .. } => "entry-unbalanced",
+            AccountError::AccountRepeated { .. } => "account-repeated",
+            AccountError::Leg { source, .. } => source.code(),
         }
     }
 }
@@ -846,6 +917,12 @@ impl Aggregate for Account {
             AccountEvent::HoldReleased(e) => {
                 self.held = self.held.saturating_sub(e.amount.get());
                 self.holds.remove(&e.transfer_id);
+            }
+            AccountEvent::EntryDebited(e) => {
+                self.balance = self.balance.saturating_sub(e.amount.get());
+            }
+            AccountEvent::EntryCredited(e) => {
+                self.balance = self.balance.saturating_add(e.amount.get());
             }
         }
     }
@@ -1241,6 +1318,20 @@ mod tests {
             hold_placed(40),
             hold_posted(30, 10),
             hold_released(40, HoldReleaseReason::Expired),
+            AccountEvent::EntryDebited(EntryDebited {
+                entry_id: transfer_id(),
+                leg: 0,
+                amount: amount(5),
+                currency: eur(),
+                reference: "r".into(),
+            }),
+            AccountEvent::EntryCredited(EntryCredited {
+                entry_id: transfer_id(),
+                leg: 3,
+                amount: amount(5),
+                currency: eur(),
+                reference: "r".into(),
+            }),
         ];
         assert_eq!(events.len(), AccountEvent::TYPES.len(), "every event type is covered");
         for event in events {

@@ -7,6 +7,8 @@
 //!
 //! - [`account`]: the account aggregate (one stream per account) and the events on it;
 //! - [`transfer`]: the transfer stream (one per transfer id) that records a transfer's life cycle;
+//! - [`entry`]: the journal-entry stream (one per entry id): a balanced movement of many legs;
+//! - [`journal`]: the decision of an entry, all its legs or none;
 //! - [`ledger`]: the decisions that span streams (transfers, holds: post, void, expire), as pure
 //!   functions returning the events for each stream;
 //! - [`profile`]: an account's external id, metadata and flags (the bounds on its balance);
@@ -16,6 +18,8 @@
 //!   of deposits and withdrawals, so every movement is double-entry.
 
 pub mod account;
+pub mod entry;
+pub mod journal;
 pub mod ledger;
 pub mod metadata;
 pub mod money;
@@ -26,9 +30,11 @@ pub mod transfer;
 
 pub use account::{
     Account, AccountClosed, AccountCommand, AccountError, AccountEvent, AccountFrozen, AccountOpened, AccountStatus,
-    AccountUnfrozen, DecodeError, FundsDeposited, FundsWithdrawn, Hold, HoldPlaced, HoldPosted, HoldReleaseReason,
-    HoldReleased, TransferCredited, TransferDebited,
+    AccountUnfrozen, DecodeError, EntryCredited, EntryDebited, FundsDeposited, FundsWithdrawn, Hold, HoldPlaced,
+    HoldPosted, HoldReleaseReason, HoldReleased, TransferCredited, TransferDebited,
 };
+pub use entry::{Direction, Entry, EntryCompleted, EntryEvent, EntryStatus, Leg};
+pub use journal::{EntryCommand, EntryDecision, LegRequest, decide_entry};
 pub use ledger::{
     TransferCommand, TransferDecision, TransferMode, decide_expire, decide_post, decide_transfer, decide_void,
 };

@@ -136,12 +136,7 @@ impl TransferEvent {
 
     /// The schema version this code writes for the event's type.
     pub fn schema_version(&self) -> u32 {
-        let name = self.type_name();
-        Self::TYPES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .expect("every variant is listed in TYPES")
+        crate::account::version_in(Self::TYPES, self.type_name())
     }
 
     /// The exact JSON text stored in the `payload` column.

@@ -72,6 +72,9 @@ pub struct StatementLine {
     pub transfer_id: Option<Uuid>,
     pub reference: String,
     pub balance_after: i64,
+    /// The journal entry the line is a leg of, and the leg's index.
+    pub entry_id: Option<Uuid>,
+    pub leg: Option<i32>,
 }
 
 /// Changes to one `(currency, partition)` row of `ledger_totals`.
@@ -151,15 +154,18 @@ const STATEMENT: TableDef = TableDef {
         transfer_id   uuid,
         reference     text        NOT NULL,
         balance_after bigint      NOT NULL,
+        entry_id      uuid,
+        leg           integer,
         PRIMARY KEY (account_id, version))",
         "CREATE INDEX ON {table} (account_id, recorded_at)",
     ],
     view: Some(
         "SELECT account_id, version, position, recorded_at, kind, direction, amount, currency, counterparty, \
-                transfer_id, reference, balance_after FROM {table}",
+                transfer_id, reference, balance_after, entry_id, leg FROM {table}",
     ),
     indexes: &[],
-    columns_added: &[],
+    // Lines written before entries existed are no entry's legs.
+    columns_added: &[("entry_id", "uuid"), ("leg", "integer")],
 };
 
 const TOTALS: TableDef = TableDef {
@@ -179,8 +185,8 @@ const TOTALS: TableDef = TableDef {
         "SELECT currency, sum(accounts)::bigint AS accounts, sum(inflow)::bigint AS inflow, \
                 sum(outflow)::bigint AS outflow, sum(balances)::bigint AS balances, sum(held)::bigint AS held, \
                 sum(transfers_out - transfers_in)::bigint AS in_transit, \
-                sum(transfers_out)::bigint AS transfers_out, sum(transfers_in)::bigint AS transfers_in, \
-                sum(balances) + sum(transfers_out - transfers_in) = sum(inflow) - sum(outflow) AS balanced \
+                sum(balances) + sum(transfers_out - transfers_in) = sum(inflow) - sum(outflow) AS balanced, \
+                sum(transfers_out)::bigint AS transfers_out, sum(transfers_in)::bigint AS transfers_in \
          FROM {table} GROUP BY currency",
     ),
     indexes: &[],
@@ -217,6 +223,8 @@ struct Posting {
     counterparty: Option<Uuid>,
     transfer_id: Option<Uuid>,
     reference: String,
+    /// `(entry_id, leg)` of a journal entry's leg.
+    entry: Option<(Uuid, i32)>,
 }
 
 impl Projection for Accounts {
@@ -268,6 +276,7 @@ impl Projection for Accounts {
                     counterparty: None,
                     transfer_id: None,
                     reference: e.reference.clone(),
+                    entry: None,
                 });
             }
             AccountEvent::FundsWithdrawn(e) => {
@@ -278,6 +287,7 @@ impl Projection for Accounts {
                     counterparty: None,
                     transfer_id: None,
                     reference: e.reference.clone(),
+                    entry: None,
                 });
             }
             AccountEvent::AccountFrozen(_) => row.status = "frozen".into(),
@@ -292,6 +302,7 @@ impl Projection for Accounts {
                     counterparty: Some(e.counterparty),
                     transfer_id: Some(e.transfer_id),
                     reference: e.reference.clone(),
+                    entry: None,
                 });
             }
             AccountEvent::TransferCredited(e) => {
@@ -302,6 +313,7 @@ impl Projection for Accounts {
                     counterparty: Some(e.counterparty),
                     transfer_id: Some(e.transfer_id),
                     reference: e.reference.clone(),
+                    entry: None,
                 });
             }
             AccountEvent::HoldPlaced(e) => {
@@ -330,12 +342,37 @@ impl Projection for Accounts {
                     counterparty: hold.as_ref().map(|h| h.counterparty),
                     transfer_id: Some(e.transfer_id),
                     reference: hold.map(|h| h.reference).unwrap_or_default(),
+                    entry: None,
                 });
             }
             AccountEvent::HoldReleased(e) => {
                 delta.held = -e.amount.get();
                 row.held = row.held.saturating_sub(e.amount.get());
                 row.holds.remove(&e.transfer_id);
+            }
+            // An entry's legs sit in their accounts' partitions: like a transfer's, each is
+            // counted as moving through `transit` until every partition has applied its legs.
+            AccountEvent::EntryDebited(e) => {
+                delta.transfers_out = e.amount.get();
+                posting = Some(Posting {
+                    kind: "entry",
+                    delta: -e.amount.get(),
+                    counterparty: None,
+                    transfer_id: None,
+                    reference: e.reference.clone(),
+                    entry: Some((e.entry_id, e.leg as i32)),
+                });
+            }
+            AccountEvent::EntryCredited(e) => {
+                delta.transfers_in = e.amount.get();
+                posting = Some(Posting {
+                    kind: "entry",
+                    delta: e.amount.get(),
+                    counterparty: None,
+                    transfer_id: None,
+                    reference: e.reference.clone(),
+                    entry: Some((e.entry_id, e.leg as i32)),
+                });
             }
         }
         if let Some(p) = posting {
@@ -354,6 +391,8 @@ impl Projection for Accounts {
                 transfer_id: p.transfer_id,
                 reference: p.reference,
                 balance_after: row.balance,
+                entry_id: p.entry.map(|(id, _)| id),
+                leg: p.entry.map(|(_, leg)| leg),
             });
         }
         if delta != TotalsDelta::default() {
@@ -499,7 +538,8 @@ async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLin
     let sql = format!(
         "INSERT INTO {table} ({STATEMENT_COLUMNS}) \
          SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], \
-                              $7::bigint[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::bigint[]) \
+                              $7::bigint[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::bigint[], \
+                              $13::uuid[], $14::int[]) \
          ON CONFLICT (account_id, version) DO NOTHING"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -515,6 +555,8 @@ async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLin
         .bind(lines.iter().map(|l| l.transfer_id).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.reference.clone()).collect::<Vec<_>>())
         .bind(lines.iter().map(|l| l.balance_after).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.entry_id).collect::<Vec<_>>())
+        .bind(lines.iter().map(|l| l.leg).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -522,9 +564,9 @@ async fn store_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLin
 
 /// The statement's columns, in the order [`copy_lines`] sends them.
 const STATEMENT_COLUMNS: &str = "account_id, version, position, recorded_at, kind, direction, amount, currency, \
-                                 counterparty, transfer_id, reference, balance_after";
+                                 counterparty, transfer_id, reference, balance_after, entry_id, leg";
 /// Fields of a statement line in [`copy_lines`].
-const STATEMENT_FIELDS: i16 = 12;
+const STATEMENT_FIELDS: i16 = 14;
 /// A guess of a statement line's size in the binary COPY body, to size the buffer once.
 const STATEMENT_LINE_BYTES: usize = 200;
 
@@ -545,7 +587,9 @@ async fn copy_lines(conn: &mut PgConnection, table: &str, lines: &[StatementLine
             .uuid_or_null(l.counterparty)
             .uuid_or_null(l.transfer_id)
             .text(&l.reference)
-            .bigint(l.balance_after);
+            .bigint(l.balance_after)
+            .uuid_or_null(l.entry_id)
+            .int_or_null(l.leg);
     }
     rows.copy_into(conn, table, STATEMENT_COLUMNS).await?;
     Ok(())

@@ -58,16 +58,18 @@ pub async fn ensure<P: Projection>(pool: &PgPool, partitions: u32) -> Result<(),
         }
         // A generation made before a column or an index was added to the code gets it now
         // (writes to the table wait while an index is built: once, at the upgrade's `tally
-        // migrate`). A generation
+        // migrate`); its views are made again to show a new column, or replaced in place
+        // with the code's (`refresh_views`). A generation
         // of another shape gets nothing: its columns may not be this code's, and it is
         // replaced by a rebuild (`tally projections rebuild`), which makes every index.
         Some(number) if shape == Some(P::SHAPE) => {
             let live = Generation { number };
             act_as_read_model_owner(&mut tx).await?;
-            add_columns::<P>(&mut tx, &live).await?;
-            // Views are made again every time: they hold no rows, and a view that gained a
-            // column in the code (a sum the readers need) then shows it with no rebuild.
-            point_views::<P>(&mut tx, &live).await?;
+            if add_columns::<P>(&mut tx, &live).await? {
+                point_views::<P>(&mut tx, &live).await?;
+            } else {
+                refresh_views::<P>(&mut tx, &live).await?;
+            }
             create_indexes::<P>(&mut tx, &live).await?;
         }
         Some(_) => {}
@@ -259,6 +261,36 @@ async fn each_table<P: Projection>(
     for table in P::TABLES {
         let sql = format!("{command} {}", generation.table(table.name));
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the readers' views of the live `generation` with the code's, in place: a view that
+/// gained columns at its end (a sum the readers need) shows them with no rebuild, and readers
+/// never find it missing (`CREATE OR REPLACE` keeps the view itself). A view whose columns
+/// changed otherwise is left as it is: that is a new shape, which a rebuild brings.
+async fn refresh_views<P: Projection>(conn: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
+    for table in P::TABLES {
+        let Some(select) = table.view else { continue };
+        let replace = format!(
+            "CREATE OR REPLACE VIEW {} AS {}",
+            table.name,
+            select.replace("{table}", &generation.table(table.name))
+        );
+        sqlx::query("SAVEPOINT refresh_view").execute(&mut *conn).await?;
+        match sqlx::query(sqlx::AssertSqlSafe(replace)).execute(&mut *conn).await {
+            Ok(_) => {
+                sqlx::query("RELEASE SAVEPOINT refresh_view")
+                    .execute(&mut *conn)
+                    .await?
+            }
+            Err(error) => {
+                tracing::warn!(view = table.name, %error, "the live view differs from the code's; a rebuild replaces it");
+                sqlx::query("ROLLBACK TO SAVEPOINT refresh_view")
+                    .execute(&mut *conn)
+                    .await?
+            }
+        };
     }
     Ok(())
 }

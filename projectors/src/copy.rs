@@ -55,6 +55,14 @@ impl BinaryRows {
         self.field(&value.to_be_bytes())
     }
 
+    /// A 4-byte `integer`, or NULL.
+    pub fn int_or_null(&mut self, value: Option<i32>) -> &mut Self {
+        match value {
+            Some(value) => self.field(&value.to_be_bytes()),
+            None => self.null(),
+        }
+    }
+
     pub fn uuid(&mut self, value: Uuid) -> &mut Self {
         self.field(value.as_bytes())
     }

@@ -220,7 +220,7 @@ async fn statement(
     };
     let rows = sqlx::query(
         "SELECT version, position, recorded_at, kind, direction, amount, currency, counterparty, transfer_id, \
-                reference, balance_after \
+                reference, balance_after, entry_id, leg \
          FROM account_statement \
          WHERE account_id = $1 AND version > $2 \
            AND ($3::timestamptz IS NULL OR recorded_at >= $3) \

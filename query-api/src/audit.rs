@@ -96,18 +96,22 @@ impl AuditEvent {
 }
 
 /// Stored data Tally cannot read: a 500 whose cause is logged, not sent.
-fn corrupt(cause: String) -> Response {
+pub(crate) fn corrupt(cause: String) -> Response {
     let mut response = Problem::internal().into_response();
     response.extensions_mut().insert(ErrorReport(cause));
     response
 }
 
-fn store_unavailable(error: tally_event_store::StoreError) -> Response {
+pub(crate) fn store_unavailable(error: tally_event_store::StoreError) -> Response {
     unavailable_because(error.to_string())
 }
 
 /// The source to read the log from: any, or with a token one whose copy has its event.
-async fn log_source(state: &AppState, headers: &HeaderMap, consistent_with: Option<&str>) -> Result<PgPool, Response> {
+pub(crate) async fn log_source(
+    state: &AppState,
+    headers: &HeaderMap,
+    consistent_with: Option<&str>,
+) -> Result<PgPool, Response> {
     match consistency::requested(headers, consistent_with)? {
         None => Ok(state.sources.pick().0.clone()),
         Some(token) => {

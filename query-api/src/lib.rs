@@ -6,7 +6,7 @@
 //! - `cache` + `invalidations`: moka caches of account and transfer rows, kept honest by the
 //!   projectors' invalidations over NATS (a row older than an invalidation seen is never kept).
 //! - `consistency`: read-your-writes with the command API's consistency tokens.
-//! - `accounts`, `transfers`, `audit`, `proofs` (inclusion proofs against signed checkpoints),
+//! - `accounts`, `transfers`, `entries` (folded from the entry's stream in the log), `audit`, `proofs` (inclusion proofs against signed checkpoints),
 //!   `ledger` (the trial balance and the system accounts, and its gauge): the handlers;
 //!   `routes`: the router and what they share.
 //!
@@ -22,6 +22,7 @@ pub mod accounts;
 pub mod audit;
 pub mod cache;
 pub mod consistency;
+pub mod entries;
 pub mod invalidations;
 pub mod ledger;
 pub mod openapi;

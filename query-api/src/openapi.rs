@@ -11,6 +11,7 @@ use utoipa::OpenApi;
 
 use crate::accounts::{AccountsPage, StatementPage};
 use crate::audit::{AccountAsOf, AuditEvent, FeedPage, StreamHistory};
+use crate::entries::{EntryLegView, EntryView};
 use crate::ledger::{CurrencyBalance, SystemAccountView, SystemAccounts, TrialBalance};
 use crate::proofs::InclusionProofView;
 use crate::routes::Readiness;
@@ -37,6 +38,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
         crate::accounts::get_statement,
         crate::transfers::get_transfer,
         crate::transfers::list_account_transfers,
+        crate::entries::get_entry,
         crate::audit::get_stream_events,
         crate::audit::get_feed,
         crate::audit::get_account_as_of,
@@ -53,6 +55,8 @@ use crate::views::{AccountView, StatementLine, TransferView};
         StatementPage,
         TransferView,
         TransfersPage,
+        EntryView,
+        EntryLegView,
         AuditEvent,
         StreamHistory,
         FeedPage,
@@ -69,6 +73,7 @@ use crate::views::{AccountView, StatementLine, TransferView};
     tags(
         (name = "accounts", description = "Account balances, status and statements."),
         (name = "transfers", description = "Transfers and their status."),
+        (name = "entries", description = "Journal entries: balanced movements of many legs."),
         (name = "audit", description = "The event log itself: stream histories, the global feed, past states, \
             inclusion proofs against signed checkpoints."),
         (name = "ledger", description = "The ledger as a whole, for auditors: the trial balance and the system \

@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/accounts/{id}/as-of", get(crate::audit::get_account_as_of))
         .route("/v1/transfers/{id}", get(crate::transfers::get_transfer))
+        .route("/v1/entries/{id}", get(crate::entries::get_entry))
         .route(
             "/v1/audit/streams/{stream_id}/events",
             get(crate::audit::get_stream_events),

@@ -164,7 +164,7 @@ pub struct StatementLine {
     /// The event's position in the global log.
     pub position: i64,
     pub recorded_at: DateTime<Utc>,
-    /// `deposit`, `withdrawal` or `transfer`.
+    /// `deposit`, `withdrawal`, `transfer` or `entry` (a leg of a journal entry).
     #[schema(example = "deposit")]
     pub kind: String,
     /// `credit` (money in) or `debit` (money out).
@@ -180,6 +180,9 @@ pub struct StatementLine {
     pub reference: String,
     /// The balance right after this posting.
     pub balance_after: i64,
+    /// The journal entry this line is a leg of (`GET /v1/entries/{id}`), and the leg's index.
+    pub entry_id: Option<Uuid>,
+    pub leg: Option<i32>,
 }
 
 impl StatementLine {
@@ -196,6 +199,8 @@ impl StatementLine {
             transfer_id: row.try_get("transfer_id")?,
             reference: row.try_get("reference")?,
             balance_after: row.try_get("balance_after")?,
+            entry_id: row.try_get("entry_id")?,
+            leg: row.try_get("leg")?,
         })
     }
 }

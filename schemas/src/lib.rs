@@ -19,9 +19,11 @@ use std::path::PathBuf;
 
 use schemars::{JsonSchema, Schema, schema_for};
 use tally_domain::account::{
-    AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, FundsDeposited,
-    FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, OverdraftLimitChanged, TransferCredited, TransferDebited,
+    AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, EntryCredited,
+    EntryDebited, FundsDeposited, FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, OverdraftLimitChanged,
+    TransferCredited, TransferDebited,
 };
+use tally_domain::entry::{EntryCompleted, EntryEvent};
 use tally_domain::reservation::{ExternalIdReserved, ReservationEvent};
 use tally_domain::transfer::{
     TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferVoided,
@@ -77,6 +79,7 @@ pub fn current_event_types() -> impl Iterator<Item = (&'static str, u32)> {
         .iter()
         .chain(TransferEvent::TYPES)
         .chain(ReservationEvent::TYPES)
+        .chain(EntryEvent::TYPES)
         .copied()
 }
 
@@ -108,6 +111,9 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
                 "TransferVoided" => schema_of::<TransferVoided>(event_type, version),
                 "TransferExpired" => schema_of::<TransferExpired>(event_type, version),
                 "ExternalIdReserved" => schema_of::<ExternalIdReserved>(event_type, version),
+                "EntryDebited" => schema_of::<EntryDebited>(event_type, version),
+                "EntryCredited" => schema_of::<EntryCredited>(event_type, version),
+                "EntryCompleted" => schema_of::<EntryCompleted>(event_type, version),
                 other => unreachable!("the domain lists event type {other} but schemas/ has no type for it"),
             };
             (schema_file_name(event_type, version), schema.to_value())
@@ -174,6 +180,13 @@ pub fn decode_reservation_event(
 ) -> Result<ReservationEvent, UpcastError> {
     let payload = to_current(ReservationEvent::TYPES, event_type, schema_version, payload)?;
     Ok(ReservationEvent::from_payload(event_type, &payload)?)
+}
+
+/// Decodes a stored event of a journal-entry stream (stream type `entry`) into the current
+/// domain event.
+pub fn decode_entry_event(event_type: &str, schema_version: u32, payload: &str) -> Result<EntryEvent, UpcastError> {
+    let payload = to_current(EntryEvent::TYPES, event_type, schema_version, payload)?;
+    Ok(EntryEvent::from_payload(event_type, &payload)?)
 }
 
 /// The payload in the current schema version of its type (`types` lists the current versions

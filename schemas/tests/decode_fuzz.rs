@@ -15,11 +15,13 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use tally_domain::AMOUNT_MAX_MINOR;
 use tally_domain::account::{AccountEvent, DecodeError};
+use tally_domain::entry::EntryEvent;
 use tally_domain::reservation::ReservationEvent;
 use tally_domain::transfer::TransferEvent;
 use tally_schemas::envelope::EventEnvelope;
 use tally_schemas::{
-    UpcastError, current_event_types, decode_account_event, decode_reservation_event, decode_transfer_event,
+    UpcastError, current_event_types, decode_account_event, decode_entry_event, decode_reservation_event,
+    decode_transfer_event,
 };
 
 const ID_A: &str = "01a20a8f-b2ee-73c7-8650-550d6d9d6157";
@@ -33,12 +35,13 @@ enum Stream {
     Account,
     Transfer,
     ExternalId,
+    Entry,
 }
 
 /// One valid stored payload of every event type at every version the code reads (the current
 /// ones and the legacy `AccountOpened` v1).
 fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
-    use Stream::{Account, ExternalId, Transfer};
+    use Stream::{Account, Entry, ExternalId, Transfer};
     vec![
         (
             "AccountOpened",
@@ -149,6 +152,26 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
             ExternalId,
             json!({"external_id": "cust-42", "account_id": ID_A}),
         ),
+        (
+            "EntryDebited",
+            1,
+            Account,
+            json!({"entry_id": ID_A, "leg": 0, "amount": 100, "currency": "EUR", "reference": "card"}),
+        ),
+        (
+            "EntryCredited",
+            1,
+            Account,
+            json!({"entry_id": ID_A, "leg": 2, "amount": 3, "currency": "EUR", "reference": "card"}),
+        ),
+        (
+            "EntryCompleted",
+            1,
+            Entry,
+            json!({"entry_id": ID_A, "reference": "card", "completed_at": AT, "legs": [
+                {"account": ID_B, "direction": "debit", "amount": 100, "currency": "EUR"},
+                {"account": ID_C, "direction": "credit", "amount": 100, "currency": "EUR"}]}),
+        ),
     ]
 }
 
@@ -158,6 +181,7 @@ enum Decoded {
     Account(AccountEvent),
     Transfer(TransferEvent),
     Reservation(ReservationEvent),
+    Entry(EntryEvent),
 }
 
 impl Decoded {
@@ -166,6 +190,7 @@ impl Decoded {
             Decoded::Account(e) => e.type_name(),
             Decoded::Transfer(e) => e.type_name(),
             Decoded::Reservation(e) => e.type_name(),
+            Decoded::Entry(e) => e.type_name(),
         }
     }
 
@@ -174,6 +199,7 @@ impl Decoded {
             Decoded::Account(e) => e.schema_version(),
             Decoded::Transfer(e) => e.schema_version(),
             Decoded::Reservation(e) => e.schema_version(),
+            Decoded::Entry(e) => e.schema_version(),
         }
     }
 
@@ -182,6 +208,7 @@ impl Decoded {
             Decoded::Account(e) => e.to_payload(),
             Decoded::Transfer(e) => e.to_payload(),
             Decoded::Reservation(e) => e.to_payload(),
+            Decoded::Entry(e) => e.to_payload(),
         }
     }
 }
@@ -191,6 +218,7 @@ fn decode(stream: Stream, event_type: &str, version: u32, payload: &str) -> Resu
         Stream::Account => decode_account_event(event_type, version, payload).map(Decoded::Account),
         Stream::Transfer => decode_transfer_event(event_type, version, payload).map(Decoded::Transfer),
         Stream::ExternalId => decode_reservation_event(event_type, version, payload).map(Decoded::Reservation),
+        Stream::Entry => decode_entry_event(event_type, version, payload).map(Decoded::Entry),
     }
 }
 
@@ -234,6 +262,8 @@ fn stream_of(event_type: &str) -> Stream {
         Stream::Account
     } else if ReservationEvent::TYPES.iter().any(|(t, _)| *t == event_type) {
         Stream::ExternalId
+    } else if EntryEvent::TYPES.iter().any(|(t, _)| *t == event_type) {
+        Stream::Entry
     } else {
         Stream::Transfer
     }
@@ -476,7 +506,7 @@ proptest! {
         sample in prop::sample::select(samples()),
     ) {
         let (event_type, version, stream, payload) = sample;
-        let others = [Stream::Account, Stream::Transfer, Stream::ExternalId];
+        let others = [Stream::Account, Stream::Transfer, Stream::ExternalId, Stream::Entry];
         for other in others.into_iter().filter(|s| *s != stream) {
             let result = decode(other, event_type, version, &payload.to_string());
             prop_assert!(

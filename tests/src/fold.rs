@@ -123,6 +123,12 @@ async fn fold_once(pool: &PgPool) -> Expected {
                     tally_schemas::decode_reservation_event(&e.event_type, e.schema_version as u32, &e.payload)
                         .expect("a reservation event decodes");
                 }
+                // An entry's money moves on its legs' account streams (folded above); its own
+                // stream must still decode.
+                "entry" => {
+                    tally_schemas::decode_entry_event(&e.event_type, e.schema_version as u32, &e.payload)
+                        .expect("an entry event decodes");
+                }
                 other => panic!("unknown stream type {other}"),
             }
         }

@@ -83,10 +83,11 @@ async fn every_route_refuses_callers_without_the_role_its_document_declares() {
     let command_routes = protected_routes(&stack.command).await;
     let query_routes = protected_routes(&stack.query).await;
     // The matrix runs over what the documents declare; make sure they declare the routes.
-    assert_eq!(command_routes.len(), 10, "{command_routes:?}");
+    assert_eq!(command_routes.len(), 11, "{command_routes:?}");
     assert!(command_routes.iter().all(|(_, _, role)| *role == Role::Teller));
-    assert_eq!(query_routes.len(), 9, "{query_routes:?}");
-    let audit = |path: &str| path.starts_with("/v1/audit/") || path.ends_with("/as-of");
+    assert_eq!(query_routes.len(), 12, "{query_routes:?}");
+    let audit =
+        |path: &str| path.starts_with("/v1/audit/") || path.starts_with("/v1/ledger/") || path.ends_with("/as-of");
     assert!(
         query_routes
             .iter()

@@ -9,6 +9,7 @@ mod console;
 mod controls;
 mod currencies;
 mod e2e;
+mod entries;
 mod event_store;
 mod idempotency;
 mod lifecycle;

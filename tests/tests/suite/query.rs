@@ -600,9 +600,11 @@ async fn audit_reads_show_each_stream_and_the_global_feed_exactly_as_stored() {
                 assert_eq!(status, StatusCode::OK, "{page}");
                 let events = page["events"].as_array().unwrap();
                 if events.is_empty() {
+                    // An empty first page (the gap-safe feed shows nothing while an older
+                    // transaction is open) answers the start of the log.
                     assert_eq!(
                         page["checkpoint"].as_str(),
-                        after.as_deref(),
+                        after.as_deref().or(Some("0.0")),
                         "an empty page keeps the checkpoint"
                     );
                     break;

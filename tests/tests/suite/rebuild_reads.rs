@@ -107,6 +107,17 @@ async fn a_rebuild_under_writes_and_reads_leaves_every_query_api_current_within_
     let api = Api::new(&stack.command);
     let accounts: Vec<Uuid> = futures::future::join_all((0..ACCOUNTS).map(|_| api.funded("EUR", 0))).await;
     deposit(&api, &accounts, 16, DEPOSITS_BEFORE, Arc::new(AtomicBool::new(false))).await;
+    // Readers expect every account to exist: wait until the replica shows them all.
+    eventually(
+        Duration::from_secs(30),
+        "account_balances to hold every account",
+        || async {
+            let (log, model) = versions(&stack.db.pool, &accounts).await;
+            (log == model).then_some(())
+        },
+    )
+    .await;
+    stack.db.sync_replica().await;
 
     for run in 1..=RUNS {
         let (writing, reading) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tally_domain::{Currency, SystemAccount};
 use tally_event_store::{NewEvent, StreamAppend};
 use tally_service::auth::Role;
-use tally_tests::{Api, Stack, client_with, eventually, fold, token};
+use tally_tests::{Api, Stack, client_with, eventually, fold, problem_code, token};
 use uuid::Uuid;
 
 use super::projections::{drive, open_accounts};
@@ -34,9 +34,14 @@ async fn get(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
 }
 
 /// The trial balance, checked on the way: every currency balances (debits equal credits, and
-/// every balance, system accounts included, sums to zero).
-async fn balanced(client: &reqwest::Client, query: &str) -> Value {
+/// every balance, system accounts included, sums to zero). `None` on a retryable 503 (a
+/// replica not usable yet), as a client would retry.
+async fn try_balanced(client: &reqwest::Client, query: &str) -> Option<Value> {
     let (status, body) = get(client, &format!("{query}/v1/ledger/trial-balance")).await;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        assert_eq!(problem_code(&body), "unavailable", "{body}");
+        return None;
+    }
     assert_eq!(status, StatusCode::OK, "{body}");
     for c in body["currencies"].as_array().unwrap() {
         assert_eq!(c["balance"], 0, "the trial balance is not zero: {body}");
@@ -45,7 +50,15 @@ async fn balanced(client: &reqwest::Client, query: &str) -> Value {
             c["client_balances"].as_i64().unwrap() + c["world"].as_i64().unwrap() + c["in_transit"].as_i64().unwrap();
         assert_eq!(parts, 0, "{body}");
     }
-    body
+    Some(body)
+}
+
+/// [`try_balanced`], retried through 503s.
+async fn balanced(client: &reqwest::Client, query: &str) -> Value {
+    eventually(Duration::from_secs(30), "a trial balance read", || {
+        try_balanced(client, query)
+    })
+    .await
 }
 
 fn find_currency<'a>(body: &'a Value, code: &str) -> Option<&'a Value> {
@@ -120,8 +133,9 @@ async fn the_trial_balance_is_zero_at_every_read_and_equals_the_log_after_every_
             let (auditor, query, stop, read) = (auditor.clone(), stack.query.clone(), stop.clone(), read.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    balanced(&auditor, &query).await;
-                    read.fetch_add(1, Ordering::Relaxed);
+                    if try_balanced(&auditor, &query).await.is_some() {
+                        read.fetch_add(1, Ordering::Relaxed);
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })

@@ -1,0 +1,241 @@
+//! `POST /v1/entries`: a journal entry, a balanced movement with 2 to 64 legs (ADR 0004). One
+//! command over every leg's account stream and the entry's own stream, appended atomically by
+//! the writer: all legs or none.
+
+use axum::Router;
+use axum::extract::{OriginalUri, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+use tally_domain::entry::{Direction, LEGS_MAX, LEGS_MIN};
+use tally_domain::{AccountError, EntryCommand, LegRequest, journal};
+use tally_event_store::idempotency::StoredResponse;
+use tally_service::auth::{Require, Teller};
+use tally_service::token::ConsistencyToken;
+use tally_service::{Json, Problem};
+use utoipa::{OpenApi, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::command::Command;
+use crate::error::{ApiError, rejection};
+use crate::execute::Executed;
+use crate::routes::{
+    BAD_REQUEST_KEYED, IDEMPOTENCY_KEY_REQUIRED, INTERNAL, PAYLOAD_TOO_LARGE, PROBLEM_JSON, UNAVAILABLE,
+    UNSUPPORTED_MEDIA_TYPE, metadata, parse_amount, required_idempotency, respond,
+};
+
+/// The entry routes' part of the OpenAPI document (merged in [`crate::openapi::document`]).
+#[derive(OpenApi)]
+#[openapi(
+    paths(create),
+    components(schemas(EntryMode, LegDirection, LegBody, EntryRequest, EntryLegResponse, EntryResponse)),
+    tags((name = "entries", description = "Journal entries: balanced movements with many legs, all or nothing."))
+)]
+pub struct EntriesApi;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/entries", post(create))
+}
+
+/// `immediate` books every leg now. (`pending`, holding the debits until posted, is not
+/// offered yet: such a request is refused with `422 invalid-mode`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryMode {
+    Immediate,
+    Pending,
+}
+
+/// `debit` takes money out of the account (its balance goes down); `credit` puts it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LegDirection {
+    Debit,
+    Credit,
+}
+
+impl From<LegDirection> for Direction {
+    fn from(d: LegDirection) -> Self {
+        match d {
+            LegDirection::Debit => Direction::Debit,
+            LegDirection::Credit => Direction::Credit,
+        }
+    }
+}
+
+/// One leg of `POST /v1/entries`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LegBody {
+    pub account: Uuid,
+    pub direction: LegDirection,
+    /// Integer minor units of the account's currency, > 0.
+    pub amount: i64,
+}
+
+/// `POST /v1/entries`
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryRequest {
+    /// A client-chosen id (UUID), usable once; a new UUIDv7 when absent.
+    #[serde(default)]
+    pub entry_id: Option<Uuid>,
+    pub mode: EntryMode,
+    /// For `pending` entries (not offered yet).
+    #[serde(default)]
+    pub expires_in_s: Option<i64>,
+    #[serde(default)]
+    pub reference: String,
+    /// 2 to 64 legs, each account in one leg only. For each currency, the debits must equal
+    /// the credits.
+    pub legs: Vec<LegBody>,
+}
+
+/// One leg of an accepted entry, with its account after the entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryLegResponse {
+    pub account: Uuid,
+    /// `debit` or `credit`.
+    pub direction: &'static str,
+    pub amount: i64,
+    #[schema(example = "EUR")]
+    pub currency: String,
+    /// The account's balance after the entry, in minor units.
+    pub balance: i64,
+    pub held: i64,
+    pub available: i64,
+    /// The account stream's version after the entry.
+    pub version: i64,
+    /// Read-your-writes token for this account.
+    pub consistency_token: String,
+}
+
+/// Every accepted entry answers with its legs and their accounts after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryResponse {
+    pub entry_id: Uuid,
+    /// `completed`.
+    pub status: &'static str,
+    pub reference: String,
+    pub legs: Vec<EntryLegResponse>,
+    /// The entry stream's version.
+    pub version: i64,
+    /// Global log position of the entry's own event (its legs' events sit just before it).
+    pub position: i64,
+    /// Read-your-writes token for the entry (`GET /v1/entries/{id}` on the query API).
+    pub consistency_token: String,
+}
+
+/// The response of an accepted entry.
+fn accepted(entry_id: Uuid, executed: &Executed) -> StoredResponse {
+    let (entry, touched) = executed.entry(entry_id);
+    let legs = entry
+        .legs
+        .iter()
+        .map(|leg| {
+            let (account, at) = executed.account(leg.account);
+            EntryLegResponse {
+                account: leg.account,
+                direction: leg.direction.as_str(),
+                amount: leg.amount.get(),
+                currency: leg.currency.to_string(),
+                balance: account.balance,
+                held: account.held,
+                available: account.available(),
+                version: at.version,
+                consistency_token: ConsistencyToken {
+                    stream_id: leg.account,
+                    version: at.version,
+                }
+                .to_string(),
+            }
+        })
+        .collect();
+    let body = EntryResponse {
+        entry_id,
+        status: entry.status.as_str(),
+        reference: entry.reference.clone(),
+        legs,
+        version: touched.version,
+        position: touched.position,
+        consistency_token: ConsistencyToken {
+            stream_id: entry_id,
+            version: touched.version,
+        }
+        .to_string(),
+    };
+    StoredResponse {
+        status: StatusCode::CREATED.as_u16(),
+        body: serde_json::to_value(body).expect("responses always serialize"),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/entries",
+    tag = "entries",
+    security(("bearerAuth" = ["teller"])),
+    summary = "Book a balanced journal entry of 2 to 64 legs, all legs or none",
+    params(("Idempotency-Key" = String, Header, description = IDEMPOTENCY_KEY_REQUIRED)),
+    request_body = EntryRequest,
+    responses(
+        (status = 201, description = "Booked: every leg, with its account after the entry.", body = EntryResponse, headers(
+            ("X-Consistency-Token" = String, description = "The entry's `consistency_token`."),
+            ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
+        )),
+        (status = 400, description = BAD_REQUEST_KEYED, body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "`concurrency-conflict`: the accounts kept changing while the server retried; retry after `Retry-After` seconds, or `entry-exists`: this entry id is taken.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`entry-unbalanced` (with `currency`, `debits`, `credits`), `invalid-legs`, `invalid-mode`, `invalid-reference`, `invalid-body`, `idempotency-key-reused`; a refused leg carries `leg` (its index) with its own code: `account-not-found`, `account-repeated`, `insufficient-funds`, `account-frozen`, `account-closed`, `invalid-amount`, `debits-exceed-credits`, `credits-exceed-debits`, `balance-overflow`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
+        (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+pub(crate) async fn create(
+    Require { caller, .. }: Require<Teller>,
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Json(body): Json<EntryRequest>,
+) -> Result<Response, ApiError> {
+    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
+    if body.mode == EntryMode::Pending || body.expires_in_s.is_some() {
+        return Err(
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-mode", "Invalid mode")
+                .detail("Only `immediate` entries are offered; use a pending transfer to hold money.")
+                .into(),
+        );
+    }
+    if !(LEGS_MIN..=LEGS_MAX).contains(&body.legs.len()) {
+        return Err(rejection(&AccountError::InvalidLegs { legs: body.legs.len() }).into());
+    }
+    let mut legs = Vec::with_capacity(body.legs.len());
+    for (i, leg) in body.legs.iter().enumerate() {
+        let amount = parse_amount(leg.amount).map_err(|problem| problem.extension("leg", i as i64))?;
+        legs.push(LegRequest {
+            account: leg.account,
+            direction: leg.direction.into(),
+            amount,
+        });
+    }
+    // Before queueing: the writer locks each leg's stream once, so an account named twice is
+    // refused here.
+    journal::check_legs(&legs).map_err(|e| rejection(&e))?;
+    let entry_id = body.entry_id.unwrap_or_else(Uuid::now_v7);
+    let metadata = metadata(&caller, &headers, Some(&idempotency));
+    let command = Command::Entry(EntryCommand {
+        entry_id,
+        legs,
+        reference: body.reference,
+    });
+    let outcome = state
+        .writer
+        .execute(command, &metadata, Some(idempotency), move |executed: &Executed| {
+            accepted(entry_id, executed)
+        })
+        .await?;
+    Ok(respond(outcome, false))
+}
