@@ -10,7 +10,9 @@
 //! Scenarios: `deposits` posts `{"amount":1}` to accounts picked uniformly at random from
 //! `--accounts` pre-opened ones; `hot-account` posts every deposit to one account; `transfers`
 //! funds the `--accounts` accounts once, then moves 1 between two of them picked at random
-//! (an immediate transfer: both legs and the transfer record in one transaction). Every
+//! (an immediate transfer: both legs and the transfer record in one transaction);
+//! `entries-3-legs` funds them likewise, then books a payment with a fee between three of them
+//! picked at random (`POST /v1/entries`: debit 2, credit 1 and 1, in one transaction). Every
 //! command carries a unique `Idempotency-Key` and, with `--token`, the bearer token. The read
 //! scenarios go to a query API (`--url`) and read accounts listed in `--accounts-file`:
 //! `account-reads` gets `/v1/accounts/{id}` of one picked at random, `statement-pages` walks an
@@ -88,6 +90,10 @@ pub enum Scenario {
     HotAccount,
     /// Immediate transfers of 1 between two of --accounts funded accounts, picked at random.
     Transfers,
+    /// Journal entries of three legs (a payment with a fee: debit 2, credit 1 and 1) between
+    /// three of --accounts funded accounts, picked at random.
+    #[value(name = "entries-3-legs")]
+    Entries3Legs,
     /// `GET /v1/accounts/{id}` of accounts from --accounts-file (a query API), picked at random.
     AccountReads,
     /// Statement pages of accounts from --accounts-file (a query API), each walked to its end.
@@ -100,6 +106,7 @@ impl Scenario {
             Self::Deposits => "deposits",
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
+            Self::Entries3Legs => "entries-3-legs",
             Self::AccountReads => "account-reads",
             Self::StatementPages => "statement-pages",
         }
@@ -125,8 +132,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let accounts = match args.scenario {
         Scenario::Deposits => prepare_accounts(&setup, &base, args.accounts, args.accounts_file.as_deref()).await?,
         Scenario::HotAccount => open_accounts(&setup, &base, 1).await?,
-        Scenario::Transfers => {
-            let accounts = prepare_accounts(&setup, &base, args.accounts.max(2), args.accounts_file.as_deref()).await?;
+        Scenario::Transfers | Scenario::Entries3Legs => {
+            let accounts = prepare_accounts(&setup, &base, args.accounts.max(3), args.accounts_file.as_deref()).await?;
             fund_accounts(&setup, &base, &accounts).await?;
             accounts
         }
@@ -293,6 +300,8 @@ enum Target {
     Deposits { urls: Vec<String> },
     /// A transfer between two of these accounts, chosen uniformly at random.
     Transfers { url: String, accounts: Vec<String> },
+    /// A three-leg entry between three of these accounts, chosen uniformly at random.
+    Entries { url: String, accounts: Vec<String> },
     /// A GET of one of these URLs, chosen uniformly at random.
     Reads { urls: Vec<String> },
     /// The next statement page of the worker's account, or the first of one chosen at random.
@@ -328,6 +337,10 @@ impl Target {
                 url: format!("{base}/v1/transfers"),
                 accounts: accounts.to_vec(),
             },
+            Scenario::Entries3Legs => Self::Entries {
+                url: format!("{base}/v1/entries"),
+                accounts: accounts.to_vec(),
+            },
             Scenario::AccountReads => Self::Reads {
                 urls: accounts.iter().map(|id| format!("{base}/v1/accounts/{id}")).collect(),
             },
@@ -358,6 +371,20 @@ impl Target {
                 let body = format!(
                     r#"{{"from":"{}","to":"{}","amount":1,"currency":"EUR","mode":"immediate"}}"#,
                     accounts[from], accounts[to]
+                );
+                post(client, url, body).await
+            }
+            Self::Entries { url, accounts } => {
+                // Three distinct accounts: a random one, then two others at distinct shifts.
+                let n = accounts.len();
+                let payer = rand::random_range(0..n);
+                let first = rand::random_range(1..n);
+                // In 1..n and never `first`: a shift of 1..n-1 within the n-1 non-zero shifts.
+                let second = 1 + (first - 1 + rand::random_range(1..n - 1)) % (n - 1);
+                let (merchant, fees) = ((payer + first) % n, (payer + second) % n);
+                let body = format!(
+                    r#"{{"mode":"immediate","legs":[{{"account":"{}","direction":"debit","amount":2}},{{"account":"{}","direction":"credit","amount":1}},{{"account":"{}","direction":"credit","amount":1}}]}}"#,
+                    accounts[payer], accounts[merchant], accounts[fees]
                 );
                 post(client, url, body).await
             }

@@ -36,6 +36,24 @@ pub enum Command {
     Expire { transfer_id: Uuid, from: Uuid },
     /// A journal entry: every leg's account and the entry's own stream.
     Entry(EntryCommand),
+    /// Post, void or expire pending entry `entry_id`. `accounts` are its legs' accounts in leg
+    /// order, read from its stream before (they never change once it exists).
+    FinishEntry {
+        entry_id: Uuid,
+        accounts: Vec<Uuid>,
+        action: EntryAction,
+    },
+}
+
+/// What finishing a pending entry does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryAction {
+    /// Every leg moves (a client's post).
+    Post,
+    /// The holds are released at a client's request.
+    Void,
+    /// The holds are released past the deadline (the expiry worker).
+    Expire,
 }
 
 impl Command {
@@ -56,6 +74,11 @@ impl Command {
             Command::Void { .. } => "void",
             Command::Expire { .. } => "expire",
             Command::Entry(_) => "entry",
+            Command::FinishEntry { action, .. } => match action {
+                EntryAction::Post => "entry_post",
+                EntryAction::Void => "entry_void",
+                EntryAction::Expire => "entry_expire",
+            },
         }
     }
 
@@ -82,6 +105,11 @@ impl Command {
                 .iter()
                 .map(|leg| (leg.account, Account))
                 .chain([(e.entry_id, Entry)])
+                .collect(),
+            Command::FinishEntry { entry_id, accounts, .. } => accounts
+                .iter()
+                .map(|account| (*account, Account))
+                .chain([(*entry_id, Entry)])
                 .collect(),
         }
     }
@@ -179,8 +207,14 @@ pub fn decide(
     };
     let transfer =
         |id: &Uuid| -> Result<&Transfer, AccountError> { states[id].transfer().ok_or(AccountError::TransferNotFound) };
-    if let Command::Entry(e) = command {
-        return decide_entry(e, states, now);
+    match command {
+        Command::Entry(e) => return decide_entry(e, states, now),
+        Command::FinishEntry {
+            entry_id,
+            accounts,
+            action,
+        } => return finish_entry(*entry_id, accounts, *action, states, now),
+        _ => {}
     }
     // (decision, source, destination if it gets events, transfer stream)
     let (decision, from, to, transfer_id): (TransferDecision, Uuid, Option<Uuid>, Uuid) = match command {
@@ -232,7 +266,7 @@ pub fn decide(
             None,
             *transfer_id,
         ),
-        Command::Entry(_) => unreachable!("entries are decided above"),
+        Command::Entry(_) | Command::FinishEntry { .. } => unreachable!("entries are decided above"),
     };
     let mut out = vec![(from, Events::Account(decision.from_events))];
     if let Some(to) = to {
@@ -264,10 +298,40 @@ fn decide_entry(
         .entry()
         .ok_or(AccountError::EntryExists { entry_id: e.entry_id })?;
     let decision = journal::decide_entry(e, &accounts, entry, now)?;
-    Ok(decision
+    Ok(entry_events(e.entry_id, decision))
+}
+
+/// Decides posting, voiding or expiring pending entry `entry_id` on its legs' `accounts`.
+fn finish_entry(
+    entry_id: Uuid,
+    accounts: &[Uuid],
+    action: EntryAction,
+    states: &HashMap<Uuid, Loaded>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(Uuid, Events)>, AccountError> {
+    let entry = states[&entry_id].entry().ok_or(AccountError::EntryNotFound)?;
+    let accounts: Vec<&Account> = accounts
+        .iter()
+        .map(|id| {
+            states[id]
+                .account()
+                .ok_or(AccountError::AccountNotFound { account_id: *id })
+        })
+        .collect::<Result<_, _>>()?;
+    let decision = match action {
+        EntryAction::Post => journal::decide_entry_post(entry, &accounts, now)?,
+        EntryAction::Void => journal::decide_entry_void(entry, &accounts, now)?,
+        EntryAction::Expire => journal::decide_entry_expire(entry, &accounts, now)?,
+    };
+    Ok(entry_events(entry_id, decision))
+}
+
+/// An entry decision as events per stream: each leg's event on its account, then the entry's.
+fn entry_events(entry_id: Uuid, decision: tally_domain::EntryDecision) -> Vec<(Uuid, Events)> {
+    decision
         .account_events
         .into_iter()
         .map(|(account, event)| (account, Events::Account(vec![event])))
-        .chain([(e.entry_id, Events::Entry(decision.entry_events))])
-        .collect())
+        .chain([(entry_id, Events::Entry(decision.entry_events))])
+        .collect()
 }

@@ -120,6 +120,10 @@ pub(crate) fn rejection(error: &AccountError) -> Problem {
         AccountError::EntryExists { entry_id } => Problem::new(StatusCode::CONFLICT, code, "Entry already exists")
             .detail(detail.clone())
             .extension("entry_id", entry_id.to_string()),
+        AccountError::EntryNotFound => Problem::not_found(code, "No entry with this id."),
+        AccountError::EntryNotPending { status } => {
+            refused("Entry not pending").extension("entry_status", status.as_str())
+        }
         AccountError::InvalidLegs { legs } => refused("Invalid legs").extension("legs", *legs as i64),
         AccountError::EntryUnbalanced {
             currency,

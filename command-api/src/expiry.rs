@@ -1,7 +1,8 @@
-//! The expiry worker: releases the holds of pending transfers past their deadline.
+//! The expiry worker: releases the holds of pending transfers and pending journal entries past
+//! their deadline.
 //!
-//! Every command-api instance runs one. It finds due transfers in the log and submits an
-//! `Expire` command for each through the writer, like any client command. Two workers (two
+//! Every command-api instance runs one. It finds due transfers and entries in the log and
+//! submits an expiry command for each through the writer, like any client command. Two workers (two
 //! instances) racing on one transfer are safe: the second one's command finds the transfer no
 //! longer pending (or loses the version race and then finds that), so a hold is released
 //! exactly once.
@@ -14,7 +15,7 @@ use tally_event_store::EventStore;
 use tally_event_store::idempotency::StoredResponse;
 use uuid::Uuid;
 
-use crate::command::Command;
+use crate::command::{Command, EntryAction};
 use crate::execute::CommandError;
 use crate::writer::Writer;
 
@@ -31,24 +32,37 @@ pub async fn run(store: EventStore, writer: Writer, interval: Duration) {
         tick.tick().await;
         match sweep(&store, &writer).await {
             Ok(0) => {}
-            Ok(expired) => tracing::info!(expired, "expired pending transfers"),
+            Ok(expired) => tracing::info!(expired, "expired pending transfers and entries"),
             Err(error) => tracing::warn!(%error, "expiry sweep failed; will retry"),
         }
     }
 }
 
-/// Expires the pending transfers due now; returns how many this sweep expired.
+/// Expires the pending transfers and entries due now; returns how many this sweep expired.
 pub async fn sweep(store: &EventStore, writer: &Writer) -> Result<usize, sqlx::Error> {
-    let due = due_transfers(store, SWEEP_MAX).await?;
-    let expiries = due.into_iter().map(|(transfer_id, from)| async move {
+    let transfers = due_transfers(store, SWEEP_MAX).await?;
+    let entries = due_entries(store, SWEEP_MAX).await?;
+    let commands = transfers
+        .into_iter()
+        .map(|(transfer_id, from)| (transfer_id, Command::Expire { transfer_id, from }))
+        .chain(entries.into_iter().map(|(entry_id, accounts)| {
+            (
+                entry_id,
+                Command::FinishEntry {
+                    entry_id,
+                    accounts,
+                    action: EntryAction::Expire,
+                },
+            )
+        }));
+    let expiries = commands.map(|(id, command)| async move {
         let metadata = Metadata {
             actor: Some(ACTOR.to_owned()),
-            correlation_id: transfer_id,
+            correlation_id: id,
             causation_id: Uuid::now_v7(),
             idempotency_key: None,
             traceparent: None,
         };
-        let command = Command::Expire { transfer_id, from };
         let ignore = |_: &crate::execute::Executed| StoredResponse {
             status: 201,
             body: serde_json::Value::Null,
@@ -58,16 +72,38 @@ pub async fn sweep(store: &EventStore, writer: &Writer) -> Result<usize, sqlx::E
             // Another worker got there first, or the clock here is a little behind the text
             // comparison: nothing to do.
             Err(CommandError::Rejected(
-                AccountError::TransferNotPending { .. } | AccountError::HoldNotExpired { .. },
+                AccountError::TransferNotPending { .. }
+                | AccountError::EntryNotPending { .. }
+                | AccountError::HoldNotExpired { .. },
             )) => false,
             Err(error) => {
-                tracing::warn!(%transfer_id, %error, "expiring a transfer failed; next sweep retries");
+                tracing::warn!(%id, %error, "expiring a transfer or an entry failed; next sweep retries");
                 false
             }
         }
     });
     let results = futures::future::join_all(expiries).await;
     Ok(results.into_iter().filter(|expired| *expired).count())
+}
+
+/// Pending entries (id, the legs' accounts in leg order) whose deadline has passed: the entry
+/// stream's last event is still its `EntryPending` (index of migration 0007).
+async fn due_entries(store: &EventStore, limit: i64) -> Result<Vec<(Uuid, Vec<Uuid>)>, sqlx::Error> {
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+    sqlx::query_as(
+        "SELECT e.stream_id, \
+                ARRAY(SELECT (l.leg ->> 'account')::uuid \
+                      FROM json_array_elements(e.payload -> 'legs') WITH ORDINALITY AS l(leg, n) ORDER BY l.n) \
+         FROM events e \
+         WHERE e.event_type = 'EntryPending' AND e.payload ->> 'expires_at' <= $1 \
+           AND NOT EXISTS (SELECT 1 FROM events f WHERE f.stream_id = e.stream_id AND f.version > e.version) \
+         ORDER BY e.payload ->> 'expires_at' \
+         LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(store.pool())
+    .await
 }
 
 /// Pending transfers (id, source account) whose deadline has passed: the transfer stream's

@@ -250,6 +250,46 @@ pub struct EntryCredited {
     pub reference: String,
 }
 
+/// A debit leg of a pending entry: `amount` is held on this account until the entry is posted
+/// or released (`held` grows, `available` shrinks, `balance` is unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryHoldPlaced {
+    pub entry_id: Uuid,
+    /// The leg's index in the entry.
+    #[schemars(range(min = 0))]
+    pub leg: u32,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub expires_at: DateTime<Utc>,
+    pub reference: String,
+}
+
+/// A pending entry was posted: the leg's held `amount` left the balance and the hold is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryHoldPosted {
+    pub entry_id: Uuid,
+    #[schemars(range(min = 0))]
+    pub leg: u32,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    pub reference: String,
+}
+
+/// A pending entry was voided or expired: the leg's hold returned to `available`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryHoldReleased {
+    pub entry_id: Uuid,
+    #[schemars(range(min = 0))]
+    pub leg: u32,
+    pub amount: AmountMinor,
+    pub currency: Currency,
+    /// `voided` by a client, or `expired` by the expiry worker.
+    pub reason: HoldReleaseReason,
+}
+
 /// Everything that can happen to an account.
 ///
 /// The stored form is the inner struct as JSON, with the type name in a separate column
@@ -270,6 +310,9 @@ pub enum AccountEvent {
     HoldReleased(HoldReleased),
     EntryDebited(EntryDebited),
     EntryCredited(EntryCredited),
+    EntryHoldPlaced(EntryHoldPlaced),
+    EntryHoldPosted(EntryHoldPosted),
+    EntryHoldReleased(EntryHoldReleased),
 }
 
 /// The schema version `types` (an event enum's `TYPES`) lists for event type `name`.
@@ -321,6 +364,9 @@ impl AccountEvent {
         ("HoldReleased", 1),
         ("EntryDebited", 1),
         ("EntryCredited", 1),
+        ("EntryHoldPlaced", 1),
+        ("EntryHoldPosted", 1),
+        ("EntryHoldReleased", 1),
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -339,6 +385,9 @@ impl AccountEvent {
             AccountEvent::HoldReleased(_) => "HoldReleased",
             AccountEvent::EntryDebited(_) => "EntryDebited",
             AccountEvent::EntryCredited(_) => "EntryCredited",
+            AccountEvent::EntryHoldPlaced(_) => "EntryHoldPlaced",
+            AccountEvent::EntryHoldPosted(_) => "EntryHoldPosted",
+            AccountEvent::EntryHoldReleased(_) => "EntryHoldReleased",
         }
     }
 
@@ -364,6 +413,9 @@ impl AccountEvent {
             AccountEvent::HoldReleased(e) => serde_json::to_string(e),
             AccountEvent::EntryDebited(e) => serde_json::to_string(e),
             AccountEvent::EntryCredited(e) => serde_json::to_string(e),
+            AccountEvent::EntryHoldPlaced(e) => serde_json::to_string(e),
+            AccountEvent::EntryHoldPosted(e) => serde_json::to_string(e),
+            AccountEvent::EntryHoldReleased(e) => serde_json::to_string(e),
         };
         // These structs hold only strings, integers, uuids and timestamps: serialization
         // cannot fail.
@@ -389,6 +441,9 @@ impl AccountEvent {
             "HoldReleased" => serde_json::from_str(payload).map(AccountEvent::HoldReleased),
             "EntryDebited" => serde_json::from_str(payload).map(AccountEvent::EntryDebited),
             "EntryCredited" => serde_json::from_str(payload).map(AccountEvent::EntryCredited),
+            "EntryHoldPlaced" => serde_json::from_str(payload).map(AccountEvent::EntryHoldPlaced),
+            "EntryHoldPosted" => serde_json::from_str(payload).map(AccountEvent::EntryHoldPosted),
+            "EntryHoldReleased" => serde_json::from_str(payload).map(AccountEvent::EntryHoldReleased),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
         event.map_err(malformed)
@@ -530,6 +585,12 @@ pub enum AccountError {
     /// HTTP 409: an entry with this id exists (entry ids are used once).
     #[error("entry {entry_id} already exists")]
     EntryExists { entry_id: Uuid },
+    /// HTTP 404: no entry with this id.
+    #[error("entry not found")]
+    EntryNotFound,
+    /// HTTP 422: the entry is not pending (immediate, or already posted, voided or expired).
+    #[error("entry is {}, not pending", status.as_str())]
+    EntryNotPending { status: crate::entry::EntryStatus },
     /// HTTP 422: an entry has fewer than two legs or more than [`crate::entry::LEGS_MAX`].
     #[error(
         "an entry has {} to {} legs; got {legs}",
@@ -590,6 +651,8 @@ impl AccountError {
             AccountError::StaleState => "concurrency-conflict",
             AccountError::EntryExists { .. } => "entry-exists",
             AccountError::InvalidLegs { .. } => "invalid-legs",
+            AccountError::EntryNotFound => "entry-not-found",
+            AccountError::EntryNotPending { .. } => "entry-not-pending",
             AccountError::EntryUnbalanced { .. } => "entry-unbalanced",
             AccountError::AccountRepeated { .. } => "account-repeated",
             AccountError::Leg { source, .. } => source.code(),
@@ -623,13 +686,16 @@ impl AccountStatus {
     }
 }
 
-/// Money reserved on an account by a pending transfer.
+/// Money reserved on an account by a pending transfer or a pending entry's debit leg, keyed by
+/// the transfer's or the entry's id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     pub amount: AmountMinor,
     pub expires_at: DateTime<Utc>,
-    /// The account credited if the hold is posted.
-    pub counterparty: Uuid,
+    /// The account credited if a transfer's hold is posted; none for an entry's (its credit
+    /// legs are in the entry).
+    #[serde(default)]
+    pub counterparty: Option<Uuid>,
 }
 
 /// The state of one account, folded from its events.
@@ -659,7 +725,7 @@ impl Account {
     /// Version of the serialized shape of `Account` (its snapshot). Bump it whenever a field is
     /// added, removed, renamed or changes type; a snapshot of another version is ignored and
     /// the stream replayed.
-    pub const SNAPSHOT_VERSION: u32 = 2;
+    pub const SNAPSHOT_VERSION: u32 = 3;
 
     /// `balance - held`: what a debit may use (plus the overdraft limit).
     pub fn available(&self) -> i64 {
@@ -905,7 +971,7 @@ impl Aggregate for Account {
                     Hold {
                         amount: e.amount,
                         expires_at: e.expires_at,
-                        counterparty: e.counterparty,
+                        counterparty: Some(e.counterparty),
                     },
                 );
             }
@@ -923,6 +989,26 @@ impl Aggregate for Account {
             }
             AccountEvent::EntryCredited(e) => {
                 self.balance = self.balance.saturating_add(e.amount.get());
+            }
+            AccountEvent::EntryHoldPlaced(e) => {
+                self.held = self.held.saturating_add(e.amount.get());
+                self.holds.insert(
+                    e.entry_id,
+                    Hold {
+                        amount: e.amount,
+                        expires_at: e.expires_at,
+                        counterparty: None,
+                    },
+                );
+            }
+            AccountEvent::EntryHoldPosted(e) => {
+                self.balance = self.balance.saturating_sub(e.amount.get());
+                self.held = self.held.saturating_sub(e.amount.get());
+                self.holds.remove(&e.entry_id);
+            }
+            AccountEvent::EntryHoldReleased(e) => {
+                self.held = self.held.saturating_sub(e.amount.get());
+                self.holds.remove(&e.entry_id);
             }
         }
     }
@@ -1332,6 +1418,28 @@ mod tests {
                 currency: eur(),
                 reference: "r".into(),
             }),
+            AccountEvent::EntryHoldPlaced(EntryHoldPlaced {
+                entry_id: transfer_id(),
+                leg: 0,
+                amount: amount(5),
+                currency: eur(),
+                expires_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+                reference: "r".into(),
+            }),
+            AccountEvent::EntryHoldPosted(EntryHoldPosted {
+                entry_id: transfer_id(),
+                leg: 0,
+                amount: amount(5),
+                currency: eur(),
+                reference: "r".into(),
+            }),
+            AccountEvent::EntryHoldReleased(EntryHoldReleased {
+                entry_id: transfer_id(),
+                leg: 0,
+                amount: amount(5),
+                currency: eur(),
+                reason: HoldReleaseReason::Voided,
+            }),
         ];
         assert_eq!(events.len(), AccountEvent::TYPES.len(), "every event type is covered");
         for event in events {
@@ -1590,7 +1698,8 @@ mod tests {
         assert_eq!(account.external_id.as_deref(), Some("cust-42"));
         let snapshot = serde_json::to_string(&account).unwrap();
         assert_eq!(serde_json::from_str::<Account>(&snapshot).unwrap(), account);
-        assert_eq!(Account::SNAPSHOT_VERSION, 2);
+        // 3: a hold's counterparty became optional (an entry's hold has none).
+        assert_eq!(Account::SNAPSHOT_VERSION, 3);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - a client-chosen entry id is used once: creating an entry appends at expected version 0;
 //! - `GET /v1/entries/{id}` and auditors find every leg of an entry in one place.
 //!
-//! Decisions are in [`crate::journal`].
+//! Life cycle: not created → `completed` (immediate, final), or not created → `pending` →
+//! `posted` | `voided` | `expired` (each final). Decisions are in [`crate::journal`].
 
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
@@ -55,6 +56,41 @@ pub struct Leg {
     pub currency: Currency,
 }
 
+/// A pending entry was accepted: every debit leg's amount is held on its account until the
+/// entry is posted (every leg moves), voided or expires (the holds are released).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryPending {
+    pub entry_id: Uuid,
+    /// In the order the client sent them; a leg's index is its place here.
+    pub legs: Vec<Leg>,
+    pub reference: String,
+    pub created_at: DateTime<Utc>,
+    /// After this instant the entry can no longer be posted; the expiry worker releases it.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A pending entry was posted: every leg moved. Final.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryPosted {
+    pub posted_at: DateTime<Utc>,
+}
+
+/// A pending entry was voided by a client: its holds were released, nothing moved. Final.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryVoided {
+    pub voided_at: DateTime<Utc>,
+}
+
+/// A pending entry passed its deadline: its holds were released, nothing moved. Final.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntryExpired {
+    pub expired_at: DateTime<Utc>,
+}
+
 /// An entry was booked: every leg moved, in one transaction. Final.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -70,15 +106,29 @@ pub struct EntryCompleted {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryEvent {
     EntryCompleted(EntryCompleted),
+    EntryPending(EntryPending),
+    EntryPosted(EntryPosted),
+    EntryVoided(EntryVoided),
+    EntryExpired(EntryExpired),
 }
 
 impl EntryEvent {
     /// Every entry event type with its current schema version (see `AccountEvent::TYPES`).
-    pub const TYPES: &'static [(&'static str, u32)] = &[("EntryCompleted", 1)];
+    pub const TYPES: &'static [(&'static str, u32)] = &[
+        ("EntryCompleted", 1),
+        ("EntryPending", 1),
+        ("EntryPosted", 1),
+        ("EntryVoided", 1),
+        ("EntryExpired", 1),
+    ];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             EntryEvent::EntryCompleted(_) => "EntryCompleted",
+            EntryEvent::EntryPending(_) => "EntryPending",
+            EntryEvent::EntryPosted(_) => "EntryPosted",
+            EntryEvent::EntryVoided(_) => "EntryVoided",
+            EntryEvent::EntryExpired(_) => "EntryExpired",
         }
     }
 
@@ -91,6 +141,10 @@ impl EntryEvent {
     pub fn to_payload(&self) -> String {
         let result = match self {
             EntryEvent::EntryCompleted(e) => serde_json::to_string(e),
+            EntryEvent::EntryPending(e) => serde_json::to_string(e),
+            EntryEvent::EntryPosted(e) => serde_json::to_string(e),
+            EntryEvent::EntryVoided(e) => serde_json::to_string(e),
+            EntryEvent::EntryExpired(e) => serde_json::to_string(e),
         };
         result.expect("entry events always serialize")
     }
@@ -100,6 +154,10 @@ impl EntryEvent {
         let malformed = DecodeError::malformed(event_type);
         let event = match event_type {
             "EntryCompleted" => serde_json::from_str(payload).map(EntryEvent::EntryCompleted),
+            "EntryPending" => serde_json::from_str(payload).map(EntryEvent::EntryPending),
+            "EntryPosted" => serde_json::from_str(payload).map(EntryEvent::EntryPosted),
+            "EntryVoided" => serde_json::from_str(payload).map(EntryEvent::EntryVoided),
+            "EntryExpired" => serde_json::from_str(payload).map(EntryEvent::EntryExpired),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         };
         event.map_err(malformed)
@@ -123,8 +181,16 @@ pub enum EntryStatus {
     /// The stream is empty: no entry with this id.
     #[default]
     NotCreated,
-    /// Every leg booked. Final.
+    /// Every leg booked at once. Final.
     Completed,
+    /// The debit legs' amounts held until posted, voided or expired.
+    Pending,
+    /// A pending entry whose every leg moved. Final.
+    Posted,
+    /// A pending entry released by a client. Final.
+    Voided,
+    /// A pending entry released at its deadline. Final.
+    Expired,
 }
 
 impl EntryStatus {
@@ -133,6 +199,10 @@ impl EntryStatus {
         match self {
             EntryStatus::NotCreated => "not_created",
             EntryStatus::Completed => "completed",
+            EntryStatus::Pending => "pending",
+            EntryStatus::Posted => "posted",
+            EntryStatus::Voided => "voided",
+            EntryStatus::Expired => "expired",
         }
     }
 }
@@ -145,6 +215,10 @@ pub struct Entry {
     pub legs: Vec<Leg>,
     pub reference: String,
     pub created_at: Option<DateTime<Utc>>,
+    /// A pending entry's deadline.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it became final (completed, posted, voided or expired).
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 impl Entry {
@@ -157,6 +231,27 @@ impl Entry {
                 self.legs = e.legs;
                 self.reference = e.reference;
                 self.created_at = Some(e.completed_at);
+                self.finished_at = Some(e.completed_at);
+            }
+            EntryEvent::EntryPending(e) => {
+                self.status = EntryStatus::Pending;
+                self.entry_id = e.entry_id;
+                self.legs = e.legs;
+                self.reference = e.reference;
+                self.created_at = Some(e.created_at);
+                self.expires_at = Some(e.expires_at);
+            }
+            EntryEvent::EntryPosted(e) => {
+                self.status = EntryStatus::Posted;
+                self.finished_at = Some(e.posted_at);
+            }
+            EntryEvent::EntryVoided(e) => {
+                self.status = EntryStatus::Voided;
+                self.finished_at = Some(e.voided_at);
+            }
+            EntryEvent::EntryExpired(e) => {
+                self.status = EntryStatus::Expired;
+                self.finished_at = Some(e.expired_at);
             }
         }
     }

@@ -30,11 +30,18 @@ pub mod transfer;
 
 pub use account::{
     Account, AccountClosed, AccountCommand, AccountError, AccountEvent, AccountFrozen, AccountOpened, AccountStatus,
-    AccountUnfrozen, DecodeError, EntryCredited, EntryDebited, FundsDeposited, FundsWithdrawn, Hold, HoldPlaced,
-    HoldPosted, HoldReleaseReason, HoldReleased, TransferCredited, TransferDebited,
+    AccountUnfrozen, DecodeError, EntryCredited, EntryDebited, EntryHoldPlaced, EntryHoldPosted, EntryHoldReleased,
+    FundsDeposited, FundsWithdrawn, Hold, HoldPlaced, HoldPosted, HoldReleaseReason, HoldReleased, TransferCredited,
+    TransferDebited,
 };
-pub use entry::{Direction, Entry, EntryCompleted, EntryEvent, EntryStatus, Leg};
-pub use journal::{EntryCommand, EntryDecision, LegRequest, decide_entry};
+pub use entry::{
+    Direction, Entry, EntryCompleted, EntryEvent, EntryExpired, EntryPending, EntryPosted, EntryStatus, EntryVoided,
+    Leg,
+};
+pub use journal::{
+    EntryCommand, EntryDecision, EntryMode, LegRequest, decide_entry, decide_entry_expire, decide_entry_post,
+    decide_entry_void,
+};
 pub use ledger::{
     TransferCommand, TransferDecision, TransferMode, decide_expire, decide_post, decide_transfer, decide_void,
 };

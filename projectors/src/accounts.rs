@@ -24,11 +24,13 @@ use crate::model::{EventMeta, Generation, Projection, TableDef, WriteMode};
 pub struct Accounts;
 
 /// A pending hold as the balances row keeps it (the statement needs its counterparty and
-/// reference when it is posted).
+/// reference when it is posted). Keyed by transfer id, or by entry id for an entry's debit leg
+/// (no counterparty then).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldView {
     pub amount: i64,
-    pub counterparty: Uuid,
+    #[serde(default)]
+    pub counterparty: Option<Uuid>,
     pub reference: String,
     pub expires_at: DateTime<Utc>,
 }
@@ -227,6 +229,34 @@ struct Posting {
     entry: Option<(Uuid, i32)>,
 }
 
+impl Posting {
+    /// The posting of leg `leg` of entry `entry_id`: `delta` signed, positive credits.
+    fn leg(entry_id: Uuid, leg: u32, delta: i64, reference: &str) -> Self {
+        Self {
+            kind: "entry",
+            delta,
+            counterparty: None,
+            transfer_id: None,
+            reference: reference.to_owned(),
+            entry: Some((entry_id, leg as i32)),
+        }
+    }
+}
+
+impl BalanceRow {
+    /// Adds hold `key` (a transfer's or an entry's id) to `held` and `holds`.
+    fn place_hold(&mut self, key: Uuid, hold: HoldView) {
+        self.held = self.held.saturating_add(hold.amount);
+        self.holds.insert(key, hold);
+    }
+
+    /// Removes hold `key` and `amount` from `held`.
+    fn drop_hold(&mut self, key: Uuid, amount: i64) {
+        self.held = self.held.saturating_sub(amount);
+        self.holds.remove(&key);
+    }
+}
+
 impl Projection for Accounts {
     const NAME: &'static str = "accounts";
     const SHAPE: i32 = 1;
@@ -318,12 +348,11 @@ impl Projection for Accounts {
             }
             AccountEvent::HoldPlaced(e) => {
                 delta.held = e.amount.get();
-                row.held = row.held.saturating_add(e.amount.get());
-                row.holds.insert(
+                row.place_hold(
                     e.transfer_id,
                     HoldView {
                         amount: e.amount.get(),
-                        counterparty: e.counterparty,
+                        counterparty: Some(e.counterparty),
                         reference: e.reference.clone(),
                         expires_at: e.expires_at,
                     },
@@ -339,7 +368,7 @@ impl Projection for Accounts {
                 posting = Some(Posting {
                     kind: "transfer",
                     delta: -e.amount.get(),
-                    counterparty: hold.as_ref().map(|h| h.counterparty),
+                    counterparty: hold.as_ref().and_then(|h| h.counterparty),
                     transfer_id: Some(e.transfer_id),
                     reference: hold.map(|h| h.reference).unwrap_or_default(),
                     entry: None,
@@ -347,32 +376,39 @@ impl Projection for Accounts {
             }
             AccountEvent::HoldReleased(e) => {
                 delta.held = -e.amount.get();
-                row.held = row.held.saturating_sub(e.amount.get());
-                row.holds.remove(&e.transfer_id);
+                row.drop_hold(e.transfer_id, e.amount.get());
             }
             // An entry's legs sit in their accounts' partitions: like a transfer's, each is
             // counted as moving through `transit` until every partition has applied its legs.
             AccountEvent::EntryDebited(e) => {
                 delta.transfers_out = e.amount.get();
-                posting = Some(Posting {
-                    kind: "entry",
-                    delta: -e.amount.get(),
-                    counterparty: None,
-                    transfer_id: None,
-                    reference: e.reference.clone(),
-                    entry: Some((e.entry_id, e.leg as i32)),
-                });
+                posting = Some(Posting::leg(e.entry_id, e.leg, -e.amount.get(), &e.reference));
+            }
+            AccountEvent::EntryHoldPlaced(e) => {
+                delta.held = e.amount.get();
+                row.place_hold(
+                    e.entry_id,
+                    HoldView {
+                        amount: e.amount.get(),
+                        counterparty: None,
+                        reference: e.reference.clone(),
+                        expires_at: e.expires_at,
+                    },
+                );
+            }
+            AccountEvent::EntryHoldPosted(e) => {
+                delta.held = -e.amount.get();
+                delta.transfers_out = e.amount.get();
+                row.drop_hold(e.entry_id, e.amount.get());
+                posting = Some(Posting::leg(e.entry_id, e.leg, -e.amount.get(), &e.reference));
+            }
+            AccountEvent::EntryHoldReleased(e) => {
+                delta.held = -e.amount.get();
+                row.drop_hold(e.entry_id, e.amount.get());
             }
             AccountEvent::EntryCredited(e) => {
                 delta.transfers_in = e.amount.get();
-                posting = Some(Posting {
-                    kind: "entry",
-                    delta: e.amount.get(),
-                    counterparty: None,
-                    transfer_id: None,
-                    reference: e.reference.clone(),
-                    entry: Some((e.entry_id, e.leg as i32)),
-                });
+                posting = Some(Posting::leg(e.entry_id, e.leg, e.amount.get(), &e.reference));
             }
         }
         if let Some(p) = posting {

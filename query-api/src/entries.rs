@@ -38,11 +38,15 @@ pub struct EntryLegView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EntryView {
     pub entry_id: Uuid,
-    /// `completed`.
+    /// `completed`, `pending`, `posted`, `voided` or `expired`.
     pub status: &'static str,
     pub reference: String,
     pub legs: Vec<EntryLegView>,
     pub created_at: Option<DateTime<Utc>>,
+    /// A pending entry's deadline.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it became final (completed, posted, voided or expired).
+    pub finished_at: Option<DateTime<Utc>>,
     /// The entry stream's version.
     pub version: i64,
     /// Global log position of the entry's last event.
@@ -117,6 +121,8 @@ pub(crate) async fn get_entry(
                 .collect(),
             reference: entry.reference,
             created_at: entry.created_at,
+            expires_at: entry.expires_at,
+            finished_at: entry.finished_at,
             version: at.0,
             position: at.1,
         })

@@ -20,10 +20,10 @@ use std::path::PathBuf;
 use schemars::{JsonSchema, Schema, schema_for};
 use tally_domain::account::{
     AccountClosed, AccountEvent, AccountFrozen, AccountOpened, AccountUnfrozen, DecodeError, EntryCredited,
-    EntryDebited, FundsDeposited, FundsWithdrawn, HoldPlaced, HoldPosted, HoldReleased, OverdraftLimitChanged,
-    TransferCredited, TransferDebited,
+    EntryDebited, EntryHoldPlaced, EntryHoldPosted, EntryHoldReleased, FundsDeposited, FundsWithdrawn, HoldPlaced,
+    HoldPosted, HoldReleased, OverdraftLimitChanged, TransferCredited, TransferDebited,
 };
-use tally_domain::entry::{EntryCompleted, EntryEvent};
+use tally_domain::entry::{EntryCompleted, EntryEvent, EntryExpired, EntryPending, EntryPosted, EntryVoided};
 use tally_domain::reservation::{ExternalIdReserved, ReservationEvent};
 use tally_domain::transfer::{
     TransferCompleted, TransferEvent, TransferExpired, TransferPending, TransferPosted, TransferVoided,
@@ -114,6 +114,13 @@ pub fn current_event_schemas() -> Vec<(String, serde_json::Value)> {
                 "EntryDebited" => schema_of::<EntryDebited>(event_type, version),
                 "EntryCredited" => schema_of::<EntryCredited>(event_type, version),
                 "EntryCompleted" => schema_of::<EntryCompleted>(event_type, version),
+                "EntryPending" => schema_of::<EntryPending>(event_type, version),
+                "EntryPosted" => schema_of::<EntryPosted>(event_type, version),
+                "EntryVoided" => schema_of::<EntryVoided>(event_type, version),
+                "EntryExpired" => schema_of::<EntryExpired>(event_type, version),
+                "EntryHoldPlaced" => schema_of::<EntryHoldPlaced>(event_type, version),
+                "EntryHoldPosted" => schema_of::<EntryHoldPosted>(event_type, version),
+                "EntryHoldReleased" => schema_of::<EntryHoldReleased>(event_type, version),
                 other => unreachable!("the domain lists event type {other} but schemas/ has no type for it"),
             };
             (schema_file_name(event_type, version), schema.to_value())

@@ -165,6 +165,35 @@ fn samples() -> Vec<(&'static str, u32, Stream, Value)> {
             json!({"entry_id": ID_A, "leg": 2, "amount": 3, "currency": "EUR", "reference": "card"}),
         ),
         (
+            "EntryHoldPlaced",
+            1,
+            Account,
+            json!({"entry_id": ID_A, "leg": 0, "amount": 100, "currency": "EUR", "expires_at": AT, "reference": "card"}),
+        ),
+        (
+            "EntryHoldPosted",
+            1,
+            Account,
+            json!({"entry_id": ID_A, "leg": 0, "amount": 100, "currency": "EUR", "reference": "card"}),
+        ),
+        (
+            "EntryHoldReleased",
+            1,
+            Account,
+            json!({"entry_id": ID_A, "leg": 0, "amount": 100, "currency": "EUR", "reason": "expired"}),
+        ),
+        (
+            "EntryPending",
+            1,
+            Entry,
+            json!({"entry_id": ID_A, "reference": "card", "created_at": AT, "expires_at": AT, "legs": [
+                {"account": ID_B, "direction": "debit", "amount": 100, "currency": "EUR"},
+                {"account": ID_C, "direction": "credit", "amount": 100, "currency": "EUR"}]}),
+        ),
+        ("EntryPosted", 1, Entry, json!({"posted_at": AT})),
+        ("EntryVoided", 1, Entry, json!({"voided_at": AT})),
+        ("EntryExpired", 1, Entry, json!({"expired_at": AT})),
+        (
             "EntryCompleted",
             1,
             Entry,

@@ -32,7 +32,7 @@ use crate::stack::{Inherit, Service, create_database, free_ops_listen};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
-const SCENARIOS: [&str; 17] = [
+const SCENARIOS: [&str; 18] = [
     "append-1",
     "append-16",
     "append-64",
@@ -44,6 +44,7 @@ const SCENARIOS: [&str; 17] = [
     "deposits-64",
     "hot-account",
     "transfers-64",
+    "entries-3-legs",
     "relay",
     "rebuild",
     "projection-lag",
@@ -422,6 +423,18 @@ impl Bench {
                 .http_scenario(&format!("transfers-{n}"), "transfers/s", n, Load::Transfers, n)
                 .await?;
             self.add(vec![row])?;
+        }
+        if wanted("entries-3-legs") {
+            // A payment with a fee: three account streams and the entry's own in one
+            // transaction, at the connections of `transfers-64` (its target is 0.6 of that
+            // row's rate). The baseline has no entries, so the row has none.
+            let (name, n) = ("entries-3-legs", TRANSFER_CONNECTIONS);
+            let before = self.raw_limit(name, n).await?;
+            let tally = self
+                .measure(name, Server::Tally(GroupCommit::Default), Load::Entries3Legs, n)
+                .await?;
+            let limit = bracket(name, before, self.raw_limit(name, n).await?);
+            self.add(vec![ScenarioResult::compare(name, "entries/s", &limit, &tally)])?;
         }
         if wanted("relay") {
             let row = self.relay().await?;
@@ -947,7 +960,7 @@ impl Bench {
             .arg("--json");
         let accounts = match load {
             Load::HotAccount => None,
-            Load::Deposits | Load::Transfers => Some(self.plan.accounts),
+            Load::Deposits | Load::Transfers | Load::Entries3Legs => Some(self.plan.accounts),
             // Every account the file lists.
             Load::AccountReads | Load::StatementPages => Some(usize::MAX),
         };
@@ -1128,6 +1141,7 @@ enum Load {
     Deposits,
     HotAccount,
     Transfers,
+    Entries3Legs,
     AccountReads,
     StatementPages,
 }
@@ -1138,6 +1152,7 @@ impl Load {
             Self::Deposits => "deposits",
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
+            Self::Entries3Legs => "entries-3-legs",
             Self::AccountReads => "account-reads",
             Self::StatementPages => "statement-pages",
         }
@@ -1148,6 +1163,7 @@ impl Load {
             Self::Deposits => "POST deposits",
             Self::HotAccount => "POST deposits to one account",
             Self::Transfers => "POST transfers between random accounts",
+            Self::Entries3Legs => "POST three-leg entries between random accounts",
             Self::AccountReads => "GET accounts",
             Self::StatementPages => "GET statement pages",
         }
@@ -1156,7 +1172,9 @@ impl Load {
     /// The role of the token the load sends.
     fn role(self) -> tally_service::auth::Role {
         match self {
-            Self::Deposits | Self::HotAccount | Self::Transfers => tally_service::auth::Role::Teller,
+            Self::Deposits | Self::HotAccount | Self::Transfers | Self::Entries3Legs => {
+                tally_service::auth::Role::Teller
+            }
             Self::AccountReads | Self::StatementPages => tally_service::auth::Role::Reader,
         }
     }

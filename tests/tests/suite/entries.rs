@@ -361,3 +361,123 @@ async fn thirty_two_clients_booking_entries_conserve_money_and_the_trial_balance
     assert_eq!(trial["balance"], 0, "{trial}");
     assert_eq!(trial["world"], -24_000, "{trial}");
 }
+
+#[tokio::test]
+async fn a_pending_entry_holds_its_debits_until_posted_voided_or_expired() {
+    let db = TestDb::new().await;
+    let (api, _proc) = command_api(&db, &[("TALLY_EXPIRY_INTERVAL_MS", "100".to_owned())]).await;
+    let (customer, merchant, fees) = (
+        api.funded("EUR", 300).await,
+        api.funded("EUR", 0).await,
+        api.funded("EUR", 0).await,
+    );
+    let pending = |expires_in_s: i64| {
+        json!({"mode": "pending", "expires_in_s": expires_in_s, "reference": "hotel", "legs": [
+            leg(customer, "debit", 100), leg(merchant, "credit", 97), leg(fees, "credit", 3)]})
+    };
+    let balance_of = |body: &Value, leg: usize| {
+        let l = &body["legs"][leg];
+        (
+            l["balance"].as_i64().unwrap(),
+            l["held"].as_i64().unwrap(),
+            l["available"].as_i64().unwrap(),
+        )
+    };
+
+    // Held: the debit leaves `available`, nothing moves yet.
+    let (status, held, _) = api.post("/v1/entries", Some("hold-1"), &pending(3600)).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    assert_eq!(held["status"], "pending");
+    assert!(held["expires_at"].is_string(), "{held}");
+    assert_eq!(balance_of(&held, 0), (300, 100, 200));
+    assert_eq!(balance_of(&held, 1), (0, 0, 0));
+    let first = held["entry_id"].as_str().unwrap().to_owned();
+
+    // Posted: every leg moves; a second post or a void is refused and moves nothing.
+    let (status, posted, _) = api
+        .post(&format!("/v1/entries/{first}/post"), Some("post-1"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{posted}");
+    assert_eq!(posted["status"], "posted");
+    assert_eq!(
+        [balance_of(&posted, 0), balance_of(&posted, 1), balance_of(&posted, 2)],
+        [(200, 0, 200), (97, 0, 97), (3, 0, 3)]
+    );
+    let (status, again, replayed) = api
+        .post(&format!("/v1/entries/{first}/post"), Some("post-1"), &json!({}))
+        .await;
+    assert_eq!((status, replayed, &again), (StatusCode::CREATED, true, &posted));
+    for (path, key) in [("void", "void-after-post"), ("post", "post-again")] {
+        let (status, problem, _) = api
+            .post(&format!("/v1/entries/{first}/{path}"), Some(key), &json!({}))
+            .await;
+        assert_eq!(
+            (status, problem_code(&problem)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "entry-not-pending")
+        );
+        assert_eq!(problem["entry_status"], "posted");
+    }
+
+    // Voided: the hold returns, nothing moves.
+    let (_, held, _) = api.post("/v1/entries", Some("hold-2"), &pending(3600)).await;
+    let second = held["entry_id"].as_str().unwrap().to_owned();
+    assert_eq!(balance_of(&held, 0), (200, 100, 100));
+    let (status, voided, _) = api
+        .post(&format!("/v1/entries/{second}/void"), Some("void-2"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{voided}");
+    assert_eq!(voided["status"], "voided");
+    assert_eq!(balance_of(&voided, 0), (200, 0, 200));
+    assert_eq!(balance_of(&voided, 1), (97, 0, 97));
+
+    // A hold beyond what is available is refused, naming the leg.
+    let mut greedy = pending(3600);
+    for (i, amount) in [(0, 201), (1, 198)] {
+        greedy["legs"][i]["amount"] = json!(amount);
+    }
+    let (status, problem, _) = api.post("/v1/entries", Some("hold-greedy"), &greedy).await;
+    assert_eq!(
+        (status, problem_code(&problem), problem["leg"].as_i64()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds", Some(0))
+    );
+
+    // Expired: the worker releases the hold once, and a late post is refused.
+    let (_, held, _) = api.post("/v1/entries", Some("hold-3"), &pending(1)).await;
+    let third = held["entry_id"].as_str().unwrap().to_owned();
+    let store = db.store();
+    let third_id: Uuid = third.parse().unwrap();
+    let events = eventually(
+        Duration::from_secs(20),
+        "the expiry worker to release the entry",
+        || {
+            let store = store.clone();
+            async move {
+                let events = store.read_stream(third_id, 0, 10).await.ok()?;
+                (events.len() == 2).then_some(events)
+            }
+        },
+    )
+    .await;
+    assert_eq!(events[1].event_type, "EntryExpired");
+    let (status, problem, _) = api
+        .post(&format!("/v1/entries/{third}/post"), Some("post-3"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, problem_code(&problem)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "entry-not-pending")
+    );
+    let (account, _) = db.replay_account(customer).await;
+    assert_eq!((account.balance, account.held), (200, 0));
+    // Unknown entries are 404s.
+    let (status, problem, _) = api
+        .post(
+            &format!("/v1/entries/{}/post", Uuid::now_v7()),
+            Some("post-none"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem_code(&problem)),
+        (StatusCode::NOT_FOUND, "entry-not-found")
+    );
+}
