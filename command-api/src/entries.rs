@@ -200,10 +200,11 @@ fn accepted(entry_id: Uuid, executed: &Executed) -> StoredResponse {
             ("Idempotent-Replayed" = String, description = "`true` when this repeats the response stored under the Idempotency-Key."),
         )),
         (status = 400, description = BAD_REQUEST_KEYED, body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "`account-not-found` with `leg`: that leg's account does not exist.", body = Problem, content_type = PROBLEM_JSON),
         (status = 409, description = "`concurrency-conflict`: the accounts kept changing while the server retried; retry after `Retry-After` seconds, or `entry-exists`: this entry id is taken.", body = Problem, content_type = PROBLEM_JSON),
         (status = 413, description = PAYLOAD_TOO_LARGE, body = Problem, content_type = PROBLEM_JSON),
         (status = 415, description = UNSUPPORTED_MEDIA_TYPE, body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`entry-unbalanced` (with `currency`, `debits`, `credits`), `invalid-legs`, `invalid-expiry`, `invalid-reference`, `invalid-body`, `idempotency-key-reused`; a refused leg carries `leg` (its index) with its own code: `account-not-found`, `account-repeated`, `insufficient-funds`, `account-frozen`, `account-closed`, `invalid-amount`, `debits-exceed-credits`, `credits-exceed-debits`, `balance-overflow`, `too-many-holds`.", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`entry-unbalanced` (with `currency`, `debits`, `credits`), `invalid-legs`, `invalid-expiry`, `invalid-reference`, `invalid-body`, `idempotency-key-reused`; a refused leg carries `leg` (its index) with its own code: `account-repeated`, `insufficient-funds`, `account-frozen`, `account-closed`, `invalid-amount`, `debits-exceed-credits`, `credits-exceed-debits`, `balance-overflow`, `too-many-holds`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 500, description = INTERNAL, body = Problem, content_type = PROBLEM_JSON),
         (status = 503, description = UNAVAILABLE, body = Problem, content_type = PROBLEM_JSON),
     )
