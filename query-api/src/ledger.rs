@@ -213,10 +213,7 @@ pub async fn trial_balance(pool: &PgPool) -> Result<TrialBalance, sqlx::Error> {
 pub(crate) async fn get_trial_balance(_: Require<Auditor>, State(state): State<AppState>) -> Response {
     let (pool, _) = state.sources.pick();
     match trial_balance(pool).await {
-        Ok(balance) => {
-            record(&balance);
-            Json(balance).into_response()
-        }
+        Ok(balance) => Json(balance).into_response(),
         Err(e) => unavailable(&e),
     }
 }
@@ -245,7 +242,8 @@ pub(crate) async fn get_system_accounts(_: Require<Auditor>, State(state): State
 }
 
 /// Sets `tally_trial_balance_minor{currency}` (0 when the read models agree) and
-/// `tally_trial_balance_in_transit_minor{currency}`.
+/// `tally_trial_balance_in_transit_minor{currency}`. Only [`watch`] calls it: metrics are
+/// recorded where the work happens, not in handlers (ARCHITECTURE.md).
 fn record(balance: &TrialBalance) {
     for c in &balance.currencies {
         metrics::gauge!("tally_trial_balance_minor", "currency" => c.currency.clone()).set(c.balance as f64);
