@@ -86,40 +86,48 @@ pub async fn sweep(store: &EventStore, writer: &Writer) -> Result<usize, sqlx::E
     Ok(results.into_iter().filter(|expired| *expired).count())
 }
 
-/// Pending entries (id, the legs' accounts in leg order) whose deadline has passed: the entry
-/// stream's last event is still its `EntryPending` (index of migration 0007).
+/// Pending entries (id, the legs' accounts in leg order) whose deadline has passed (index of
+/// migration 0007).
 async fn due_entries(store: &EventStore, limit: i64) -> Result<Vec<(Uuid, Vec<Uuid>)>, sqlx::Error> {
-    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-    sqlx::query_as(
-        "SELECT e.stream_id, \
-                ARRAY(SELECT (l.leg ->> 'account')::uuid \
-                      FROM json_array_elements(e.payload -> 'legs') WITH ORDINALITY AS l(leg, n) ORDER BY l.n) \
-         FROM events e \
-         WHERE e.event_type = 'EntryPending' AND e.payload ->> 'expires_at' <= $1 \
-           AND NOT EXISTS (SELECT 1 FROM events f WHERE f.stream_id = e.stream_id AND f.version > e.version) \
-         ORDER BY e.payload ->> 'expires_at' \
-         LIMIT $2",
+    due(
+        store,
+        "EntryPending",
+        "ARRAY(SELECT (l.leg ->> 'account')::uuid \
+               FROM json_array_elements(e.payload -> 'legs') WITH ORDINALITY AS l(leg, n) ORDER BY l.n)",
+        limit,
     )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(store.pool())
     .await
 }
 
-/// Pending transfers (id, source account) whose deadline has passed: the transfer stream's
-/// last event is still its `TransferPending`.
+/// Pending transfers (id, source account) whose deadline has passed (index of migration 0004).
 async fn due_transfers(store: &EventStore, limit: i64) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+    due(store, "TransferPending", "(e.payload ->> 'from')::uuid", limit).await
+}
+
+/// The streams whose last event is still their `pending_type` event and whose `expires_at` has
+/// passed, earliest first: each stream's id and `parties`, an expression over that event `e`.
+/// Both arguments are constants of this module, never input.
+async fn due<T>(
+    store: &EventStore,
+    pending_type: &str,
+    parties: &str,
+    limit: i64,
+) -> Result<Vec<(Uuid, T)>, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-    sqlx::query_as(
-        "SELECT e.stream_id, (e.payload ->> 'from')::uuid \
+    let sql = format!(
+        "SELECT e.stream_id, {parties} \
          FROM events e \
-         WHERE e.event_type = 'TransferPending' AND e.payload ->> 'expires_at' <= $1 \
+         WHERE e.event_type = '{pending_type}' AND e.payload ->> 'expires_at' <= $1 \
            AND NOT EXISTS (SELECT 1 FROM events f WHERE f.stream_id = e.stream_id AND f.version > e.version) \
          ORDER BY e.payload ->> 'expires_at' \
-         LIMIT $2",
-    )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(store.pool())
-    .await
+         LIMIT $2"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(store.pool())
+        .await
 }
