@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tally_bench::nats::PublishPlan;
-use tally_bench::raw::RawInsert;
+use tally_bench::raw::{RawBatchInsert, RawInsert};
 use tally_bench::runner::closed_loop;
 use tally_bench::store::StoreAppend;
 use tally_bench::{Measurement, Window};
@@ -28,6 +28,14 @@ enum Command {
     RawAppend(AppendArgs),
     /// Single-event appends through `EventStore::append`.
     StoreAppend(AppendArgs),
+    /// The limit of batches of transfers: their rows in one multi-row INSERT per transaction.
+    RawBatchAppend {
+        #[command(flatten)]
+        append: AppendArgs,
+        /// Transfers per transaction (three rows each).
+        #[arg(long)]
+        transfers: usize,
+    },
     /// Writes a backlog of events for the relay scenario.
     Preload {
         #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
@@ -165,6 +173,15 @@ async fn main() -> anyhow::Result<()> {
                 .map(|_| RawInsert::new(store.pool().clone()))
                 .collect();
             print(&closed_loop(writers, args.window()).await?)
+        }
+        Command::RawBatchAppend { append, transfers } => {
+            anyhow::ensure!(transfers > 0, "--transfers must be at least 1");
+            let store = append.store()?;
+            tally_bench::raw::ensure_table(store.pool()).await?;
+            let writers = (0..append.writers)
+                .map(|_| RawBatchInsert::new(store.pool().clone(), transfers))
+                .collect();
+            print(&closed_loop(writers, append.window()).await?)
         }
         Command::StoreAppend(args) => {
             let store = args.store()?;

@@ -119,10 +119,16 @@ impl Recorder {
 
     /// Records one finished operation: its latency and whether it succeeded.
     pub fn record(&mut self, latency: Duration, outcome: Result<(), &'static str>) {
+        self.record_ops(latency, outcome, 1);
+    }
+
+    /// [`Self::record`] for an operation that does `ops` of the measured unit at once (a
+    /// transaction of many rows): each counts, the latency is recorded once.
+    pub fn record_ops(&mut self, latency: Duration, outcome: Result<(), &'static str>, ops: u64) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         self.latencies_us.saturating_record(us);
         match outcome {
-            Ok(()) => self.ok += 1,
+            Ok(()) => self.ok += ops,
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }

@@ -1,5 +1,6 @@
 //! The Postgres limit of an append: single-row INSERT transactions into a table shaped like
-//! `events`, with no application around them.
+//! `events`, with no application around them; and the limit of a batch of transfers
+//! ([`RawBatchInsert`]): their rows in one multi-row INSERT per transaction.
 //!
 //! Each insert is one autocommit statement, so one round trip and one durable commit per
 //! event: the least work a durable single-event append can do. The table is a copy of
@@ -79,5 +80,57 @@ impl Operation for RawInsert {
         let result = self.insert(stream_id, version + 1).await;
         self.streams.advance(result.is_ok());
         result.map_err(|_| "database")
+    }
+}
+
+/// Rows a transfer writes: a leg on each account and the transfer's own record.
+pub const ROWS_PER_TRANSFER: usize = 3;
+
+/// One raw writer of batches: `transfers` transfers' rows per transaction, in one multi-row
+/// `INSERT ... SELECT FROM UNNEST` (one round trip, one commit), each row the first of a new
+/// stream. Counts `transfers` operations per transaction: the limit of `batch-transfers`.
+#[derive(Debug)]
+pub struct RawBatchInsert {
+    pool: PgPool,
+    transfers: usize,
+    sql: String,
+}
+
+impl RawBatchInsert {
+    pub fn new(pool: PgPool, transfers: usize) -> Self {
+        let sql = format!(
+            "INSERT INTO {RAW_TABLE} (stream_type, stream_id, version, event_id, event_type, schema_version, \
+                                      payload, metadata, recorded_at, prev_hash, hash) \
+             SELECT $1, s, 1, e, $2, $3, $4::json, m::json, $5, NULL, $6 \
+             FROM UNNEST($7::uuid[], $8::uuid[], $9::text[]) AS r(s, e, m)"
+        );
+        Self { pool, transfers, sql }
+    }
+}
+
+impl Operation for RawBatchInsert {
+    async fn run(&mut self) -> Result<(), &'static str> {
+        let rows = self.transfers * ROWS_PER_TRANSFER;
+        let streams: Vec<Uuid> = (0..rows).map(|_| Uuid::now_v7()).collect();
+        let events: Vec<Uuid> = (0..rows).map(|_| Uuid::now_v7()).collect();
+        let metadata: Vec<String> = (0..rows).map(|_| sample::metadata()).collect();
+        sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()))
+            .bind(sample::STREAM_TYPE)
+            .bind(sample::EVENT_TYPE)
+            .bind(sample::SCHEMA_VERSION)
+            .bind(sample::payload())
+            .bind(Utc::now())
+            .bind(HASH_PLACEHOLDER.as_slice())
+            .bind(&streams)
+            .bind(&events)
+            .bind(&metadata)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|_| "database")
+    }
+
+    fn ops(&self) -> u64 {
+        self.transfers as u64
     }
 }

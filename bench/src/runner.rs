@@ -19,6 +19,11 @@ pub struct Window {
 /// the measurement counts; the run goes on.
 pub trait Operation: Send + 'static {
     fn run(&mut self) -> impl Future<Output = Result<(), &'static str>> + Send;
+
+    /// How many of the measured unit one successful run does (rows of a multi-row insert).
+    fn ops(&self) -> u64 {
+        1
+    }
 }
 
 /// Runs every worker concurrently in a closed loop for `window` and measures them together.
@@ -49,7 +54,7 @@ async fn work<O: Operation>(mut worker: O, measure_from: Instant, until: Instant
         let outcome = worker.run().await;
         let done = Instant::now();
         if done >= measure_from && done <= until {
-            recorder.record(done - sent, outcome);
+            recorder.record_ops(done - sent, outcome, worker.ops());
         }
     }
 }

@@ -12,7 +12,9 @@
 //! funds the `--accounts` accounts once, then moves 1 between two of them picked at random
 //! (an immediate transfer: both legs and the transfer record in one transaction);
 //! `entries-3-legs` funds them likewise, then books a payment with a fee between three of them
-//! picked at random (`POST /v1/entries`: debit 2, credit 1 and 1, in one transaction). Every
+//! picked at random (`POST /v1/entries`: debit 2, credit 1 and 1, in one transaction);
+//! `batch-transfers` funds them likewise, then sends `--batch-size` such transfers per request
+//! (`POST /v1/batches`), and counts each item that took effect as one operation. Every
 //! command carries a unique `Idempotency-Key` and, with `--token`, the bearer token. The read
 //! scenarios go to a query API (`--url`) and read accounts listed in `--accounts-file`:
 //! `account-reads` gets `/v1/accounts/{id}` of one picked at random, `statement-pages` walks an
@@ -77,6 +79,9 @@ pub struct LoadArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Transfers per request of `batch-transfers` (1 to 8190).
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
     /// Bearer token with the `teller` role, sent with every request (`tally token --role teller`).
     #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -94,6 +99,8 @@ pub enum Scenario {
     /// three of --accounts funded accounts, picked at random.
     #[value(name = "entries-3-legs")]
     Entries3Legs,
+    /// Batches of --batch-size immediate transfers of 1 between random funded accounts.
+    BatchTransfers,
     /// `GET /v1/accounts/{id}` of accounts from --accounts-file (a query API), picked at random.
     AccountReads,
     /// Statement pages of accounts from --accounts-file (a query API), each walked to its end.
@@ -107,6 +114,7 @@ impl Scenario {
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
             Self::Entries3Legs => "entries-3-legs",
+            Self::BatchTransfers => "batch-transfers",
             Self::AccountReads => "account-reads",
             Self::StatementPages => "statement-pages",
         }
@@ -132,7 +140,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let accounts = match args.scenario {
         Scenario::Deposits => prepare_accounts(&setup, &base, args.accounts, args.accounts_file.as_deref()).await?,
         Scenario::HotAccount => open_accounts(&setup, &base, 1).await?,
-        Scenario::Transfers | Scenario::Entries3Legs => {
+        Scenario::Transfers | Scenario::Entries3Legs | Scenario::BatchTransfers => {
             let accounts = prepare_accounts(&setup, &base, args.accounts.max(3), args.accounts_file.as_deref()).await?;
             fund_accounts(&setup, &base, &accounts).await?;
             accounts
@@ -151,7 +159,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             ids
         }
     };
-    let target = Arc::new(Target::new(&base, &accounts, args.scenario));
+    let target = Arc::new(Target::new(&base, &accounts, args.scenario, args.batch_size));
     let report = drive(&args, target).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -173,6 +181,9 @@ fn check(args: &LoadArgs) -> anyhow::Result<()> {
             "--scenario {} reads the accounts listed in --accounts-file",
             args.scenario.name()
         );
+    }
+    if !(1..=8_190).contains(&args.batch_size) {
+        bail!("--batch-size must be 1 to 8190 (a batch's most items)");
     }
     if args.duration.is_zero() {
         bail!("--duration must be longer than zero");
@@ -302,6 +313,12 @@ enum Target {
     Transfers { url: String, accounts: Vec<String> },
     /// A three-leg entry between three of these accounts, chosen uniformly at random.
     Entries { url: String, accounts: Vec<String> },
+    /// A batch of `size` transfers, each between two of these accounts chosen at random.
+    Batches {
+        url: String,
+        accounts: Vec<String>,
+        size: usize,
+    },
     /// A GET of one of these URLs, chosen uniformly at random.
     Reads { urls: Vec<String> },
     /// The next statement page of the worker's account, or the first of one chosen at random.
@@ -325,7 +342,7 @@ struct Page {
 }
 
 impl Target {
-    fn new(base: &str, accounts: &[String], scenario: Scenario) -> Self {
+    fn new(base: &str, accounts: &[String], scenario: Scenario, batch_size: usize) -> Self {
         match scenario {
             Scenario::Deposits | Scenario::HotAccount => Self::Deposits {
                 urls: accounts
@@ -341,6 +358,11 @@ impl Target {
                 url: format!("{base}/v1/entries"),
                 accounts: accounts.to_vec(),
             },
+            Scenario::BatchTransfers => Self::Batches {
+                url: format!("{base}/v1/batches"),
+                accounts: accounts.to_vec(),
+                size: batch_size,
+            },
             Scenario::AccountReads => Self::Reads {
                 urls: accounts.iter().map(|id| format!("{base}/v1/accounts/{id}")).collect(),
             },
@@ -354,8 +376,8 @@ impl Target {
     }
 
     /// Sends one request; `walk` is the worker's place in a statement.
-    async fn send(&self, client: &reqwest::Client, walk: &mut Walk) -> Outcome {
-        match self {
+    async fn send(&self, client: &reqwest::Client, walk: &mut Walk) -> Sent {
+        let outcome = match self {
             Self::Deposits { urls } => {
                 post(
                     client,
@@ -364,16 +386,8 @@ impl Target {
                 )
                 .await
             }
-            Self::Transfers { url, accounts } => {
-                let from = rand::random_range(0..accounts.len());
-                // Any other account: shift by 1..len, wrapping.
-                let to = (from + rand::random_range(1..accounts.len())) % accounts.len();
-                let body = format!(
-                    r#"{{"from":"{}","to":"{}","amount":1,"currency":"EUR","mode":"immediate"}}"#,
-                    accounts[from], accounts[to]
-                );
-                post(client, url, body).await
-            }
+            Self::Transfers { url, accounts } => post(client, url, transfer_fields(accounts)).await,
+            Self::Batches { url, accounts, size } => return send_batch(client, url, accounts, *size).await,
             Self::Entries { url, accounts } => {
                 // Three distinct accounts: a random one, then two others at distinct shifts.
                 let n = accounts.len();
@@ -394,7 +408,71 @@ impl Target {
                     .0
             }
             Self::Statements { urls } => next_page(client, urls, walk).await,
-        }
+        };
+        Sent { outcome, items: None }
+    }
+}
+
+/// What one request did.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub outcome: Outcome,
+    /// A batch's items that took effect (201) and those refused; `None` for a single command.
+    pub items: Option<(u64, u64)>,
+}
+
+/// The body fields of a transfer of 1 between two accounts picked at random.
+fn transfer_fields(accounts: &[String]) -> String {
+    let from = rand::random_range(0..accounts.len());
+    // Any other account: shift by 1..len, wrapping.
+    let to = (from + rand::random_range(1..accounts.len())) % accounts.len();
+    format!(
+        r#"{{"from":"{}","to":"{}","amount":1,"currency":"EUR","mode":"immediate"}}"#,
+        accounts[from], accounts[to]
+    )
+}
+
+/// The part of a batch's answer the load reads: each item's status.
+#[derive(Debug, serde::Deserialize)]
+struct BatchAnswer {
+    results: Vec<ItemStatus>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ItemStatus {
+    status: u16,
+}
+
+/// Posts a batch of `size` transfers, each under its own fresh key, and counts its items.
+async fn send_batch(client: &reqwest::Client, url: &str, accounts: &[String], size: usize) -> Sent {
+    let items: Vec<String> = (0..size)
+        .map(|_| {
+            let fields = transfer_fields(accounts);
+            // The transfer's own fields, after the item's kind and key.
+            format!(
+                r#"{{"kind":"transfer","idempotency_key":"{}",{}"#,
+                Uuid::new_v4(),
+                &fields[1..]
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"items":[{}]}}"#, items.join(","));
+    let request = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
+    let (outcome, body) = send_reading(request).await;
+    let items = outcome
+        .is_success()
+        .then(|| body.and_then(|b| serde_json::from_slice::<BatchAnswer>(&b).ok()))
+        .flatten()
+        .map(|answer| {
+            let ok = answer.results.iter().filter(|r| r.status == 201).count() as u64;
+            (ok, answer.results.len() as u64 - ok)
+        });
+    Sent {
+        outcome,
+        items: items.or(Some((0, 0))),
     }
 }
 
@@ -552,11 +630,11 @@ async fn work(client: reqwest::Client, target: Arc<Target>, schedule: Arc<Schedu
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        let outcome = target.send(&client, &mut walk).await;
+        let sent = target.send(&client, &mut walk).await;
         let done = Instant::now();
-        live.count(outcome);
+        live.count(sent.outcome);
         if schedule.counts(due, done) {
-            recorder.record(done - due, done - schedule.measure_from, outcome);
+            recorder.record(done - due, done - schedule.measure_from, sent);
         }
     }
     recorder

@@ -25,9 +25,10 @@ use crate::error::{ApiError, rejection};
 use crate::execute::{CommandError, Executed, StreamKind, load};
 use crate::routes::{
     BAD_REQUEST_KEYED, IDEMPOTENCY_KEY_REQUIRED, INTERNAL, PAYLOAD_TOO_LARGE, PROBLEM_JSON, UNAVAILABLE,
-    UNSUPPORTED_MEDIA_TYPE, metadata, parse_amount, required_idempotency, respond,
+    UNSUPPORTED_MEDIA_TYPE, metadata, parse_amount, required_idempotency, respond, run_keyed,
 };
 use crate::transfers::DEFAULT_EXPIRES_IN_S;
+use crate::writer::Respond;
 
 /// The entry routes' part of the OpenAPI document (merged in [`crate::openapi::document`]).
 #[derive(OpenApi)]
@@ -216,14 +217,18 @@ pub(crate) async fn create(
     headers: HeaderMap,
     Json(body): Json<EntryRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
+    run_keyed(&state, &caller, &headers, uri.path(), body, entry_command).await
+}
+
+/// The command of a `POST /v1/entries` body and the answer it gets once accepted (also a
+/// batch's `entry` item).
+pub(crate) fn entry_command(body: EntryRequest) -> Result<(Command, Respond), Problem> {
     let mode = match (body.mode, body.expires_in_s) {
         (EntryMode::Immediate, None) => DomainMode::Immediate,
         (EntryMode::Immediate, Some(_)) => {
             return Err(
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-expiry", "Invalid expiry")
-                    .detail("expires_in_s applies to pending entries only.")
-                    .into(),
+                    .detail("expires_in_s applies to pending entries only."),
             );
         }
         (EntryMode::Pending, expires_in_s) => DomainMode::Pending {
@@ -231,7 +236,7 @@ pub(crate) async fn create(
         },
     };
     if !(LEGS_MIN..=LEGS_MAX).contains(&body.legs.len()) {
-        return Err(rejection(&AccountError::InvalidLegs { legs: body.legs.len() }).into());
+        return Err(rejection(&AccountError::InvalidLegs { legs: body.legs.len() }));
     }
     let mut legs = Vec::with_capacity(body.legs.len());
     for (i, leg) in body.legs.iter().enumerate() {
@@ -246,20 +251,30 @@ pub(crate) async fn create(
     // refused here.
     journal::check_legs(&legs).map_err(|e| rejection(&e))?;
     let entry_id = body.entry_id.unwrap_or_else(Uuid::now_v7);
-    let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Entry(EntryCommand {
         entry_id,
         legs,
         reference: body.reference,
         mode,
     });
-    let outcome = state
-        .writer
-        .execute(command, &metadata, Some(idempotency), move |executed: &Executed| {
-            accepted(entry_id, executed)
-        })
-        .await?;
-    Ok(respond(outcome, false))
+    Ok((
+        command,
+        Box::new(move |executed: &Executed| accepted(entry_id, executed)),
+    ))
+}
+
+/// Posting or voiding pending entry `entry_id`, whose legs' accounts are `accounts` in leg
+/// order (also a batch's `post` and `void` items).
+pub(crate) fn finish_command(entry_id: Uuid, accounts: Vec<Uuid>, action: EntryAction) -> (Command, Respond) {
+    let command = Command::FinishEntry {
+        entry_id,
+        accounts,
+        action,
+    };
+    (
+        command,
+        Box::new(move |executed: &Executed| accepted(entry_id, executed)),
+    )
 }
 
 /// The legs' accounts of entry `raw_id`, in leg order, read from its stream (they never
@@ -294,16 +309,10 @@ async fn finish(
     let idempotency = required_idempotency(caller, headers, path, body)?;
     let (entry_id, accounts) = legs_of(state, raw_id).await?;
     let metadata = metadata(caller, headers, Some(&idempotency));
-    let command = Command::FinishEntry {
-        entry_id,
-        accounts,
-        action,
-    };
+    let (command, respond_with) = finish_command(entry_id, accounts, action);
     let outcome = state
         .writer
-        .execute(command, &metadata, Some(idempotency), move |executed: &Executed| {
-            accepted(entry_id, executed)
-        })
+        .execute(command, &metadata, Some(idempotency), respond_with)
         .await?;
     Ok(respond(outcome, false))
 }

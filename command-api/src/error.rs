@@ -138,6 +138,9 @@ pub(crate) fn rejection(error: &AccountError) -> Problem {
             .extension("first_leg", *first as i64),
         // The leg's own refusal (its status, code and members), naming the leg.
         AccountError::Leg { leg, source } => rejection(source).detail(detail.clone()).extension("leg", *leg as i64),
+        AccountError::LinkedItemFailed { failed } => {
+            refused("Linked item failed").extension("failed_index", *failed as i64)
+        }
     }
 }
 
@@ -148,27 +151,35 @@ fn conflict() -> Problem {
         .retry_after(1)
 }
 
+/// The problem a command error answers with, and the cause to report when it is a fault of
+/// ours or an outage (logged with the request, never sent).
+pub(crate) fn command_problem(error: CommandError) -> (Problem, Option<String>) {
+    match error {
+        CommandError::Rejected(e) => (rejection(&e), None),
+        CommandError::ConflictRetriesExhausted => (conflict(), None),
+        CommandError::IdempotencyKeyReused => (
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+            )
+            .detail("This Idempotency-Key was already used for a different request; use a new key."),
+            None,
+        ),
+        CommandError::Overloaded => (
+            Problem::unavailable(1).detail("Too many commands are waiting; retry shortly."),
+            None,
+        ),
+        CommandError::Unavailable(cause) => (Problem::unavailable(1), Some(cause)),
+        CommandError::Internal(cause) => (Problem::internal(), Some(cause)),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (problem, report) = match self {
             ApiError::Problem(p) => (p, None),
-            ApiError::Command(CommandError::Rejected(e)) => (rejection(&e), None),
-            ApiError::Command(CommandError::ConflictRetriesExhausted) => (conflict(), None),
-            ApiError::Command(CommandError::IdempotencyKeyReused) => (
-                Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency-key-reused",
-                    "Idempotency key reused",
-                )
-                .detail("This Idempotency-Key was already used for a different request; use a new key."),
-                None,
-            ),
-            ApiError::Command(CommandError::Overloaded) => (
-                Problem::unavailable(1).detail("Too many commands are waiting; retry shortly."),
-                None,
-            ),
-            ApiError::Command(CommandError::Unavailable(cause)) => (Problem::unavailable(1), Some(cause)),
-            ApiError::Command(CommandError::Internal(cause)) => (Problem::internal(), Some(cause)),
+            ApiError::Command(error) => command_problem(error),
         };
         let mut response = problem.into_response();
         if let Some(cause) = report {

@@ -9,6 +9,7 @@
 //! `/ready` and `/openapi.json` needs the `teller` role; [`app`] puts the router behind
 //! `tally_service::edge` (timeout, authentication, per-client rate limit).
 
+pub mod batches;
 pub mod command;
 pub mod entries;
 pub mod error;

@@ -61,6 +61,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
     let mut document = AccountsApi::openapi();
     document.merge(crate::transfers::TransfersApi::openapi());
     document.merge(crate::entries::EntriesApi::openapi());
+    document.merge(crate::batches::BatchesApi::openapi());
     tally_service::openapi::secure(&mut document);
     document
 }

@@ -23,6 +23,7 @@ use crate::AppState;
 use crate::command::Command;
 use crate::error::ApiError;
 use crate::execute::{Executed, Idempotency, Outcome, Touched};
+use crate::writer::Respond;
 
 /// The request header carrying a client's idempotency key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .merge(crate::transfers::routes())
         .merge(crate::entries::routes())
+        .merge(crate::batches::routes())
         .fallback(tally_service::problem::fallback)
         .method_not_allowed_fallback(tally_service::problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
@@ -520,11 +522,44 @@ async fn posting(
     command: impl FnOnce(AmountMinor, String) -> AccountCommand,
 ) -> Result<Response, ApiError> {
     let account_id = parse_account_id(id)?;
-    let idempotency = required_idempotency(caller, &headers, path, &body)?;
-    let metadata = metadata(caller, &headers, Some(&idempotency));
-    let command = command(parse_amount(body.amount)?, body.reference);
-    let outcome = run(&state, account_id, command, &metadata, Some(idempotency)).await?;
+    run_keyed(&state, caller, &headers, path, body, |body| {
+        posting_command(account_id, body, command)
+    })
+    .await
+}
+
+/// Runs the money-moving command `build` makes of `body`, under the request's required
+/// Idempotency-Key (checked first, on the body as sent), and answers as the single routes do.
+pub(crate) async fn run_keyed<B: Serialize>(
+    state: &AppState,
+    caller: &Principal,
+    headers: &HeaderMap,
+    path: &str,
+    body: B,
+    build: impl FnOnce(B) -> Result<(Command, Respond), Problem>,
+) -> Result<Response, ApiError> {
+    let idempotency = required_idempotency(caller, headers, path, &body)?;
+    let (command, respond_with) = build(body)?;
+    let metadata = metadata(caller, headers, Some(&idempotency));
+    let outcome = state
+        .writer
+        .execute(command, &metadata, Some(idempotency), respond_with)
+        .await?;
     Ok(respond(outcome, false))
+}
+
+/// The deposit or withdrawal (`command`) of `body` on `account_id` and the answer it gets once
+/// accepted (also a batch's `deposit` and `withdrawal` items).
+pub(crate) fn posting_command(
+    account_id: Uuid,
+    body: PostingRequest,
+    command: impl FnOnce(AmountMinor, String) -> AccountCommand,
+) -> Result<(Command, Respond), Problem> {
+    let command = command(parse_amount(body.amount)?, body.reference);
+    Ok((
+        Command::Account { account_id, command },
+        Box::new(move |executed: &Executed| accepted(account_id, executed)),
+    ))
 }
 
 #[utoipa::path(

@@ -22,10 +22,12 @@ use crate::AppState;
 use crate::command::Command;
 use crate::error::ApiError;
 use crate::execute::{CommandError, Executed, StreamKind, load};
+use crate::routes::run_keyed;
 use crate::routes::{
     AccountCommandResponse, BAD_REQUEST_KEYED, IDEMPOTENCY_KEY_REQUIRED, INTERNAL, PAYLOAD_TOO_LARGE, PROBLEM_JSON,
     UNAVAILABLE, UNSUPPORTED_MEDIA_TYPE, metadata, parse_amount, parse_currency, required_idempotency, respond,
 };
+use crate::writer::Respond;
 
 /// Deadline of a pending transfer's hold when the request names none: a week, as card
 /// authorizations usually get.
@@ -180,20 +182,24 @@ pub(crate) async fn create(
     headers: HeaderMap,
     Json(body): Json<TransferRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
+    run_keyed(&state, &caller, &headers, uri.path(), body, transfer_command).await
+}
+
+/// The command of a `POST /v1/transfers` body and the answer it gets once accepted (also a
+/// batch's `transfer` item).
+pub(crate) fn transfer_command(body: TransferRequest) -> Result<(Command, Respond), Problem> {
     let amount = parse_amount(body.amount)?;
     let currency = parse_currency(&body.currency)?;
     let mode = match (body.mode, body.expires_in_s) {
         (Mode::Immediate, None) => TransferMode::Immediate,
         (Mode::Immediate, Some(_)) => {
-            return Err(invalid_expiry("expires_in_s applies to pending transfers only.").into());
+            return Err(invalid_expiry("expires_in_s applies to pending transfers only."));
         }
         (Mode::Pending, expires_in_s) => TransferMode::Pending {
             expires_in_s: expires_in_s.unwrap_or(DEFAULT_EXPIRES_IN_S.min(EXPIRES_IN_S_MAX)),
         },
     };
     let transfer_id = body.transfer_id.unwrap_or_else(Uuid::now_v7);
-    let metadata = metadata(&caller, &headers, Some(&idempotency));
     let command = Command::Transfer(TransferCommand {
         transfer_id,
         from: body.from,
@@ -204,12 +210,33 @@ pub(crate) async fn create(
         mode,
     });
     let (from, to) = (body.from, body.to);
-    let respond_with = move |executed: &Executed| accepted(transfer_id, from, Some(to), executed);
-    let outcome = state
-        .writer
-        .execute(command, &metadata, Some(idempotency), respond_with)
-        .await?;
-    Ok(respond(outcome, false))
+    Ok((
+        command,
+        Box::new(move |executed: &Executed| accepted(transfer_id, from, Some(to), executed)),
+    ))
+}
+
+/// Posting (`amount` of the hold, or all of it) pending transfer `transfer_id`, whose parties
+/// are `from` and `to` (also a batch's `post` item).
+pub(crate) fn post_command(transfer_id: Uuid, from: Uuid, to: Uuid, amount: Option<AmountMinor>) -> (Command, Respond) {
+    let command = Command::Post {
+        transfer_id,
+        from,
+        to,
+        amount,
+    };
+    (
+        command,
+        Box::new(move |executed: &Executed| accepted(transfer_id, from, Some(to), executed)),
+    )
+}
+
+/// Voiding pending transfer `transfer_id` from `from` (also a batch's `void` item).
+pub(crate) fn void_command(transfer_id: Uuid, from: Uuid) -> (Command, Respond) {
+    (
+        Command::Void { transfer_id, from },
+        Box::new(move |executed: &Executed| accepted(transfer_id, from, None, executed)),
+    )
 }
 
 /// The source and destination of transfer `raw_id`, read from its stream (they never change);
@@ -263,13 +290,7 @@ pub(crate) async fn post_pending(
     let amount: Option<AmountMinor> = body.amount.map(parse_amount).transpose()?;
     let (transfer_id, from, to) = parties(&state, &id).await?;
     let metadata = metadata(&caller, &headers, Some(&idempotency));
-    let command = Command::Post {
-        transfer_id,
-        from,
-        to,
-        amount,
-    };
-    let respond_with = move |executed: &Executed| accepted(transfer_id, from, Some(to), executed);
+    let (command, respond_with) = post_command(transfer_id, from, to, amount);
     let outcome = state
         .writer
         .execute(command, &metadata, Some(idempotency), respond_with)
@@ -311,8 +332,7 @@ pub(crate) async fn void(
     let idempotency = required_idempotency(&caller, &headers, uri.path(), &body)?;
     let (transfer_id, from, _) = parties(&state, &id).await?;
     let metadata = metadata(&caller, &headers, Some(&idempotency));
-    let command = Command::Void { transfer_id, from };
-    let respond_with = move |executed: &Executed| accepted(transfer_id, from, None, executed);
+    let (command, respond_with) = void_command(transfer_id, from);
     let outcome = state
         .writer
         .execute(command, &metadata, Some(idempotency), respond_with)

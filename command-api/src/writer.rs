@@ -12,6 +12,10 @@
 //!   so a command does not replay the stream. A stream the cache does not hold is loaded from
 //!   its latest snapshot plus the events after it; snapshots are written every
 //!   `snapshot_every` events.
+//! - A job is one command or a **linked chain** of them (a batch's `linked` items): a chain's
+//!   commands are decided one after the other like any others, but when one is refused every
+//!   one of them is, its events are taken back out of the batch, and the others answer
+//!   `linked-item-failed`. A chain is never split across transactions.
 //! - One command never fails its neighbours: a refused command simply adds no events (its
 //!   refusal is stored under its idempotency key, so a retry gets the same answer), a version conflict (another process wrote the stream)
 //!   reloads that stream and re-runs the batch, and an unexpected database error re-runs each
@@ -35,13 +39,13 @@ use rand::Rng;
 use tally_domain::{Account, AccountError, Metadata};
 use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
 use tally_event_store::snapshot::{self, Snapshot};
-use tally_event_store::{EventStore, StoreError, StreamAppend, append_events_in};
+use tally_event_store::{APPEND_EVENTS_MAX, AppendedEvent, EventStore, StoreError, StreamAppend, append_events_in};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::command::{Command, decide};
+use crate::command::{Command, Events, decide};
 use crate::error::stored_refusal;
 use crate::execute::{
     CONFLICT_BACKOFF_BASE, CONFLICT_RETRIES_MAX, CommandError, Executed, Idempotency, Loaded, Outcome, State,
@@ -87,10 +91,23 @@ impl Default for WriterConfig {
     }
 }
 
-type Respond = Box<dyn Fn(&Executed) -> StoredResponse + Send + Sync>;
+/// Builds the response of an accepted command (stored under its idempotency key, and
+/// returned) from where its streams stand after it.
+pub type Respond = Box<dyn Fn(&Executed) -> StoredResponse + Send + Sync>;
 
-/// One command waiting for, or in, a batch.
-struct Job {
+/// One command handed to the writer, alone or as an item of a linked chain.
+pub struct Submission {
+    pub command: Command,
+    pub metadata: Metadata,
+    pub idempotency: Option<Idempotency>,
+    pub respond: Respond,
+    /// Where the command sits in its request (a batch item's index; 0 alone): the item a
+    /// chain's `linked-item-failed` refusals name.
+    pub index: usize,
+}
+
+/// One command of a job.
+struct Item {
     command: Command,
     /// The streams `command` touches, each once.
     streams: Vec<(Uuid, StreamKind)>,
@@ -98,7 +115,17 @@ struct Job {
     metadata: String,
     idempotency: Option<Idempotency>,
     respond: Respond,
-    reply: oneshot::Sender<Result<Outcome, CommandError>>,
+    index: usize,
+}
+
+/// One command, or one linked chain of commands, waiting for or in a batch.
+struct Job {
+    /// In order; more than one: a linked chain, written whole or not at all.
+    items: Vec<Item>,
+    /// Every stream the items touch, each once.
+    streams: Vec<(Uuid, StreamKind)>,
+    /// One result per item, in order.
+    reply: oneshot::Sender<Vec<Result<Outcome, CommandError>>>,
     /// Version conflicts this command has run into.
     conflicts: u32,
     /// Run in a batch of its own (after a batch failed for a reason not tied to one command).
@@ -113,13 +140,64 @@ impl Job {
         self.streams.iter().any(|(s, _)| *s == stream)
     }
 
-    fn key(&self) -> Option<&IdempotencyKey> {
-        self.idempotency.as_ref().map(|i| &i.key)
+    fn keys(&self) -> impl Iterator<Item = &IdempotencyKey> {
+        self.items.iter().filter_map(|i| i.idempotency.as_ref().map(|i| &i.key))
     }
 
-    fn answer(self, result: Result<Outcome, CommandError>) {
-        // The client may have gone away; the command's effect stands either way.
-        let _ = self.reply.send(result);
+    fn answer(self, results: Vec<Result<Outcome, CommandError>>) {
+        // The client may have gone away; the commands' effect stands either way.
+        let _ = self.reply.send(results);
+    }
+
+    /// Answers every item with `error`.
+    fn fail(self, error: &CommandError) {
+        let results = vec![Err(error.clone()); self.items.len()];
+        self.answer(results);
+    }
+}
+
+/// The results of queued commands, to await. Their metrics are recorded when they arrive.
+pub struct Ticket {
+    names: Vec<&'static str>,
+    started: Instant,
+    state: TicketState,
+}
+
+enum TicketState {
+    Queued(oneshot::Receiver<Vec<Result<Outcome, CommandError>>>),
+    /// Answered without reaching the queue.
+    Done(Vec<Result<Outcome, CommandError>>),
+}
+
+impl Ticket {
+    fn done(names: Vec<&'static str>, started: Instant, results: Vec<Result<Outcome, CommandError>>) -> Self {
+        Self {
+            names,
+            started,
+            state: TicketState::Done(results),
+        }
+    }
+
+    /// One result per submitted command, in order.
+    pub async fn results(self) -> Vec<Result<Outcome, CommandError>> {
+        let results = match self.state {
+            TicketState::Done(results) => results,
+            TicketState::Queued(answer) => answer.await.unwrap_or_else(|_| {
+                let dropped = CommandError::Internal("the writer dropped the command".into());
+                vec![Err(dropped); self.names.len()]
+            }),
+        };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        for (name, result) in self.names.iter().zip(&results) {
+            let outcome = outcome_label(result);
+            metrics::counter!("tally_commands_total", "command" => *name, "outcome" => outcome).increment(1);
+            metrics::histogram!("tally_command_duration_seconds", "command" => *name, "outcome" => outcome)
+                .record(elapsed);
+            if matches!(result, Ok(Outcome::Replayed(_))) {
+                metrics::counter!("tally_idempotent_replays_total", "command" => *name).increment(1);
+            }
+        }
+        results
     }
 }
 
@@ -161,58 +239,159 @@ impl Writer {
         idempotency: Option<Idempotency>,
         respond: impl Fn(&Executed) -> StoredResponse + Send + Sync + 'static,
     ) -> Result<Outcome, CommandError> {
-        let started = Instant::now();
-        let name = command.name();
-        let result = self.submit(command, metadata, idempotency, respond).await;
-        let outcome = outcome_label(&result);
-        metrics::counter!("tally_commands_total", "command" => name, "outcome" => outcome).increment(1);
-        metrics::histogram!("tally_command_duration_seconds", "command" => name, "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        if matches!(result, Ok(Outcome::Replayed(_))) {
-            metrics::counter!("tally_idempotent_replays_total", "command" => name).increment(1);
-        }
-        result
-    }
-
-    async fn submit(
-        &self,
-        command: Command,
-        metadata: &Metadata,
-        idempotency: Option<Idempotency>,
-        respond: impl Fn(&Executed) -> StoredResponse + Send + Sync + 'static,
-    ) -> Result<Outcome, CommandError> {
-        let (reply, answer) = oneshot::channel();
-        let mut streams = command.streams();
-        streams.sort_unstable_by_key(|(s, _)| *s);
-        if let Command::Transfer(t) = &command
-            && streams.windows(2).any(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
-        {
-            // A transfer id equal to one of its accounts' ids: the id is taken.
-            return Err(CommandError::Rejected(AccountError::TransferExists {
-                transfer_id: t.transfer_id,
-            }));
-        }
-        streams.dedup_by_key(|(s, _)| *s);
-        let job = Job {
-            streams,
+        let submission = Submission {
             command,
-            metadata: serde_json::to_string(metadata).expect("metadata always serializes"),
+            metadata: metadata.clone(),
             idempotency,
             respond: Box::new(respond),
+            index: 0,
+        };
+        // A full queue refuses at once (503): back-pressure on single requests.
+        let ticket = self.queue(vec![submission], false).await;
+        ticket
+            .results()
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(CommandError::Internal("the writer gave no result".into())))
+    }
+
+    /// Queues `chain`, one command or a linked chain (written whole or not at all), waiting for
+    /// room in the queue if it is full: a batch's items are queued in order, so each stream
+    /// sees them in the order the batch lists them.
+    pub async fn enqueue(&self, chain: Vec<Submission>) -> Ticket {
+        self.queue(chain, true).await
+    }
+
+    async fn queue(&self, chain: Vec<Submission>, wait: bool) -> Ticket {
+        let started = Instant::now();
+        let names: Vec<&'static str> = chain.iter().map(|s| s.command.name()).collect();
+        let (items, clash) = items_of(chain);
+        if let Some((failed, refusal)) = clash {
+            // Never queued, so nothing is stored: a retry meets the same refusal.
+            let results = refuse_chain(&items, failed, Some(refusal), |_| None)
+                .into_iter()
+                .map(|verdict| match verdict {
+                    Some(Verdict::Rejected(refusal)) => Err(CommandError::Rejected(refusal)),
+                    _ => unreachable!("every item of a refused chain is refused"),
+                })
+                .collect();
+            return Ticket::done(names, started, results);
+        }
+        let mut streams: Vec<(Uuid, StreamKind)> = items.iter().flat_map(|i| i.streams.iter().copied()).collect();
+        streams.sort_unstable_by_key(|(s, _)| *s);
+        streams.dedup_by_key(|(s, _)| *s);
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            items,
+            streams,
             reply,
             conflicts: 0,
             solo: false,
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => CommandError::Unavailable("the writer has stopped".into()),
-        })?;
-        answer
-            .await
-            .map_err(|_| CommandError::Internal("the writer dropped the command".into()))?
+        let sent = if wait {
+            self.jobs
+                .send(job)
+                .await
+                .map_err(|_| CommandError::Unavailable("the writer has stopped".into()))
+        } else {
+            self.jobs.try_send(job).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => CommandError::Unavailable("the writer has stopped".into()),
+            })
+        };
+        match sent {
+            Ok(()) => Ticket {
+                names,
+                started,
+                state: TicketState::Queued(answer),
+            },
+            Err(error) => {
+                let results = vec![Err(error); names.len()];
+                Ticket::done(names, started, results)
+            }
+        }
     }
+}
+
+/// The items of a job, and the first that names a stream as another kind than the job already
+/// does (a transfer id equal to one of its accounts', an account an earlier item of the chain
+/// made a transfer): that item is refused, and so the chain, before anything is loaded.
+fn items_of(chain: Vec<Submission>) -> (Vec<Item>, Option<(usize, AccountError)>) {
+    let mut kinds: HashMap<Uuid, StreamKind> = HashMap::new();
+    let mut clash = None;
+    let mut items = Vec::with_capacity(chain.len());
+    for (k, submission) in chain.into_iter().enumerate() {
+        let mut streams = submission.command.streams();
+        streams.sort_unstable_by_key(|(s, _)| *s);
+        if clash.is_none() {
+            // Within the command: the id it names as a transfer or an entry is taken.
+            let own = streams
+                .windows(2)
+                .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+                .map(|w| (w[0].0, if w[0].1 == StreamKind::Account { w[1].1 } else { w[0].1 }));
+            let earlier = || {
+                streams
+                    .iter()
+                    .find(|(s, kind)| kinds.get(s).is_some_and(|k| k != kind))
+                    .copied()
+            };
+            clash = own
+                .or_else(earlier)
+                .map(|(stream, kind)| (k, kind_refusal(&submission.command, stream, kind)));
+        }
+        streams.dedup_by_key(|(s, _)| *s);
+        for (stream, kind) in &streams {
+            kinds.entry(*stream).or_insert(*kind);
+        }
+        items.push(Item {
+            command: submission.command,
+            streams,
+            metadata: serde_json::to_string(&submission.metadata).expect("metadata always serializes"),
+            idempotency: submission.idempotency,
+            respond: submission.respond,
+            index: submission.index,
+        });
+    }
+    (items, clash)
+}
+
+/// The refusal of `command`, which names `stream` as a `kind` it is not.
+fn kind_refusal(command: &Command, stream: Uuid, kind: StreamKind) -> AccountError {
+    match (kind, command) {
+        (StreamKind::Transfer, Command::Transfer(_)) => AccountError::TransferExists { transfer_id: stream },
+        (StreamKind::Transfer, _) => AccountError::TransferNotFound,
+        (StreamKind::Entry, Command::Entry(_)) => AccountError::EntryExists { entry_id: stream },
+        (StreamKind::Entry, _) => AccountError::EntryNotFound,
+        (StreamKind::Account | StreamKind::ExternalId, _) => AccountError::AccountNotFound { account_id: stream },
+    }
+}
+
+/// The verdicts of a job whose item `failed` is refused with `refusal`: that item keeps it,
+/// every other item not answered already (`answered`) is refused too, with
+/// `linked-item-failed`, or with the same stale state (which a retry gets past).
+fn refuse_chain(
+    items: &[Item],
+    failed: usize,
+    refusal: Option<AccountError>,
+    answered: impl Fn(usize) -> Option<Verdict>,
+) -> Vec<Option<Verdict>> {
+    let stale = refusal == Some(AccountError::StaleState);
+    let linked = if stale {
+        AccountError::StaleState
+    } else {
+        AccountError::LinkedItemFailed {
+            failed: items[failed].index,
+        }
+    };
+    (0..items.len())
+        .map(|k| match answered(k) {
+            Some(verdict @ (Verdict::Replayed(_) | Verdict::KeyReused)) => Some(verdict),
+            _ if k == failed => refusal.clone().map(Verdict::Rejected),
+            _ => Some(Verdict::Rejected(linked.clone())),
+        })
+        .collect()
 }
 
 /// The `outcome` label of a command's metrics.
@@ -277,8 +456,9 @@ impl Dispatcher {
                     // Unreachable by construction (a queued command always has a lane running
                     // or starting); fail loudly rather than hang the callers.
                     tracing::error!(pending = self.pending.len(), "writer stalled; failing queued commands");
+                    let stalled = CommandError::Internal("the writer stalled".into());
                     for job in self.pending.drain(..) {
-                        job.answer(Err(CommandError::Internal("the writer stalled".into())));
+                        job.fail(&stalled);
                     }
                     return;
                 }
@@ -307,7 +487,7 @@ impl Dispatcher {
             let mut streams: Vec<Uuid> = batch.iter().flat_map(|j| j.streams.iter().map(|(s, _)| *s)).collect();
             streams.sort_unstable();
             streams.dedup();
-            let keys: Vec<IdempotencyKey> = batch.iter().filter_map(|j| j.key().cloned()).collect();
+            let keys: Vec<IdempotencyKey> = batch.iter().flat_map(|j| j.keys().cloned()).collect();
             self.busy_streams.extend(&streams);
             self.busy_keys.extend(keys.iter().cloned());
             // The lane owns the cached state while it runs; it hands back the new one.
@@ -315,7 +495,8 @@ impl Dispatcher {
                 .iter()
                 .filter_map(|s| self.cache.remove(s).map(|loaded| (*s, loaded)))
                 .collect();
-            let span = tracing::info_span!("writer.batch", commands = batch.len());
+            let commands: usize = batch.iter().map(|j| j.items.len()).sum();
+            let span = tracing::info_span!("writer.batch", commands);
             tally_event_store::trace::join_batch(
                 &span,
                 batch.iter().filter_map(|j| tally_event_store::trace::of_span(&j.span)),
@@ -326,32 +507,30 @@ impl Dispatcher {
         }
     }
 
-    /// The next batch: queued commands in arrival order whose streams and keys are free. A
-    /// command skipped because its stream is busy blocks the later commands of that stream,
-    /// so each stream's commands stay in order.
+    /// The next batch: queued jobs in arrival order whose streams and keys are free, up to
+    /// `batch_max` commands (a longer chain runs alone). A job skipped because its stream is
+    /// busy blocks the later jobs of that stream, so each stream's commands stay in order.
     fn take_batch(&mut self) -> Vec<Job> {
         let mut batch: Vec<Job> = Vec::new();
+        let mut commands = 0;
         let mut blocked: HashSet<Uuid> = HashSet::new();
         let mut keys: HashSet<IdempotencyKey> = HashSet::new();
         // One kind per stream id in a batch: a client naming an account's id as a transfer
         // (or the reverse) must not make its neighbours' streams load as the wrong kind.
         let mut kinds: HashMap<Uuid, StreamKind> = HashMap::new();
         let mut i = 0;
-        while i < self.pending.len().min(SCAN_MAX) && batch.len() < self.config.batch_max {
+        while i < self.pending.len().min(SCAN_MAX) && commands < self.config.batch_max {
             let job = &self.pending[i];
             let stream_free = job.streams.iter().all(|(s, kind)| {
                 !self.busy_streams.contains(s) && !blocked.contains(s) && kinds.get(s).is_none_or(|k| k == kind)
             });
-            let key_free = job
-                .key()
-                .is_none_or(|k| !self.busy_keys.contains(k) && !keys.contains(k));
-            let fits = !job.solo || batch.is_empty();
+            let key_free = job.keys().all(|k| !self.busy_keys.contains(k) && !keys.contains(k));
+            let fits = batch.is_empty() || (!job.solo && commands + job.items.len() <= self.config.batch_max);
             if stream_free && key_free && fits {
                 let job = self.pending.remove(i).expect("index is in range");
                 kinds.extend(job.streams.iter().copied());
-                if let Some(k) = job.key() {
-                    keys.insert(k.clone());
-                }
+                keys.extend(job.keys().cloned());
+                commands += job.items.len();
                 let solo = job.solo;
                 batch.push(job);
                 if solo {
@@ -494,7 +673,7 @@ async fn run_batch(
             for mut job in jobs {
                 job.conflicts += 1;
                 if job.conflicts > CONFLICT_RETRIES_MAX {
-                    job.answer(Err(CommandError::ConflictRetriesExhausted));
+                    job.fail(&CommandError::ConflictRetriesExhausted);
                 } else {
                     retry.push(job);
                 }
@@ -519,7 +698,7 @@ async fn run_batch(
                     job.conflicts += 1;
                     worst = worst.max(job.conflicts);
                     if job.conflicts > CONFLICT_RETRIES_MAX {
-                        job.answer(Err(CommandError::ConflictRetriesExhausted));
+                        job.fail(&CommandError::ConflictRetriesExhausted);
                         continue;
                     }
                     retried += 1;
@@ -539,7 +718,7 @@ async fn run_batch(
         Err(BatchError::NeedsClaims { .. }) => unreachable!("a batch with claims never asks for them"),
         Err(BatchError::CatchUp(error)) => {
             for job in jobs {
-                job.answer(Err(error.clone()));
+                job.fail(&error);
             }
             Finished {
                 states: Vec::new(),
@@ -553,7 +732,7 @@ async fn run_batch(
             tracing::error!(%error, commands = jobs.len(), "COMMIT failed; outcome unknown");
             let error = CommandError::from(error);
             for job in jobs {
-                job.answer(Err(error.clone()));
+                job.fail(&error);
             }
             Finished {
                 states: Vec::new(),
@@ -565,7 +744,7 @@ async fn run_batch(
             // The connection broke (or only this command was in the batch): nothing to isolate.
             if jobs.len() == 1 || matches!(error, CommandError::Unavailable(_)) {
                 for job in jobs {
-                    job.answer(Err(error.clone()));
+                    job.fail(&error);
                 }
                 return Finished {
                     states: Vec::new(),
@@ -593,7 +772,7 @@ async fn run_batch(
 fn fail_stream(jobs: Vec<Job>, stream: Uuid, error: &CommandError) -> Vec<Job> {
     let (failed, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.touches(stream));
     for job in failed {
-        job.answer(Err(error.clone()));
+        job.fail(error);
     }
     rest
 }
@@ -626,9 +805,10 @@ impl From<sqlx::Error> for BatchError {
     }
 }
 
-/// A committed batch: one result per command, in order, and the new state of its streams.
+/// A committed batch: one result per command of each job, in order, and the new state of its
+/// streams.
 struct Committed {
-    results: Vec<Result<Outcome, CommandError>>,
+    results: Vec<Vec<Result<Outcome, CommandError>>>,
     states: Vec<(Uuid, Loaded)>,
 }
 
@@ -656,19 +836,24 @@ async fn commit(
     claim: bool,
 ) -> Result<Committed, BatchError> {
     let mut tx = store.pool().begin().await?;
-    let mut verdicts: Vec<Option<Verdict>> = jobs.iter().map(|_| None).collect();
+    let mut verdicts: Vec<Vec<Option<Verdict>>> = jobs.iter().map(|j| vec![None; j.items.len()]).collect();
 
     if claim {
-        let keyed: Vec<(usize, &Idempotency)> = jobs
+        let keyed: Vec<(usize, usize, &Idempotency)> = jobs
             .iter()
             .enumerate()
-            .filter_map(|(i, j)| j.idempotency.as_ref().map(|idem| (i, idem)))
+            .flat_map(|(j, job)| {
+                job.items
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(k, item)| item.idempotency.as_ref().map(|idem| (j, k, idem)))
+            })
             .collect();
         let requests: Vec<(&IdempotencyKey, &[u8; 32])> =
-            keyed.iter().map(|(_, i)| (&i.key, &i.request_hash)).collect();
+            keyed.iter().map(|(_, _, i)| (&i.key, &i.request_hash)).collect();
         let claims = idempotency::claim_many(&mut tx, &requests).await?;
-        for ((i, _), claim) in keyed.iter().zip(claims) {
-            verdicts[*i] = match claim {
+        for ((j, k, _), claim) in keyed.iter().zip(claims) {
+            verdicts[*j][*k] = match claim {
                 Claim::Claimed => None,
                 Claim::Replay(stored) => Some(Verdict::Replayed(stored)),
                 Claim::Mismatch => Some(Verdict::KeyReused),
@@ -687,10 +872,11 @@ async fn commit(
         let doubtful: HashSet<Uuid> = jobs
             .iter()
             .zip(&decided.verdicts)
+            .flat_map(|(job, verdicts)| job.items.iter().zip(verdicts))
             // Stale state included: two streams cached at different moments (a transfer and
             // its account) disagree, and a retry would meet the same cache again.
             .filter(|(_, v)| matches!(v, Some(Verdict::Rejected(_))))
-            .flat_map(|(job, _)| job.streams.iter().map(|(s, _)| *s))
+            .flat_map(|(item, _)| item.streams.iter().map(|(s, _)| *s))
             .filter(|s| unverified.contains(s))
             .collect();
         if doubtful.is_empty() {
@@ -715,15 +901,11 @@ async fn commit(
     }
 
     let appends: Vec<StreamAppend> = appends.into_values().collect();
-    let appended: HashMap<(Uuid, i64), (i64, tally_event_store::Hash)> = if appends.is_empty() {
-        HashMap::new()
-    } else {
-        append_events_in(&mut tx, appends)
-            .await?
-            .into_iter()
-            .map(|e| ((e.stream_id, e.version), (e.position, e.hash)))
-            .collect()
-    };
+    let appended: HashMap<(Uuid, i64), (i64, tally_event_store::Hash)> = append_chunked(&mut tx, appends)
+        .await?
+        .into_iter()
+        .map(|e| ((e.stream_id, e.version), (e.position, e.hash)))
+        .collect();
     // The position of a stream at a version: appended now, or where it stood before the batch.
     let position_at = |stream: Uuid, version: i64| {
         appended
@@ -741,30 +923,34 @@ async fn commit(
 
     let mut results = Vec::with_capacity(jobs.len());
     let mut responses: Vec<(&Idempotency, StoredResponse)> = Vec::new();
-    for (job, verdict) in jobs.iter().zip(verdicts) {
-        let result = match verdict.expect("every command has a verdict") {
-            Verdict::Replayed(stored) => Ok(Outcome::Replayed(stored)),
-            Verdict::KeyReused => Err(CommandError::IdempotencyKeyReused),
-            Verdict::Rejected(refusal) => {
-                if let Some(idem) = &job.idempotency
-                    && refusal != AccountError::StaleState
-                {
-                    responses.push((idem, stored_refusal(&refusal)));
+    for (job, verdicts) in jobs.iter().zip(verdicts) {
+        let mut job_results = Vec::with_capacity(job.items.len());
+        for (item, verdict) in job.items.iter().zip(verdicts) {
+            let result = match verdict.expect("every command has a verdict") {
+                Verdict::Replayed(stored) => Ok(Outcome::Replayed(stored)),
+                Verdict::KeyReused => Err(CommandError::IdempotencyKeyReused),
+                Verdict::Rejected(refusal) => {
+                    if let Some(idem) = &item.idempotency
+                        && refusal != AccountError::StaleState
+                    {
+                        responses.push((idem, stored_refusal(&refusal)));
+                    }
+                    Err(CommandError::Rejected(refusal))
                 }
-                Err(CommandError::Rejected(refusal))
-            }
-            Verdict::Accepted(mut streams) => {
-                for touched in &mut streams {
-                    touched.position = position_at(touched.stream_id, touched.version);
+                Verdict::Accepted(mut streams) => {
+                    for touched in &mut streams {
+                        touched.position = position_at(touched.stream_id, touched.version);
+                    }
+                    let response = (item.respond)(&Executed { streams });
+                    if let Some(idem) = &item.idempotency {
+                        responses.push((idem, response.clone()));
+                    }
+                    Ok(Outcome::Fresh(response))
                 }
-                let response = (job.respond)(&Executed { streams });
-                if let Some(idem) = &job.idempotency {
-                    responses.push((idem, response.clone()));
-                }
-                Ok(Outcome::Fresh(response))
-            }
-        };
-        results.push(result);
+            };
+            job_results.push(result);
+        }
+        results.push(job_results);
     }
     if claim {
         let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(i, r)| (&i.key, r)).collect();
@@ -781,9 +967,10 @@ async fn commit(
         }
     }
     tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
-    metrics::histogram!("tally_append_batch_commands").record(jobs.len() as f64);
+    let commands: usize = jobs.iter().map(|j| j.items.len()).sum();
+    metrics::histogram!("tally_append_batch_commands").record(commands as f64);
     metrics::histogram!("tally_append_batch_events").record(appended.len() as f64);
-    tracing::debug!(commands = jobs.len(), events = appended.len(), "batch committed");
+    tracing::debug!(commands, events = appended.len(), "batch committed");
     // Wakes the relay now rather than at its next poll (also after a batch that appended
     // nothing: a spurious wake-up costs the relay one empty read).
     store.committed();
@@ -797,66 +984,76 @@ async fn commit(
 struct Decided<'a> {
     working: HashMap<Uuid, Loaded>,
     appends: BTreeMap<Uuid, StreamAppend>,
-    /// One per command; `None` in, `Some` out.
-    verdicts: Vec<Option<Verdict>>,
+    /// One per command of each job; `None` in, `Some` out.
+    verdicts: Vec<Vec<Option<Verdict>>>,
     /// Keys of commands refused on stale state, to give back.
     released: Vec<&'a IdempotencyKey>,
 }
 
 /// Decides the commands without a verdict yet in arrival order, each on the state the
-/// previous one left. Pure: no IO.
+/// previous one left. A chain with a refused command (or a key used for another request) is
+/// taken back out whole: its streams return to where they stood before it. Pure: no IO.
 fn decide_batch<'a>(
     jobs: &'a [Job],
     states: &HashMap<Uuid, Loaded>,
-    mut verdicts: Vec<Option<Verdict>>,
+    mut verdicts: Vec<Vec<Option<Verdict>>>,
     now: DateTime<Utc>,
 ) -> Decided<'a> {
     let mut working: HashMap<Uuid, Loaded> = states.clone();
     let mut appends: BTreeMap<Uuid, StreamAppend> = BTreeMap::new();
     let mut released: Vec<&IdempotencyKey> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        if verdicts[i].is_some() {
-            continue;
-        }
-        let decided = match decide(&job.command, &working, now) {
-            Ok(decided) => decided,
-            Err(refusal) => {
-                // A refusal is an outcome, stored under the key like an acceptance, except
-                // for stale state, which a retry is meant to get past.
-                if refusal == AccountError::StaleState {
-                    released.extend(job.idempotency.as_ref().map(|i| &i.key));
-                }
-                verdicts[i] = Some(Verdict::Rejected(refusal));
+    for (job, verdicts) in jobs.iter().zip(&mut verdicts) {
+        let chain = job.items.len() > 1;
+        // Where the chain's streams stood before it, to take it back out.
+        let before: Vec<(Uuid, Loaded, Option<usize>)> = if chain {
+            job.streams
+                .iter()
+                .map(|(s, _)| (*s, working[s].clone(), appends.get(s).map(|a| a.events.len())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut failed = chain
+            .then(|| verdicts.iter().position(|v| matches!(v, Some(Verdict::KeyReused))))
+            .flatten()
+            .map(|k| (k, None));
+        for (k, item) in job.items.iter().enumerate() {
+            if failed.is_some() {
+                break;
+            }
+            if verdicts[k].is_some() {
                 continue;
             }
-        };
-        for (stream, events) in decided {
-            let loaded = working
-                .get_mut(&stream)
-                .expect("every stream is loaded before deciding");
-            let append = appends.entry(stream).or_insert_with(|| StreamAppend {
-                stream_type: loaded.state.kind().stream_type().to_owned(),
-                stream_id: stream,
-                expected_version: loaded.version,
-                known_prev_hash: loaded.last_hash,
-                events: Vec::new(),
-            });
-            append.events.extend(events.record(loaded, &job.metadata));
-        }
-        let touched = job
-            .streams
-            .iter()
-            .map(|(stream, _)| {
-                let loaded = &working[stream];
-                Touched {
-                    stream_id: *stream,
-                    state: loaded.state.clone(),
-                    version: loaded.version,
-                    position: 0,
+            match decide(&item.command, &working, now) {
+                Ok(decided) => {
+                    record(decided, item, &mut working, &mut appends);
+                    verdicts[k] = Some(Verdict::Accepted(touched(item, &working)));
                 }
-            })
-            .collect();
-        verdicts[i] = Some(Verdict::Accepted(touched));
+                Err(refusal) => failed = Some((k, Some(refusal))),
+            }
+        }
+        let Some((failed, refusal)) = failed else {
+            continue;
+        };
+        for (stream, loaded, events) in before {
+            working.insert(stream, loaded);
+            match events {
+                Some(len) => appends.get_mut(&stream).expect("kept").events.truncate(len),
+                None => {
+                    appends.remove(&stream);
+                }
+            }
+        }
+        let answered = std::mem::take(verdicts);
+        let answered_at = |k: usize| answered[k].clone();
+        *verdicts = refuse_chain(&job.items, failed, refusal, answered_at);
+        // A refusal is an outcome, stored under the key like an acceptance, except for stale
+        // state, which a retry is meant to get past.
+        for (item, verdict) in job.items.iter().zip(verdicts.iter()) {
+            if matches!(verdict, Some(Verdict::Rejected(AccountError::StaleState))) {
+                released.extend(item.idempotency.as_ref().map(|i| &i.key));
+            }
+        }
     }
     Decided {
         working,
@@ -864,6 +1061,87 @@ fn decide_batch<'a>(
         verdicts,
         released,
     }
+}
+
+/// Folds an accepted command's events into the working states and the batch's appends.
+fn record(
+    decided: Vec<(Uuid, Events)>,
+    item: &Item,
+    working: &mut HashMap<Uuid, Loaded>,
+    appends: &mut BTreeMap<Uuid, StreamAppend>,
+) {
+    for (stream, events) in decided {
+        let loaded = working
+            .get_mut(&stream)
+            .expect("every stream is loaded before deciding");
+        let append = appends.entry(stream).or_insert_with(|| StreamAppend {
+            stream_type: loaded.state.kind().stream_type().to_owned(),
+            stream_id: stream,
+            expected_version: loaded.version,
+            known_prev_hash: loaded.last_hash,
+            events: Vec::new(),
+        });
+        append.events.extend(events.record(loaded, &item.metadata));
+    }
+}
+
+/// Where the streams of `item` stand (positions are known after the insert).
+fn touched(item: &Item, working: &HashMap<Uuid, Loaded>) -> Vec<Touched> {
+    item.streams
+        .iter()
+        .map(|(stream, _)| {
+            let loaded = &working[stream];
+            Touched {
+                stream_id: *stream,
+                state: loaded.state.clone(),
+                version: loaded.version,
+                position: 0,
+            }
+        })
+        .collect()
+}
+
+/// Appends `appends` in statements of at most [`APPEND_EVENTS_MAX`] events, in the caller's
+/// transaction: a batch of many-leg entries or a long chain outgrows one statement. A stream
+/// cut between two statements continues on the hash the first returned.
+async fn append_chunked(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    appends: Vec<StreamAppend>,
+) -> Result<Vec<AppendedEvent>, StoreError> {
+    let mut appended = Vec::new();
+    let mut queue: VecDeque<StreamAppend> = appends.into();
+    while !queue.is_empty() {
+        let mut chunk = Vec::new();
+        let mut room = APPEND_EVENTS_MAX;
+        while room > 0
+            && let Some(mut append) = queue.pop_front()
+        {
+            if append.events.len() > room {
+                let rest = append.events.split_off(room);
+                queue.push_front(StreamAppend {
+                    stream_type: append.stream_type.clone(),
+                    stream_id: append.stream_id,
+                    expected_version: append.expected_version + room as i64,
+                    // Known once this chunk is in (below).
+                    known_prev_hash: None,
+                    events: rest,
+                });
+            }
+            room -= append.events.len();
+            chunk.push(append);
+        }
+        let done = append_events_in(tx, chunk).await?;
+        if let Some(next) = queue.front_mut()
+            && let Some(last) = done
+                .iter()
+                .find(|e| e.stream_id == next.stream_id && e.version == next.expected_version)
+        {
+            // Written by this transaction: the store could not read it as an older one's.
+            next.known_prev_hash = Some(last.hash);
+        }
+        appended.extend(done);
+    }
+    Ok(appended)
 }
 
 /// Writes a snapshot in the background: it is a cache, so a failure only costs a longer load.

@@ -612,6 +612,11 @@ pub enum AccountError {
     /// status and code are `source`'s.
     #[error("leg {leg}: {source}")]
     Leg { leg: usize, source: Box<AccountError> },
+    /// HTTP 422: a command of a linked chain (a batch's items that succeed or fail as a whole)
+    /// that was not refused itself; the chain's item `failed` (its index in the batch) was, so
+    /// none of the chain was written.
+    #[error("item {failed} of the linked chain was refused, so nothing of the chain was written")]
+    LinkedItemFailed { failed: usize },
 }
 
 impl AccountError {
@@ -656,6 +661,7 @@ impl AccountError {
             AccountError::EntryUnbalanced { .. } => "entry-unbalanced",
             AccountError::AccountRepeated { .. } => "account-repeated",
             AccountError::Leg { source, .. } => source.code(),
+            AccountError::LinkedItemFailed { .. } => "linked-item-failed",
         }
     }
 }

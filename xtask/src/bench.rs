@@ -32,7 +32,7 @@ use crate::stack::{Inherit, Service, create_database, free_ops_listen};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
-const SCENARIOS: [&str; 18] = [
+const SCENARIOS: [&str; 20] = [
     "append-1",
     "append-16",
     "append-64",
@@ -45,6 +45,8 @@ const SCENARIOS: [&str; 18] = [
     "hot-account",
     "transfers-64",
     "entries-3-legs",
+    "batch-transfers-100",
+    "batch-transfers-1000",
     "relay",
     "rebuild",
     "projection-lag",
@@ -58,6 +60,10 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const HOT_ACCOUNT_CONNECTIONS: usize = 64;
 /// Connections of the `transfers-64` scenario.
 const TRANSFER_CONNECTIONS: usize = 64;
+/// Connections of the `batch-transfers-*` scenarios: a service sending batches needs few.
+const BATCH_CONNECTIONS: usize = 8;
+/// Transfers per batch of the `batch-transfers-*` scenarios.
+const BATCH_SIZES: [usize; 2] = [100, 1_000];
 /// Database of the append, deposit and hot-account scenarios.
 const DATABASE: &str = "tally_bench";
 /// Database of the baseline: postgres-es names its log table `events`, like Tally, so the two
@@ -435,6 +441,27 @@ impl Bench {
                 .await?;
             let limit = bracket(name, before, self.raw_limit(name, n).await?);
             self.add(vec![ScenarioResult::compare(name, "entries/s", &limit, &tally)])?;
+        }
+        for size in BATCH_SIZES {
+            let name = format!("batch-transfers-{size}");
+            if wanted(&name) {
+                // Batches of immediate transfers (`POST /v1/batches`), against the same rows
+                // (three per transfer) inserted by one multi-row INSERT per batch at the same
+                // connections. The baseline has no batches. Its target, 3x deposits-64, is a
+                // ratio between rows of one run (BENCHMARKS.md).
+                let n = BATCH_CONNECTIONS;
+                let before = self.raw_batch_limit(&name, n, size).await?;
+                let tally = self
+                    .measure(
+                        &name,
+                        Server::Tally(GroupCommit::Default),
+                        Load::BatchTransfers(size),
+                        n,
+                    )
+                    .await?;
+                let limit = bracket(&name, before, self.raw_batch_limit(&name, n, size).await?);
+                self.add(vec![ScenarioResult::compare(&name, "transfers/s", &limit, &tally)])?;
+            }
         }
         if wanted("relay") {
             let row = self.relay().await?;
@@ -877,6 +904,18 @@ impl Bench {
         self.tally_bench(&self.append_args("raw-append", writers)).await
     }
 
+    /// The limit of `batch-transfers-*`: `transfers` transfers' rows per multi-row INSERT
+    /// transaction, `writers` at once.
+    async fn raw_batch_limit(&self, scenario: &str, writers: usize, transfers: usize) -> anyhow::Result<Measurement> {
+        self.checkpoint().await?;
+        println!(
+            "[{scenario}] limit: raw multi-row INSERT of {transfers} transfers' rows per transaction, {writers} writers"
+        );
+        let mut args = self.append_args("raw-batch-append", writers);
+        args.extend(["--transfers".to_owned(), transfers.to_string()]);
+        self.tally_bench(&args).await
+    }
+
     fn append_args(&self, command: &str, writers: usize) -> Vec<String> {
         let Window { warmup, measure } = self.plan.window;
         [
@@ -958,9 +997,12 @@ impl Bench {
             .arg("--token")
             .arg(bench_token(load.role()))
             .arg("--json");
+        if let Load::BatchTransfers(size) = load {
+            command.args(["--batch-size", &size.to_string()]);
+        }
         let accounts = match load {
             Load::HotAccount => None,
-            Load::Deposits | Load::Transfers | Load::Entries3Legs => Some(self.plan.accounts),
+            Load::Deposits | Load::Transfers | Load::Entries3Legs | Load::BatchTransfers(_) => Some(self.plan.accounts),
             // Every account the file lists.
             Load::AccountReads | Load::StatementPages => Some(usize::MAX),
         };
@@ -1142,6 +1184,8 @@ enum Load {
     HotAccount,
     Transfers,
     Entries3Legs,
+    /// Batches of this many transfers.
+    BatchTransfers(usize),
     AccountReads,
     StatementPages,
 }
@@ -1153,6 +1197,7 @@ impl Load {
             Self::HotAccount => "hot-account",
             Self::Transfers => "transfers",
             Self::Entries3Legs => "entries-3-legs",
+            Self::BatchTransfers(_) => "batch-transfers",
             Self::AccountReads => "account-reads",
             Self::StatementPages => "statement-pages",
         }
@@ -1164,6 +1209,7 @@ impl Load {
             Self::HotAccount => "POST deposits to one account",
             Self::Transfers => "POST transfers between random accounts",
             Self::Entries3Legs => "POST three-leg entries between random accounts",
+            Self::BatchTransfers(_) => "POST batches of transfers between random accounts",
             Self::AccountReads => "GET accounts",
             Self::StatementPages => "GET statement pages",
         }
@@ -1172,7 +1218,7 @@ impl Load {
     /// The role of the token the load sends.
     fn role(self) -> tally_service::auth::Role {
         match self {
-            Self::Deposits | Self::HotAccount | Self::Transfers | Self::Entries3Legs => {
+            Self::Deposits | Self::HotAccount | Self::Transfers | Self::Entries3Legs | Self::BatchTransfers(_) => {
                 tally_service::auth::Role::Teller
             }
             Self::AccountReads | Self::StatementPages => tally_service::auth::Role::Reader,

@@ -74,13 +74,21 @@ impl Default for Recorder {
 
 impl Recorder {
     /// Records a counted request: its latency (from when it was due), when it completed
-    /// relative to the window's start, and its outcome.
-    pub fn record(&mut self, latency: Duration, done_in_window: Duration, outcome: Outcome) {
+    /// relative to the window's start, and what it did. A batch counts each item that took
+    /// effect as one operation, and its refused items as `item-refused` errors.
+    pub fn record(&mut self, latency: Duration, done_in_window: Duration, sent: super::Sent) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         self.latencies_us.saturating_record(us);
-        *self.outcomes.entry(outcome.key()).or_default() += 1;
-        if outcome.is_success() {
-            self.ok += 1;
+        *self.outcomes.entry(sent.outcome.key()).or_default() += 1;
+        match sent.items {
+            Some((ok, refused)) => {
+                self.ok += ok;
+                if refused > 0 {
+                    *self.outcomes.entry("item-refused".to_owned()).or_default() += refused;
+                }
+            }
+            None if sent.outcome.is_success() => self.ok += 1,
+            None => {}
         }
         self.last_done = self.last_done.max(done_in_window);
     }
@@ -110,9 +118,9 @@ pub struct LoadReport {
     pub warmup_s: f64,
     /// The measured time: the window, or longer in open loop while its backlog drained.
     pub seconds: f64,
-    /// 2xx answers counted.
+    /// 2xx answers counted (a batch: its items that took effect).
     pub ops: u64,
-    /// Throughput: 2xx answers per second.
+    /// Throughput: `ops` per second.
     pub ops_per_s: f64,
     /// Every answer counted, whatever its status.
     pub requests: u64,
@@ -259,6 +267,23 @@ pub fn cpu_time() -> std::io::Result<Duration> {
 mod tests {
     use super::*;
 
+    fn single(outcome: Outcome) -> super::super::Sent {
+        super::super::Sent { outcome, items: None }
+    }
+
+    #[test]
+    fn a_batch_counts_each_item_that_took_effect_and_its_refusals_as_errors() {
+        let mut r = Recorder::default();
+        let batch = super::super::Sent {
+            outcome: Outcome::Status(200),
+            items: Some((98, 2)),
+        };
+        r.record(Duration::from_millis(5), Duration::from_secs(1), batch);
+        assert_eq!(r.ok, 98);
+        assert_eq!(r.outcomes.get("item-refused"), Some(&2));
+        assert_eq!(r.outcomes.get("200"), Some(&1));
+    }
+
     fn shape(rate: Option<f64>) -> RunShape {
         RunShape {
             scenario: "deposits",
@@ -274,13 +299,25 @@ mod tests {
     fn the_report_counts_2xx_as_throughput_and_everything_else_as_errors() {
         let mut a = Recorder::default();
         for _ in 0..90 {
-            a.record(Duration::from_millis(2), Duration::from_secs(1), Outcome::Status(201));
+            a.record(
+                Duration::from_millis(2),
+                Duration::from_secs(1),
+                single(Outcome::Status(201)),
+            );
         }
         let mut b = Recorder::default();
         for _ in 0..10 {
-            b.record(Duration::from_millis(40), Duration::from_secs(2), Outcome::Status(409));
+            b.record(
+                Duration::from_millis(40),
+                Duration::from_secs(2),
+                single(Outcome::Status(409)),
+            );
         }
-        b.record(Duration::from_secs(30), Duration::from_secs(2), Outcome::Timeout);
+        b.record(
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+            single(Outcome::Timeout),
+        );
         a.merge(&b);
 
         let report = LoadReport::new(
@@ -309,7 +346,11 @@ mod tests {
     #[test]
     fn open_loop_throughput_is_over_the_time_the_backlog_took() {
         let mut r = Recorder::default();
-        r.record(Duration::from_secs(5), Duration::from_secs(20), Outcome::Status(201));
+        r.record(
+            Duration::from_secs(5),
+            Duration::from_secs(20),
+            single(Outcome::Status(201)),
+        );
         let report = LoadReport::new(
             &shape(Some(1.0)),
             Measured {

@@ -83,7 +83,7 @@ async fn every_route_refuses_callers_without_the_role_its_document_declares() {
     let command_routes = protected_routes(&stack.command).await;
     let query_routes = protected_routes(&stack.query).await;
     // The matrix runs over what the documents declare; make sure they declare the routes.
-    assert_eq!(command_routes.len(), 13, "{command_routes:?}");
+    assert_eq!(command_routes.len(), 14, "{command_routes:?}");
     assert!(command_routes.iter().all(|(_, _, role)| *role == Role::Teller));
     assert_eq!(query_routes.len(), 12, "{query_routes:?}");
     let audit =

@@ -3,6 +3,7 @@
 
 mod audit;
 mod auth;
+mod batches;
 mod checkpoints;
 mod connections;
 mod console;
