@@ -270,9 +270,14 @@ pub async fn load_many(
         .collect();
     let events = store.read_streams(&after, READ_LIMIT_MAX).await?;
     let mut read: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
+    // Where each stream sits in `loaded`: a batch may load thousands.
+    let mut index: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for (i, (id, _)) in loaded.iter().enumerate() {
+        index.entry(*id).or_insert(i);
+    }
     for stored in &events {
         *read.entry(stored.stream_id).or_default() += 1;
-        let Some((_, result)) = loaded.iter_mut().find(|(id, _)| *id == stored.stream_id) else {
+        let Some((_, result)) = index.get(&stored.stream_id).map(|&i| &mut loaded[i]) else {
             continue;
         };
         if let Ok(state) = result
