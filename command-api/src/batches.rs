@@ -109,8 +109,9 @@ pub struct BatchItem {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// 1 to 8,190 items.
-    #[schema(value_type = Vec<BatchItem>)]
+    /// 1 to 8,190 items, each shaped as `BatchItem` says. Any JSON value is accepted here: an
+    /// item that is not a valid `BatchItem` fails alone, with its own problem in its result.
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 1)]
     pub items: Vec<Value>,
 }
 
@@ -210,6 +211,7 @@ pub(crate) async fn create(
             }
             continue;
         }
+        chain_hashes(&mut parsed, &chain);
         let submissions = chain.iter().map(|&i| submission(&mut parsed[i], i, &base)).collect();
         tickets.push((chain, state.writer.enqueue(submissions).await));
     }
@@ -246,6 +248,8 @@ struct Parsed {
 /// An item ready for the writer, but for a post or void whose target is still to be read.
 struct Prepared {
     idempotency: Idempotency,
+    /// The item as its request hash covers it (its fields and kind, without `linked`).
+    hashed: Value,
     action: Action,
 }
 
@@ -313,12 +317,14 @@ fn prepare(caller: &Principal, mut fields: Map<String, Value>) -> Result<Prepare
         }
     };
     // The hash covers the item as the single route sees it, with its kind and target: the
-    // same key sent again with another item is refused, as on the single routes.
+    // same key sent again with another item is refused, as on the single routes. (A chain's
+    // members hash the whole chain instead: `chain_hashes`.)
     let mut hashed = fields.clone();
     hashed.insert("kind".into(), serde_json::to_value(kind).expect("kinds serialize"));
+    let hashed = Value::Object(hashed);
     let idempotency = Idempotency {
         key,
-        request_hash: request_hash("POST", "/v1/batches", &Value::Object(hashed)),
+        request_hash: request_hash("POST", "/v1/batches", &hashed),
     };
     let take_id = |fields: &mut Map<String, Value>, name: &str| -> Result<Option<Uuid>, Problem> {
         match fields.remove(name) {
@@ -394,7 +400,31 @@ fn prepare(caller: &Principal, mut fields: Map<String, Value>) -> Result<Prepare
             Action::Finish { target, post }
         }
     };
-    Ok(Prepared { idempotency, action })
+    Ok(Prepared {
+        idempotency,
+        hashed,
+        action,
+    })
+}
+
+/// Gives each member of `chain` (every one parsed) a request hash over the whole chain and its
+/// place in it: its key then replays only within the very same chain. A key of a refused
+/// chain sent again in another chain (say, with the refused item mended under a new key) is a
+/// reused key, which fails that chain, so no chain is ever part replayed, part written.
+fn chain_hashes(parsed: &mut [Parsed], chain: &[usize]) {
+    if chain.len() < 2 {
+        return;
+    }
+    let members: Vec<Value> = chain
+        .iter()
+        .filter_map(|&i| parsed[i].command.as_ref().ok().map(|p| p.hashed.clone()))
+        .collect();
+    for (position, &i) in chain.iter().enumerate() {
+        if let Ok(prepared) = &mut parsed[i].command {
+            let whole = serde_json::json!({ "chain": members, "position": position });
+            prepared.idempotency.request_hash = request_hash("POST", "/v1/batches", &whole);
+        }
+    }
 }
 
 fn from_fields<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> {
@@ -423,14 +453,43 @@ fn refuse_repeated_keys(parsed: &mut [Parsed]) {
     }
 }
 
-/// Reads the parties of every post and void: from the batch's own earlier transfer or entry
-/// item with that id when there is one (it may be created in this very batch), else from the
-/// log, all in two round trips. A target that exists nowhere is that item's 404.
+/// Reads the parties of every post and void: from the log, all in two round trips, or, for a
+/// transfer or entry the log does not hold yet, from the first item of the batch that creates
+/// it (a hold and its post may share a batch). A target that exists nowhere is that item's 404.
+/// (Should the creating item be refused and a later one create the id with other parties, the
+/// writer refuses the post as stale, and its retry reads the log.)
 async fn resolve_targets(state: &AppState, parsed: &mut [Parsed]) -> Result<(), ApiError> {
-    // Parties known from the batch itself: transfer id -> (from, to); entry id -> accounts.
+    let mut wanted: Vec<(Uuid, StreamKind)> = parsed
+        .iter()
+        .filter_map(|item| match &item.command.as_ref().ok()?.action {
+            Action::Finish {
+                target: Target::Transfer(id),
+                ..
+            } => Some((*id, StreamKind::Transfer)),
+            Action::Finish {
+                target: Target::Entry(id),
+                ..
+            } => Some((*id, StreamKind::Entry)),
+            Action::Ready(..) => None,
+        })
+        .collect();
+    wanted.sort_unstable_by_key(|(id, _)| *id);
+    wanted.dedup();
+    // Transfer id -> (from, to); entry id -> its legs' accounts.
     let mut transfers: HashMap<Uuid, (Uuid, Uuid)> = HashMap::new();
     let mut entries: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
-    let mut wanted: Vec<(Uuid, StreamKind)> = Vec::new();
+    if !wanted.is_empty() {
+        for (id, loaded) in load_many(&state.store, &wanted).await? {
+            // Another kind of stream under the id, or nothing yet: not in the log.
+            let Ok(loaded) = loaded else { continue };
+            if let Some(t) = loaded.transfer().filter(|_| loaded.version > 0) {
+                transfers.insert(id, (t.from, t.to));
+            }
+            if let Some(e) = loaded.entry().filter(|_| loaded.version > 0) {
+                entries.insert(id, e.legs.iter().map(|l| l.account).collect());
+            }
+        }
+    }
     for item in parsed.iter() {
         let Ok(prepared) = &item.command else { continue };
         match &prepared.action {
@@ -442,31 +501,7 @@ async fn resolve_targets(state: &AppState, parsed: &mut [Parsed]) -> Result<(), 
                     .entry(e.entry_id)
                     .or_insert_with(|| e.legs.iter().map(|l| l.account).collect());
             }
-            Action::Finish {
-                target: Target::Transfer(id),
-                ..
-            } if !transfers.contains_key(id) => wanted.push((*id, StreamKind::Transfer)),
-            Action::Finish {
-                target: Target::Entry(id),
-                ..
-            } if !entries.contains_key(id) => wanted.push((*id, StreamKind::Entry)),
             _ => {}
-        }
-    }
-    wanted.sort_unstable_by_key(|(id, _)| *id);
-    wanted.dedup();
-    if !wanted.is_empty() {
-        for (id, loaded) in load_many(&state.store, &wanted).await? {
-            // Another kind of stream under the id, or nothing yet: not found.
-            let Ok(loaded) = loaded else { continue };
-            if let Some(t) = loaded.transfer().filter(|_| loaded.version > 0) {
-                transfers.entry(id).or_insert((t.from, t.to));
-            }
-            if let Some(e) = loaded.entry().filter(|_| loaded.version > 0) {
-                entries
-                    .entry(id)
-                    .or_insert_with(|| e.legs.iter().map(|l| l.account).collect());
-            }
         }
     }
     for item in parsed.iter_mut() {

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use tally_domain::reservation::{self, ExternalIdReserved};
 use tally_domain::{
-    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, Entry, EntryCommand, EntryEvent,
-    ReservationEvent, Transfer, TransferCommand, TransferDecision, TransferEvent, journal, ledger,
+    Account, AccountCommand, AccountError, AccountEvent, AmountMinor, Entry, EntryCommand, EntryEvent, EntryStatus,
+    ReservationEvent, Transfer, TransferCommand, TransferDecision, TransferEvent, TransferStatus, journal, ledger,
 };
 use tally_event_store::NewEvent;
 use uuid::Uuid;
@@ -207,6 +207,17 @@ pub fn decide(
     };
     let transfer =
         |id: &Uuid| -> Result<&Transfer, AccountError> { states[id].transfer().ok_or(AccountError::TransferNotFound) };
+    // The parties a post, void or expiry names were read before it was queued (from the log,
+    // or from a batch item creating the transfer). Should the transfer turn out to have others
+    // (that item was refused, the id being taken), the command was built on a stale reading.
+    let parties = |id: &Uuid, from: Uuid, to: Option<Uuid>| -> Result<&Transfer, AccountError> {
+        let t = transfer(id)?;
+        let known = t.status != TransferStatus::NotCreated;
+        if known && (t.from != from || to.is_some_and(|to| t.to != to)) {
+            return Err(AccountError::StaleState);
+        }
+        Ok(t)
+    };
     match command {
         Command::Entry(e) => return decide_entry(e, states, now),
         Command::FinishEntry {
@@ -249,19 +260,25 @@ pub fn decide(
             to,
             amount,
         } => (
-            ledger::decide_post(transfer(transfer_id)?, account(from)?, account(to)?, *amount, now)?,
+            ledger::decide_post(
+                parties(transfer_id, *from, Some(*to))?,
+                account(from)?,
+                account(to)?,
+                *amount,
+                now,
+            )?,
             *from,
             Some(*to),
             *transfer_id,
         ),
         Command::Void { transfer_id, from } => (
-            ledger::decide_void(transfer(transfer_id)?, account(from)?, now)?,
+            ledger::decide_void(parties(transfer_id, *from, None)?, account(from)?, now)?,
             *from,
             None,
             *transfer_id,
         ),
         Command::Expire { transfer_id, from } => (
-            ledger::decide_expire(transfer(transfer_id)?, account(from)?, now)?,
+            ledger::decide_expire(parties(transfer_id, *from, None)?, account(from)?, now)?,
             *from,
             None,
             *transfer_id,
@@ -310,6 +327,10 @@ fn finish_entry(
     now: DateTime<Utc>,
 ) -> Result<Vec<(Uuid, Events)>, AccountError> {
     let entry = states[&entry_id].entry().ok_or(AccountError::EntryNotFound)?;
+    // As for a transfer's parties: the legs were read before queueing.
+    if entry.status != EntryStatus::NotCreated && !entry.legs.iter().map(|l| l.account).eq(accounts.iter().copied()) {
+        return Err(AccountError::StaleState);
+    }
     let accounts: Vec<&Account> = accounts
         .iter()
         .map(|id| {

@@ -351,3 +351,78 @@ async fn concurrent_batches_conserve_money_in_few_transactions_and_retries_take_
         "group commit shares transactions: {moved} transfers in {transactions}"
     );
 }
+
+#[tokio::test]
+async fn a_post_follows_the_transfer_the_log_holds_and_a_chain_key_replays_only_in_its_own_chain() {
+    let db = TestDb::new().await;
+    let (api, _proc) = command_api(&db, &[]).await;
+    let (a, b, c, d) = (
+        api.funded("EUR", 100).await,
+        api.funded("EUR", 0).await,
+        api.funded("EUR", 100).await,
+        api.funded("EUR", 0).await,
+    );
+    // A pending transfer a -> b exists; a batch item claims its id for c -> d (refused: the id
+    // is taken), and the post after it posts the transfer the log holds.
+    let held = Uuid::now_v7();
+    let (status, body, _) = api
+        .transfer(json!({"transfer_id": held, "from": a, "to": b, "amount": 30, "currency": "EUR", "mode": "pending"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let items = vec![
+        json!({"kind": "transfer", "idempotency_key": "x-1", "transfer_id": held, "from": c, "to": d,
+               "amount": 5, "currency": "EUR", "mode": "pending"}),
+        json!({"kind": "post", "idempotency_key": "x-2", "transfer_id": held}),
+    ];
+    let results = batch(&api, &items).await;
+    assert_eq!(problem_code(&results[0]["body"]), "transfer-exists");
+    assert_eq!(status_of(&results[1]), 201, "{}", results[1]);
+    assert_eq!(results[1]["body"]["from"]["account_id"], json!(a));
+    assert_eq!(results[1]["body"]["to"]["balance"], 30);
+
+    // A new id created twice in one batch: the first (refused) names c -> d, the second
+    // (accepted) a -> b. The post read its parties from the first, so it is refused as stale
+    // (409, nothing written, the server keeps running) and a retry on its own posts it.
+    let twice = Uuid::now_v7();
+    let items = vec![
+        json!({"kind": "transfer", "idempotency_key": "y-1", "transfer_id": twice, "from": c, "to": d,
+               "amount": 1_000, "currency": "EUR", "mode": "pending"}),
+        json!({"kind": "transfer", "idempotency_key": "y-2", "transfer_id": twice, "from": a, "to": b,
+               "amount": 10, "currency": "EUR", "mode": "pending"}),
+        json!({"kind": "post", "idempotency_key": "y-3", "transfer_id": twice}),
+    ];
+    let results = batch(&api, &items).await;
+    assert_eq!(
+        results.iter().map(status_of).collect::<Vec<_>>(),
+        [422, 201, 409],
+        "{results:#?}"
+    );
+    let again = batch(
+        &api,
+        &[json!({"kind": "post", "idempotency_key": "y-4", "transfer_id": twice})],
+    )
+    .await;
+    assert_eq!(status_of(&again[0]), 201, "{}", again[0]);
+    assert_eq!(again[0]["body"]["to"]["balance"], 40);
+
+    // A chain refused at its second item; the first item's key sent again in a chain whose
+    // second item is mended (under a new key) is a reused key: that chain fails whole too.
+    let refused = vec![linked(transfer("z-1", c, d, 10)), transfer("z-2", c, d, 1_000)];
+    let results = batch(&api, &refused).await;
+    assert_eq!(problem_code(&results[0]["body"]), "linked-item-failed");
+    assert_eq!(problem_code(&results[1]["body"]), "insufficient-funds");
+    let before = db.event_count(d).await;
+    let mended = vec![linked(transfer("z-1", c, d, 10)), transfer("z-3", c, d, 20)];
+    let results = batch(&api, &mended).await;
+    assert_eq!(
+        problem_code(&results[0]["body"]),
+        "idempotency-key-reused",
+        "{results:#?}"
+    );
+    assert_eq!(problem_code(&results[1]["body"]), "linked-item-failed");
+    assert_eq!(
+        db.event_count(d).await,
+        before,
+        "nothing of the mended chain is written"
+    );
+}
