@@ -980,8 +980,15 @@ impl Bench {
     }
 
     /// Runs `tally load` against `api` for the planned window; its progress shows on stderr.
+    /// A batch of 1,000 takes seconds to answer, so the batch rows measure for at least 5 s
+    /// (after 2 s of warm-up): a window shorter than one answer would count none.
     async fn load(&self, api: &Api, load: Load, connections: usize) -> anyhow::Result<Measurement> {
-        self.load_in(api, load, connections, self.plan.window).await
+        let mut window = self.plan.window;
+        if let Load::BatchTransfers(_) = load {
+            window.warmup = window.warmup.max(Duration::from_secs(2));
+            window.measure = window.measure.max(Duration::from_secs(5));
+        }
+        self.load_in(api, load, connections, window).await
     }
 
     /// [`Self::load`] measured over `window` instead of the plan's.
