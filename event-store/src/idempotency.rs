@@ -133,7 +133,7 @@ pub async fn claim_many(
         "INSERT INTO idempotency_keys (caller, key, request_hash, response_status, response_body) \
          SELECT t.caller, t.key, t.hash, 0, 'null' \
          FROM UNNEST($1::text[], $2::text[], $3::bytea[]) AS t(caller, key, hash) \
-         WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys l WHERE l.caller = $4 AND l.key = t.key) \
+         WHERE (SELECT 1 FROM idempotency_keys l WHERE l.caller = $4 AND l.key = t.key LIMIT 1) IS NULL \
          ORDER BY t.key, t.caller \
          ON CONFLICT (key, caller) DO NOTHING RETURNING caller, key",
     )
@@ -153,7 +153,8 @@ pub async fn claim_many(
         let rows: Vec<(String, String, Vec<u8>, i16, serde_json::Value)> = sqlx::query_as(
             "SELECT k.caller, k.key, k.request_hash, k.response_status, k.response_body \
              FROM UNNEST($1::text[], $2::text[]) AS t(caller, key) \
-             JOIN idempotency_keys k ON k.key = t.key AND (k.caller = t.caller OR k.caller = $3)",
+             JOIN idempotency_keys k ON k.key = t.key AND (k.caller = t.caller OR k.caller = $3) \
+             WHERE k.key = ANY($2)",
         )
         .bind(&callers)
         .bind(&keys)
@@ -260,7 +261,7 @@ pub async fn store_many(
          SELECT t.caller, t.key, t.hash, t.status, t.body::json \
          FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::smallint[], $5::text[]) \
              AS t(caller, key, hash, status, body) \
-         WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys l WHERE l.caller = $6 AND l.key = t.key) \
+         WHERE (SELECT 1 FROM idempotency_keys l WHERE l.caller = $6 AND l.key = t.key LIMIT 1) IS NULL \
          ORDER BY t.key, t.caller \
          ON CONFLICT (key, caller) DO NOTHING RETURNING caller, key",
     )
