@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
 use tally_domain::{Account, AccountError, Metadata};
 use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
 use tally_event_store::snapshot::{self, Snapshot};
@@ -224,6 +226,7 @@ impl Writer {
             busy_streams: HashSet::new(),
             busy_keys: HashSet::new(),
             lanes: JoinSet::new(),
+            connections: Vec::new(),
             claims: HashMap::new(),
             closed: false,
         };
@@ -424,7 +427,9 @@ struct Dispatcher {
     busy_streams: HashSet<Uuid>,
     busy_keys: HashSet<IdempotencyKey>,
     cache: moka::sync::Cache<Uuid, Loaded>,
-    lanes: JoinSet<Finished>,
+    lanes: JoinSet<(Finished, Option<PgConnection>)>,
+    /// The lanes' own connections while no batch runs on them, and since when ([`lane_connection`]).
+    connections: Vec<(PgConnection, Instant)>,
     /// The streams and keys each running lane holds, to free them even if it panics.
     claims: HashMap<tokio::task::Id, (Vec<Uuid>, Vec<IdempotencyKey>)>,
     closed: bool,
@@ -501,7 +506,15 @@ impl Dispatcher {
                 &span,
                 batch.iter().filter_map(|j| tally_event_store::trace::of_span(&j.span)),
             );
-            let lane = run_batch(self.store.clone(), batch, states, self.config.snapshot_every).instrument(span);
+            let connection = self.connections.pop();
+            let lane = run_lane(
+                self.store.clone(),
+                connection,
+                batch,
+                states,
+                self.config.snapshot_every,
+            )
+            .instrument(span);
             let id = self.lanes.spawn(lane).id();
             self.claims.insert(id, (streams, keys));
         }
@@ -544,7 +557,7 @@ impl Dispatcher {
         batch
     }
 
-    fn finish(&mut self, done: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
+    fn finish(&mut self, done: Result<(tokio::task::Id, (Finished, Option<PgConnection>)), tokio::task::JoinError>) {
         let id = match &done {
             Ok((id, _)) => *id,
             Err(e) => e.id(),
@@ -558,7 +571,8 @@ impl Dispatcher {
             }
         }
         match done {
-            Ok((_, finished)) => {
+            Ok((_, (finished, connection))) => {
+                self.connections.extend(connection.map(|c| (c, Instant::now())));
                 for (stream, loaded) in finished.states {
                     self.cache.insert(stream, loaded);
                 }
@@ -590,9 +604,58 @@ enum Verdict {
     Accepted(Vec<Touched>),
 }
 
-/// Runs one batch: loads what the cache lacked, commits, answers every command.
-async fn run_batch(
+/// Runs one batch on a lane's own connection ([`tally_event_store::connect_writer`]): the
+/// one it is given, else a new one. Hands the connection back unless it may be broken.
+async fn run_lane(
     store: EventStore,
+    connection: Option<(PgConnection, Instant)>,
+    jobs: Vec<Job>,
+    states: HashMap<Uuid, Loaded>,
+    snapshot_every: i64,
+) -> (Finished, Option<PgConnection>) {
+    let mut connection = match lane_connection(&store, connection).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            let error = CommandError::from(error);
+            for job in jobs {
+                job.fail(&error);
+            }
+            let finished = Finished {
+                states: states.into_iter().collect(),
+                retry: Vec::new(),
+            };
+            return (finished, None);
+        }
+    };
+    let mut intact = true;
+    let finished = run_batch(&store, &mut connection, &mut intact, jobs, states, snapshot_every).await;
+    (finished, intact.then_some(connection))
+}
+
+/// The connection a lane runs its batch on. One idle for a while is pinged first, like the
+/// pool's ([`tally_event_store::IDLE_PING_AFTER`]): it may have died unseen (a server restart,
+/// a failover), and is then replaced rather than failing the batch.
+async fn lane_connection(
+    store: &EventStore,
+    idle: Option<(PgConnection, Instant)>,
+) -> Result<PgConnection, sqlx::Error> {
+    if let Some((mut connection, since)) = idle {
+        if since.elapsed() < tally_event_store::IDLE_PING_AFTER {
+            return Ok(connection);
+        }
+        if sqlx::Connection::ping(&mut connection).await.is_ok() {
+            return Ok(connection);
+        }
+    }
+    tally_event_store::connect_writer(store.pool()).await
+}
+
+/// Runs one batch: loads what the cache lacked, commits on `connection`, answers every
+/// command. Clears `intact` when `connection` may be broken.
+async fn run_batch(
+    store: &EventStore,
+    connection: &mut PgConnection,
+    intact: &mut bool,
     mut jobs: Vec<Job>,
     mut states: HashMap<Uuid, Loaded>,
     snapshot_every: i64,
@@ -607,7 +670,7 @@ async fn run_batch(
         .into_iter()
         .filter(|(stream, kind)| !states.get(stream).is_some_and(|l| l.state.kind() == *kind))
         .collect();
-    match load_many(&store, &missing).await {
+    match load_many(store, &missing).await {
         Ok(results) => {
             for (stream, result) in results {
                 match result {
@@ -638,7 +701,7 @@ async fn run_batch(
     // a stored request, its replay must not depend on winning the race again.
     let mut claim = jobs.iter().any(|j| j.conflicts > 0);
     let committed = loop {
-        match commit(&store, &jobs, &mut states, &mut unverified, claim).await {
+        match commit(store, connection, &jobs, &mut states, &mut unverified, claim).await {
             Err(BatchError::NeedsClaims { taken }) if !claim => {
                 if taken > 0 {
                     metrics::counter!("tally_command_conflict_retries_total", "reason" => "key_taken").increment(1);
@@ -649,6 +712,15 @@ async fn run_batch(
             other => break other,
         }
     };
+    *intact = match &committed {
+        Ok(_) | Err(BatchError::NeedsClaims { .. } | BatchError::CatchUp(_)) => true,
+        // The server answered: the connection is fine.
+        Err(BatchError::Store(StoreError::Database(sqlx::Error::Database(db)))) => {
+            !db.code().as_deref().is_some_and(tally_event_store::is_unavailable_code)
+        }
+        Err(BatchError::Store(StoreError::Conflict { .. } | StoreError::InvalidAppend(_))) => true,
+        Err(BatchError::Store(StoreError::Database(_)) | BatchError::CommitUnknown(_)) => false,
+    };
     match committed {
         Ok(committed) => {
             for (job, result) in jobs.into_iter().zip(committed.results) {
@@ -657,7 +729,7 @@ async fn run_batch(
             let mut states = committed.states;
             for (stream, loaded) in &mut states {
                 if loaded.version - loaded.snapshot_version >= snapshot_every {
-                    save_snapshot(&store, *stream, loaded);
+                    save_snapshot(store, *stream, loaded);
                     loaded.snapshot_version = loaded.version;
                 }
             }
@@ -830,12 +902,13 @@ struct Committed {
 /// (after the claims, so replays are skipped the same way both times).
 async fn commit(
     store: &EventStore,
+    connection: &mut PgConnection,
     jobs: &[Job],
     states: &mut HashMap<Uuid, Loaded>,
     unverified: &mut HashSet<Uuid>,
     claim: bool,
 ) -> Result<Committed, BatchError> {
-    let mut tx = store.pool().begin().await?;
+    let mut tx = connection.begin().await?;
     let mut verdicts: Vec<Vec<Option<Verdict>>> = jobs.iter().map(|j| vec![None; j.items.len()]).collect();
 
     if claim {

@@ -32,8 +32,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 pub use hash::{Hash, event_hash};
@@ -67,11 +67,52 @@ pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 /// A pool to the primary. Lazy: a service starts even while Postgres is still coming up, and
 /// reports itself not ready (`/ready`) instead of crash-looping. Fails only on a malformed URL.
+///
+/// sqlx pings a connection (one round trip) both when it hands it out and when it comes back.
+/// The ping on return already closes a connection that broke while in use, so only one that sat
+/// idle for a while can have died unseen (a server restart, a failover, a dropped socket): the
+/// ping on acquire is kept for those ([`IDLE_PING_AFTER`]) and skipped for a connection just
+/// returned, which saves a round trip per transaction on a busy service. A server gone within
+/// that window fails the next statement instead, which every caller already answers as
+/// unavailable (503, retryable).
 pub fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_PING_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy(database_url)
+}
+
+/// A pooled connection idle this long is pinged before it is used again ([`connect`]).
+pub const IDLE_PING_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Opens a connection for a writer of its own (the command API's group-commit lanes), outside
+/// the pool: no ping when it is handed out or back, so a transaction costs only its own round
+/// trips.
+///
+/// Its statements are planned once per connection (`plan_cache_mode = force_generic_plan`).
+/// Planned afresh at every call, the append's and the idempotency records' inserts each spent
+/// as long in the planner as in the executor (pg_stat_statements, BENCHMARKS.md): the custom
+/// plan, which knows how many rows the arrays hold, always looks cheaper, so Postgres never
+/// settled on the generic one. A generic plan made while a table is small would keep a
+/// sequential scan as it grows, so such a connection also plans every table access through an
+/// index (`enable_seqscan = off`); every statement a writer runs is a primary-key probe per row.
+pub async fn connect_writer(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+    match tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, PgConnection::connect_with(&options)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    }
 }
 
 /// Why an append or read failed.
