@@ -30,6 +30,9 @@ pub struct ScenarioResult {
     pub p99_ms: Option<f64>,
     /// Tally's failed operations by kind (HTTP status or error kind), where counted.
     pub errors: Option<BTreeMap<String, u64>>,
+    /// The baseline's median latency, where it was measured per operation.
+    #[serde(default)]
+    pub baseline_p50_ms: Option<f64>,
     /// The baseline's failed operations by kind, where it was measured (e.g. `"409"` for the
     /// optimistic-concurrency conflicts stock cqrs-es answers a hot account with).
     pub baseline_errors: Option<BTreeMap<String, u64>>,
@@ -50,6 +53,7 @@ impl ScenarioResult {
             p50_ms: tally.latency_ms.map(|l| round(l.p50, 3)),
             p99_ms: tally.latency_ms.map(|l| round(l.p99, 3)),
             errors: Some(tally.errors.clone()),
+            baseline_p50_ms: None,
             baseline_errors: None,
         }
     }
@@ -68,6 +72,7 @@ impl ScenarioResult {
             p50_ms: None,
             p99_ms: None,
             errors: None,
+            baseline_p50_ms: None,
             baseline_errors: None,
         }
     }
@@ -82,6 +87,7 @@ impl ScenarioResult {
         Self {
             baseline: Some(round(baseline.ops_per_s, 1)),
             ratio_baseline,
+            baseline_p50_ms: baseline.latency_ms.map(|l| round(l.p50, 3)),
             baseline_errors: Some(baseline.errors.clone()),
             ..self
         }
@@ -117,13 +123,13 @@ impl Report {
     /// The scenarios as a Markdown table.
     pub fn markdown_table(&self) -> String {
         let mut table = String::from(
-            "| scenario | unit | limit | baseline | tally | tally/limit | tally/baseline | p99 ms | errors | baseline errors |\n\
-             |---|---|--:|--:|--:|--:|--:|--:|---|---|\n",
+            "| scenario | unit | limit | baseline | tally | tally/limit | tally/baseline | p50 ms | p99 ms | baseline p50 ms | errors | baseline errors |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|\n",
         );
         for s in &self.scenarios {
             let _ = writeln!(
                 table,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.name,
                 s.unit,
                 cell(s.limit, 0),
@@ -131,7 +137,9 @@ impl Report {
                 cell(s.tally, 0),
                 cell(s.ratio_limit, 2),
                 cell(s.ratio_baseline, 2),
+                cell(s.p50_ms, 2),
                 cell(s.p99_ms, 1),
+                cell(s.baseline_p50_ms, 2),
                 errors_cell(s.errors.as_ref()),
                 errors_cell(s.baseline_errors.as_ref()),
             );
@@ -242,7 +250,7 @@ mod tests {
         ));
         let table = report.markdown_table();
         assert!(
-            table.contains("| hot-account | commands/s | 2900 | - | 100 | 0.03 | - | - | 409: 7 | - |"),
+            table.contains("| hot-account | commands/s | 2900 | - | 100 | 0.03 | - | - | - | - | 409: 7 | - |"),
             "{table}"
         );
     }

@@ -32,12 +32,14 @@ use crate::stack::{Inherit, Service, create_database, free_ops_listen};
 use crate::{cargo, target_dir};
 
 /// Every scenario, in the order they run. The names are contracts (report.json, BENCHMARKS.md).
-const SCENARIOS: [&str; 20] = [
+const SCENARIOS: [&str; 22] = [
     "append-1",
     "append-16",
     "append-64",
     "deposits-1-solo",
     "deposits-1",
+    "deposits-4-solo",
+    "deposits-4",
     "deposits-16-solo",
     "deposits-16",
     "deposits-64-solo",
@@ -54,8 +56,10 @@ const SCENARIOS: [&str; 20] = [
     "reads-uncached",
     "statement-pages",
 ];
-/// Concurrent writers (appends) or connections (deposits) of the scaled scenarios.
+/// Concurrent writers of the `append-N` scenarios.
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// Connections of the `deposits-N` scenarios: also 4, a service with a handful of connections.
+const DEPOSIT_CONCURRENCY: [usize; 4] = [1, 4, 16, 64];
 /// Connections all depositing into the one account of `hot-account`.
 const HOT_ACCOUNT_CONNECTIONS: usize = 64;
 /// Connections of the `transfers-64` scenario.
@@ -398,7 +402,7 @@ impl Bench {
                 self.add(vec![row])?;
             }
         }
-        for n in CONCURRENCY {
+        for n in DEPOSIT_CONCURRENCY {
             let modes: Vec<GroupCommit> = [GroupCommit::Off, GroupCommit::Default]
                 .into_iter()
                 .filter(|mode| wanted(&mode.scenario(n)))
@@ -1379,6 +1383,8 @@ mod tests {
     fn every_concurrency_has_its_scenarios_listed() {
         for n in CONCURRENCY {
             assert!(SCENARIOS.contains(&format!("append-{n}").as_str()));
+        }
+        for n in DEPOSIT_CONCURRENCY {
             for mode in [GroupCommit::Off, GroupCommit::Default] {
                 assert!(SCENARIOS.contains(&mode.scenario(n).as_str()));
             }
