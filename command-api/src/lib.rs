@@ -49,7 +49,8 @@ pub struct Config {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Upper bound on connections to the primary.
+    /// Upper bound on pooled connections to the primary; the writer's group-commit lanes hold
+    /// one more each.
     #[arg(long, env = "TALLY_DB_CONNECTIONS_MAX", default_value_t = 32)]
     pub db_connections_max: u32,
     /// Delete idempotency keys older than this many days. Unset (the default): keep forever,

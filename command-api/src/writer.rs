@@ -634,20 +634,37 @@ async fn run_lane(
 
 /// The connection a lane runs its batch on. One idle for a while is pinged first, like the
 /// pool's ([`tally_event_store::IDLE_PING_AFTER`]): it may have died unseen (a server restart,
-/// a failover), and is then replaced rather than failing the batch.
+/// a failover), and is then replaced rather than failing the batch. One idle longer than
+/// [`LANE_IDLE_MAX`] is replaced without asking (a firewall may have dropped it silently).
 async fn lane_connection(
     store: &EventStore,
     idle: Option<(PgConnection, Instant)>,
 ) -> Result<PgConnection, sqlx::Error> {
     if let Some((mut connection, since)) = idle {
-        if since.elapsed() < tally_event_store::IDLE_PING_AFTER {
+        let idle_for = since.elapsed();
+        if idle_for < tally_event_store::IDLE_PING_AFTER {
             return Ok(connection);
         }
-        if sqlx::Connection::ping(&mut connection).await.is_ok() {
+        if idle_for < LANE_IDLE_MAX && answers(&mut connection).await {
             return Ok(connection);
         }
     }
     tally_event_store::connect_writer(store.pool()).await
+}
+
+/// A lane's connection idle this long is closed and a new one opened (the pool's idle timeout).
+const LANE_IDLE_MAX: Duration = Duration::from_secs(600);
+
+/// Whether `connection` answers a ping within the time a pooled connection may take to be
+/// handed out. The ping also sends what sqlx queued, such as the `ROLLBACK` of a transaction
+/// dropped on an error: until then that transaction would hold its locks and its xid, which
+/// holds the relay's gap-safe reads back.
+async fn answers(connection: &mut PgConnection) -> bool {
+    let ping = sqlx::Connection::ping(connection);
+    matches!(
+        tokio::time::timeout(tally_event_store::POOL_ACQUIRE_TIMEOUT, ping).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Runs one batch: loads what the cache lacked, commits on `connection`, answers every
@@ -712,14 +729,13 @@ async fn run_batch(
             other => break other,
         }
     };
+    // After a failure the transaction may still be open on the connection (an early return
+    // drops it, which only queues its ROLLBACK): the ping sends that now, before any back-off,
+    // and shows whether the connection survived the error.
     *intact = match &committed {
-        Ok(_) | Err(BatchError::NeedsClaims { .. } | BatchError::CatchUp(_)) => true,
-        // The server answered: the connection is fine.
-        Err(BatchError::Store(StoreError::Database(sqlx::Error::Database(db)))) => {
-            !db.code().as_deref().is_some_and(tally_event_store::is_unavailable_code)
-        }
-        Err(BatchError::Store(StoreError::Conflict { .. } | StoreError::InvalidAppend(_))) => true,
-        Err(BatchError::Store(StoreError::Database(_)) | BatchError::CommitUnknown(_)) => false,
+        Ok(_) => true,
+        Err(BatchError::CommitUnknown(_)) => false,
+        Err(_) => answers(connection).await,
     };
     match committed {
         Ok(committed) => {
