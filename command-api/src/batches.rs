@@ -453,7 +453,7 @@ fn refuse_repeated_keys(parsed: &mut [Parsed]) {
     }
 }
 
-/// Reads the parties of every post and void: from the log, all in two round trips, or, for a
+/// Reads the parties of every post and void: from the log, all in one round trip, or, for a
 /// transfer or entry the log does not hold yet, from the first item of the batch that creates
 /// it (a hold and its post may share a batch). A target that exists nowhere is that item's 404.
 /// (Should the creating item be refused and a later one create the id with other parties, the

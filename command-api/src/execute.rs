@@ -247,53 +247,36 @@ pub async fn load_account(store: &EventStore, stream_id: Uuid) -> Result<Loaded,
     load(store, stream_id, StreamKind::Account).await
 }
 
-/// [`load`] for many streams in two round trips (snapshots, then the events after them),
+/// [`load`] for many streams in one round trip (each snapshot with the events after it, `snapshot::load_streams`),
 /// whatever their number. Each stream gets its own result: one that cannot be loaded (a
 /// client named a transfer as an account, a corrupt event) does not fail the others.
 pub async fn load_many(
     store: &EventStore,
     streams: &[(Uuid, StreamKind)],
 ) -> Result<Vec<(Uuid, Result<Loaded, CommandError>)>, CommandError> {
-    let accounts: Vec<Uuid> = streams
-        .iter()
-        .filter(|(_, kind)| *kind == StreamKind::Account)
-        .map(|(id, _)| *id)
-        .collect();
-    let mut snapshots = snapshot::load_many(store.pool(), &accounts).await?;
-    let mut loaded: Vec<(Uuid, Result<Loaded, CommandError>)> = streams
-        .iter()
-        .map(|(id, kind)| (*id, Ok(from_snapshot(*id, *kind, snapshots.remove(id)))))
-        .collect();
-    let after: Vec<(Uuid, i64)> = loaded
-        .iter()
-        .map(|(id, l)| (*id, l.as_ref().map_or(0, |l| l.version)))
-        .collect();
-    let events = store.read_streams(&after, READ_LIMIT_MAX).await?;
-    let mut read: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
-    // Where each stream sits in `loaded`: a batch may load thousands.
-    let mut index: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
-    for (i, (id, _)) in loaded.iter().enumerate() {
-        index.entry(*id).or_insert(i);
-    }
-    for stored in &events {
-        *read.entry(stored.stream_id).or_default() += 1;
-        let Some((_, result)) = index.get(&stored.stream_id).map(|&i| &mut loaded[i]) else {
-            continue;
+    let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
+    let stored = snapshot::load_streams(store.pool(), &ids, READ_LIMIT_MAX).await?;
+    let mut loaded = Vec::with_capacity(streams.len());
+    for (id, kind) in streams {
+        let stream = stored.get(id);
+        let snapshot = stream.and_then(|s| s.snapshot.clone());
+        let had_snapshot = snapshot.is_some();
+        // Only accounts keep snapshots; one under another kind's id is not this stream's.
+        let mut state = from_snapshot(*id, *kind, snapshot.filter(|_| *kind == StreamKind::Account));
+        let events = stream.map_or(&[][..], |s| s.events.as_slice());
+        // The events read start after the snapshot: one not used (an old shape, another kind)
+        // means reading from the start, and a full page means reading on.
+        let result = if had_snapshot && state.snapshot_version == 0 {
+            catch_up(store, *id, &mut state).await.map(|()| state)
+        } else {
+            match events.iter().try_for_each(|event| fold(event, &mut state)) {
+                Ok(()) if events.len() as i64 == READ_LIMIT_MAX => {
+                    catch_up(store, *id, &mut state).await.map(|()| state)
+                }
+                folded => folded.map(|()| state),
+            }
         };
-        if let Ok(state) = result
-            && let Err(error) = fold(stored, state)
-        {
-            *result = Err(error);
-        }
-    }
-    // A stream longer than one page: page on.
-    for (id, result) in &mut loaded {
-        if read.get(id).copied().unwrap_or(0) == READ_LIMIT_MAX
-            && let Ok(state) = result
-            && let Err(error) = catch_up(store, *id, state).await
-        {
-            *result = Err(error);
-        }
+        loaded.push((*id, result));
     }
     Ok(loaded)
 }

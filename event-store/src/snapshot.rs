@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 /// A stored snapshot.
@@ -49,6 +49,67 @@ pub async fn load_many(pool: &PgPool, stream_ids: &[Uuid]) -> Result<HashMap<Uui
             (stream_id, snapshot)
         })
         .collect())
+}
+
+/// A stream as [`load_streams`] read it: its latest snapshot, if any, and the events after it.
+#[derive(Debug, Clone, Default)]
+pub struct StoredStream {
+    pub snapshot: Option<Snapshot>,
+    /// In version order, at most `limit_each` of them: a stream that returns that many may have
+    /// more (page on with [`crate::EventStore::read_stream`]).
+    pub events: Vec<crate::StoredEvent>,
+}
+
+/// The latest snapshot of each of `stream_ids` and up to `limit_each` events after it (after
+/// version 0 when there is none), in **one** round trip: a command on a stream the writer's
+/// cache does not hold waits on this before it is decided. The snapshot's state comes once
+/// per stream, on its first row.
+pub async fn load_streams(
+    pool: &PgPool,
+    stream_ids: &[Uuid],
+    limit_each: i64,
+) -> Result<HashMap<Uuid, StoredStream>, crate::StoreError> {
+    if stream_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // `e.*` first: columns 0-12 are `EVENT_COLUMNS`, decoded by `stored_event`.
+    let sql = format!(
+        "SELECT e.*, s.sid, sn.stream_type, sn.version, sn.state_version, \
+                CASE WHEN e.version IS NULL OR e.version = sn.version + 1 THEN sn.state END \
+         FROM UNNEST($1::uuid[]) AS s(sid) \
+         LEFT JOIN LATERAL (SELECT stream_type, version, state_version, state FROM snapshots \
+                            WHERE stream_id = s.sid LIMIT 1) sn ON true \
+         LEFT JOIN LATERAL (SELECT {} FROM events \
+                            WHERE stream_id = s.sid AND version > coalesce(sn.version, 0) \
+                            ORDER BY version LIMIT $2) e ON true \
+         ORDER BY s.sid, e.version",
+        crate::EVENT_COLUMNS
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(stream_ids)
+        .bind(limit_each.clamp(1, crate::READ_LIMIT_MAX))
+        .fetch_all(pool)
+        .await?;
+    let mut streams: HashMap<Uuid, StoredStream> = HashMap::with_capacity(stream_ids.len());
+    for row in &rows {
+        let stream_id: Uuid = row.try_get(13)?;
+        let stream = streams.entry(stream_id).or_default();
+        let state: Option<serde_json::Value> = row.try_get(17)?;
+        if let (Some(state), Some(stream_type), Some(version), Some(state_version)) =
+            (state, row.try_get(14)?, row.try_get(15)?, row.try_get(16)?)
+        {
+            stream.snapshot = Some(Snapshot {
+                stream_type,
+                version,
+                state_version,
+                state,
+            });
+        }
+        if row.try_get::<Option<i64>, _>(0)?.is_some() {
+            stream.events.push(crate::stored_event(row)?);
+        }
+    }
+    Ok(streams)
 }
 
 /// Stores `snapshot` for `stream_id` unless a snapshot at a later version is already there.
