@@ -72,6 +72,11 @@ pub async fn load_streams(
     if stream_ids.is_empty() {
         return Ok(HashMap::new());
     }
+    // Each stream once: a caller may name one id under two kinds, and a repeated id would
+    // return its events twice.
+    let mut ids = stream_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     // `e.*` first: columns 0-12 are `EVENT_COLUMNS`, decoded by `stored_event`.
     let sql = format!(
         "SELECT e.*, s.sid, sn.stream_type, sn.version, sn.state_version, \
@@ -86,11 +91,11 @@ pub async fn load_streams(
         crate::EVENT_COLUMNS
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(stream_ids)
+        .bind(&ids)
         .bind(limit_each.clamp(1, crate::READ_LIMIT_MAX))
         .fetch_all(pool)
         .await?;
-    let mut streams: HashMap<Uuid, StoredStream> = HashMap::with_capacity(stream_ids.len());
+    let mut streams: HashMap<Uuid, StoredStream> = HashMap::with_capacity(ids.len());
     for row in &rows {
         let stream_id: Uuid = row.try_get(13)?;
         let stream = streams.entry(stream_id).or_default();
