@@ -59,20 +59,37 @@ pub(crate) fn postgres() -> Result<&'static PostgresBinaries> {
 }
 
 /// Finds (or installs) nats-server; the answer is cached.
-pub(crate) fn nats_server() -> Result<&'static Path> {
-    static FOUND: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(found) = FOUND.get() {
-        return Ok(found);
+pub(crate) fn nats_server() -> Result<PathBuf> {
+    program(NATS_BINARY, NATS_PACKAGE)
+}
+
+/// Finds `binary` on PATH (or in sbin), installing the Debian `package` that holds it when it
+/// is missing and we may; the answer is cached per binary.
+pub(crate) fn program(binary: &'static str, package: &'static str) -> Result<PathBuf> {
+    static FOUND: Mutex<Vec<(&'static str, PathBuf)>> = Mutex::new(Vec::new());
+    let cached = |found: &Mutex<Vec<(&'static str, PathBuf)>>| {
+        found
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|(name, _)| *name == binary)
+            .map(|(_, path)| path.clone())
+    };
+    if let Some(path) = cached(&FOUND) {
+        return Ok(path);
     }
-    let path = match find_in_path(NATS_BINARY) {
+    let path = match find_in_path(binary) {
         Some(path) => path,
         None => {
-            install_package(NATS_PACKAGE, NATS_BINARY)?;
-            find_in_path(NATS_BINARY)
-                .with_context(|| format!("installed `{NATS_PACKAGE}` but still found no {NATS_BINARY}"))?
+            install_package(package, binary)?;
+            find_in_path(binary).with_context(|| format!("installed `{package}` but still found no {binary}"))?
         }
     };
-    Ok(FOUND.get_or_init(|| path))
+    FOUND
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((binary, path.clone()));
+    Ok(path)
 }
 
 /// The highest-versioned /usr/lib/postgresql/*/bin, else `pg_config --bindir`,

@@ -6,7 +6,10 @@
 //! * [`Postgres`]: a PostgreSQL primary and optionally a streaming hot standby
 //!   (initdb + pg_basebackup into a root folder of the caller's choosing);
 //! * [`Nats`]: a NATS server with JetStream, which can be killed and restarted
-//!   in place for fault-injection tests.
+//!   in place for fault-injection tests;
+//! * [`HaPostgres`]: three Postgres nodes under Patroni (a private etcd holds the leader
+//!   lock, replication is synchronous) behind HAProxy's read-write and read-only ports;
+//! * [`NatsCluster`]: clustered NATS servers with JetStream.
 //!
 //! Each service listens on its own free 127.0.0.1 port (never the system
 //! services' 5432/4222), keeps its data and logs under its root folder, is
@@ -19,7 +22,10 @@
 //! async tests and xtask alike.
 
 mod binaries;
+mod etcd;
+mod http;
 mod nats;
+mod patroni;
 mod postgres;
 mod process;
 mod sys;
@@ -28,7 +34,8 @@ use std::net::{Ipv4Addr, TcpListener};
 
 use anyhow::{Context, Result, bail};
 
-pub use nats::Nats;
+pub use nats::{Nats, NatsCluster};
+pub use patroni::{HaOptions, HaPostgres, Member, kill_orphaned_postmasters};
 pub use postgres::{PgOptions, Postgres, with_user};
 pub use process::{READY_TIMEOUT_MS, SHUTDOWN_TIMEOUT_MS};
 

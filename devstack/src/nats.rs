@@ -1,8 +1,7 @@
 //! An ephemeral NATS server with JetStream, which tests may kill and restart
 //! on the same port and store to inject faults.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,10 +14,6 @@ use crate::free_port;
 use crate::process;
 use crate::sys;
 
-/// Timeout for each of connect, write and read of one /healthz probe.
-const HEALTHZ_IO_TIMEOUT_MS: u64 = 1_000;
-/// A healthz response is a status line, a few headers and `{"status":"ok"}`.
-const HEALTHZ_MAX_RESPONSE_BYTES: u64 = 16 * 1024;
 /// Pause between restart attempts when the old port is briefly unavailable.
 const RESTART_RETRY_DELAY_MS: u64 = 200;
 
@@ -27,7 +22,7 @@ const RESTART_RETRY_DELAY_MS: u64 = 200;
 #[derive(Debug)]
 pub struct Nats {
     root: PathBuf,
-    binary: &'static Path,
+    binary: PathBuf,
     /// A configuration file of ours (`nats.conf` in the root), when started with one.
     config: Option<PathBuf>,
     port: u16,
@@ -52,6 +47,13 @@ impl Nats {
     }
 
     fn start_configured(root: &Path, config: Option<&str>) -> Result<Nats> {
+        Self::start_node(root, config, false)
+    }
+
+    /// `clustered`: a member of a [`NatsCluster`], started before its peers, so its first
+    /// start waits only for JetStream to be enabled, not for the cluster's meta leader (which
+    /// needs a quorum).
+    fn start_node(root: &Path, config: Option<&str>, clustered: bool) -> Result<Nats> {
         let binary = crate::binaries::nats_server()?;
         let root = process::prepare_root(root)?;
         // Dropping `nats` on an error deletes the root.
@@ -74,7 +76,7 @@ impl Nats {
             file.write_all(text.as_bytes())?;
             nats.config = Some(path);
         }
-        let (child, (port, monitor_port)) = nats.launch(|| Ok((free_port()?, free_port()?)))?;
+        let (child, (port, monitor_port)) = nats.launch(|| Ok((free_port()?, free_port()?)), clustered)?;
         nats.child = Some(child);
         nats.port = port;
         nats.monitor_port = monitor_port;
@@ -133,31 +135,50 @@ impl Nats {
         let port = self.port;
         let mut previous_monitor_port = Some(self.monitor_port);
         let mut first_attempt = true;
-        let (child, (_, monitor_port)) = self.launch(|| {
-            if !std::mem::take(&mut first_attempt) {
-                thread::sleep(Duration::from_millis(RESTART_RETRY_DELAY_MS));
-            }
-            let monitor_port = match previous_monitor_port.take() {
-                Some(monitor_port) => monitor_port,
-                None => free_port()?,
-            };
-            Ok((port, monitor_port))
-        })?;
+        let (child, (_, monitor_port)) = self.launch(
+            || {
+                if !std::mem::take(&mut first_attempt) {
+                    thread::sleep(Duration::from_millis(RESTART_RETRY_DELAY_MS));
+                }
+                let monitor_port = match previous_monitor_port.take() {
+                    Some(monitor_port) => monitor_port,
+                    None => free_port()?,
+                };
+                Ok((port, monitor_port))
+            },
+            false,
+        )?;
         self.child = Some(child);
         self.monitor_port = monitor_port;
         Ok(())
     }
 
+    /// Whether `GET /healthz` says ok: JetStream is up and, in a cluster, has a meta leader
+    /// and its streams are current on this node.
+    pub fn is_healthy(&self) -> bool {
+        healthz_ok(self.monitor_port, "/healthz")
+    }
+
     /// Spawns nats-server on the ports `choose_ports` gives (client, monitor)
-    /// and waits for /healthz, retrying when a port was taken.
-    fn launch(&self, choose_ports: impl FnMut() -> Result<(u16, u16)>) -> Result<(Child, (u16, u16))> {
+    /// and waits for /healthz, retrying when a port was taken. `first_of_cluster`: wait only
+    /// until JetStream is enabled (its peers are not up yet, so there is no quorum).
+    fn launch(
+        &self,
+        choose_ports: impl FnMut() -> Result<(u16, u16)>,
+        first_of_cluster: bool,
+    ) -> Result<(Child, (u16, u16))> {
+        let probe = if first_of_cluster {
+            "/healthz?js-enabled-only=true"
+        } else {
+            "/healthz"
+        };
         let store = self.root.join("store");
         process::start_server(
             "nats-server",
             &self.root.join("nats.log"),
             choose_ports,
             |(port, monitor_port), log| {
-                let mut command = Command::new(self.binary);
+                let mut command = Command::new(&self.binary);
                 if let Some(config) = &self.config {
                     command.arg("-c").arg(config);
                 }
@@ -172,7 +193,7 @@ impl Nats {
                     .stderr(log);
                 Ok(sys::spawn(command)?)
             },
-            |(_, monitor_port)| healthz_ok(monitor_port),
+            |(_, monitor_port)| healthz_ok(monitor_port, probe),
         )
     }
 }
@@ -184,23 +205,76 @@ impl Drop for Nats {
     }
 }
 
-/// `GET /healthz` over plain HTTP/1.0 (so the server closes the connection
-/// and we can read to the end); true on a 200 whose body says ok.
-fn healthz_ok(monitor_port: u16) -> bool {
-    let probe = || -> std::io::Result<bool> {
-        let timeout = Duration::from_millis(HEALTHZ_IO_TIMEOUT_MS);
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, monitor_port));
-        let mut stream = TcpStream::connect_timeout(&address, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut response = String::new();
-        stream.take(HEALTHZ_MAX_RESPONSE_BYTES).read_to_string(&mut response)?;
-        let status_ok = response
-            .lines()
-            .next()
-            .is_some_and(|status| status.split_whitespace().nth(1) == Some("200"));
-        Ok(status_ok && response.contains("\"ok\""))
-    };
-    probe().unwrap_or(false)
+/// True on a 200 to `GET path` (a `/healthz`) whose body says ok.
+fn healthz_ok(monitor_port: u16, path: &str) -> bool {
+    crate::http::get(monitor_port, path).is_ok_and(|r| r.status == 200 && r.body.contains("\"ok\""))
+}
+
+/// How long a fresh cluster has to elect its JetStream meta leader.
+const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// NATS servers clustered with each other (full mesh of routes, JetStream clustered), each a
+/// [`Nats`] of its own that a test may kill and restart. Clients take [`NatsCluster::urls`]
+/// and learn the rest from the servers.
+#[derive(Debug)]
+pub struct NatsCluster {
+    root: PathBuf,
+    nodes: Vec<Nats>,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        // Each server stops and deletes its own folder; then the cluster's.
+        self.nodes.clear();
+        process::remove_root(&self.root);
+    }
+}
+
+impl NatsCluster {
+    /// Starts `size` servers under `root/n1`, `root/n2`, ..., each with `config` (e.g. an
+    /// `authorization` block) and the cluster block, and waits until every one is healthy
+    /// (a meta leader elected).
+    pub fn start(root: &Path, size: usize, config: &str) -> Result<NatsCluster> {
+        anyhow::ensure!(size >= 1, "a NATS cluster needs at least one server");
+        let root = process::prepare_root(root)?;
+        let route_ports = (0..size).map(|_| free_port()).collect::<Result<Vec<u16>>>()?;
+        let routes = route_ports
+            .iter()
+            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut cluster = NatsCluster {
+            root: root.clone(),
+            nodes: Vec::new(),
+        };
+        for (i, route_port) in route_ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let node_config = format!(
+                "{config}\nserver_name: {name}\ncluster {{\n  name: tally\n  listen: 127.0.0.1:{route_port}\n  routes: [{routes}]\n}}\n"
+            );
+            cluster
+                .nodes
+                .push(Nats::start_node(&root.join(&name), Some(&node_config), true)?);
+        }
+        let deadline = std::time::Instant::now() + CLUSTER_FORM_TIMEOUT;
+        while !cluster.nodes.iter().all(Nats::is_healthy) {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the NATS cluster under {} formed no JetStream meta leader within {CLUSTER_FORM_TIMEOUT:?}; see its nats.log files",
+                root.display()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(cluster)
+    }
+
+    /// Every server's client URL, comma-separated (what `TALLY_NATS_URL` takes).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The servers, in start order (`n1` first).
+    pub fn nodes(&mut self) -> &mut [Nats] {
+        &mut self.nodes
+    }
 }

@@ -15,9 +15,9 @@ use crate::process;
 use crate::sys::{self, Account};
 
 /// The system user PostgreSQL runs as when we are root (it refuses to run as root).
-const POSTGRES_USER: &str = "postgres";
+pub(crate) const POSTGRES_USER: &str = "postgres";
 /// Superuser created by initdb; every URL and tool connects as it.
-const SUPERUSER: &str = "postgres";
+pub(crate) const SUPERUSER: &str = "postgres";
 /// Database pg_isready probes.
 const PROBE_DATABASE: &str = "postgres";
 /// initdb on a slow disk with fsync on can take a while.

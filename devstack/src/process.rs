@@ -371,7 +371,7 @@ mod tests {
                 Ok(if attempts == 1 { taken } else { free_port()? })
             },
             |port, log| {
-                let mut command = Command::new(binary);
+                let mut command = Command::new(&binary);
                 command
                     .args(["-a", "127.0.0.1", "-p", &port.to_string()])
                     .stdout(log.try_clone()?)

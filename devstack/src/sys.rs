@@ -102,6 +102,27 @@ pub(crate) fn signal_group(leader: u32, signal: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Live children of `parent`, from /proc (`pid (comm) state ppid ...` in each stat).
+pub(crate) fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+                    let _state = fields.next()?;
+                    fields.next()?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
 struct SpawnRequest {
     command: Command,
     reply: mpsc::Sender<io::Result<Child>>,

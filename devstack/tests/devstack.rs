@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tally_devstack::{Nats, PgOptions, Postgres};
+use tally_devstack::{HaOptions, HaPostgres, Nats, NatsCluster, PgOptions, Postgres};
 
 /// How long a row written on the primary may take to appear on the replica.
 const REPLICATION_TIMEOUT_MS: u64 = 20_000;
@@ -295,4 +295,79 @@ fn orphan_helper_starts_servers_and_waits_to_be_killed() {
     loop {
         thread::sleep(Duration::from_secs(60));
     }
+}
+
+#[test]
+fn an_ha_cluster_replicates_synchronously_fails_over_when_its_leader_dies_and_stop_removes_everything() {
+    let root = temp_root("ha");
+    let mut ha = HaPostgres::start(&root, HaOptions::default()).expect("the HA cluster starts");
+    let (rw, ro) = ha.router_ports();
+    assert_eq!(ha.patroni_urls().len(), 3);
+    // The router's read-write port reaches the leader, whose commits wait for a standby.
+    assert_eq!(psql(rw, "SELECT pg_is_in_recovery()"), "f");
+    assert_ne!(psql(rw, "SHOW synchronous_standby_names"), "");
+    assert_eq!(psql(ro, "SELECT pg_is_in_recovery()"), "t");
+    psql(rw, "CREATE TABLE kept (n int); INSERT INTO kept VALUES (1)");
+
+    // The leader's machine dies: after the TTL its synchronous standby leads, with the row.
+    let old = ha.leader().unwrap().expect("a leader");
+    ha.kill_node(&old).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let new = loop {
+        if let Ok(Some(leader)) = ha.leader()
+            && leader != old
+        {
+            break leader;
+        }
+        assert!(Instant::now() < deadline, "no failover: {:?}", ha.members());
+        thread::sleep(Duration::from_millis(200));
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !connects(rw)
+        || Command::new("pg_isready")
+            .args(["-h", "127.0.0.1", "-p", &rw.to_string(), "-q"])
+            .status()
+            .is_ok_and(|s| !s.success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the router never reached the new leader {new}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(psql(rw, "SELECT count(*) FROM kept"), "1");
+    // Commits go on: the remaining standby follows the new leader and acknowledges them.
+    psql(rw, "INSERT INTO kept VALUES (2)");
+
+    // The old leader comes back as a standby, and a switchover hands the lead back and forth.
+    ha.restart_node(&old).unwrap();
+    ha.wait_healthy(Duration::from_secs(90))
+        .expect("the old leader rejoins");
+    let switched = ha.switchover().expect("a switchover");
+    assert_ne!(switched, new);
+    ha.wait_healthy(Duration::from_secs(90)).unwrap();
+    psql(rw, "INSERT INTO kept VALUES (3)");
+    assert_eq!(psql(rw, "SELECT count(*) FROM kept"), "3");
+
+    drop(ha);
+    assert!(!root.exists(), "drop removes {}", root.display());
+    assert!(!connects(rw));
+    assert_eq!(processes_mentioning(&root), Vec::<u32>::new());
+}
+
+#[test]
+fn a_nats_cluster_forms_survives_a_killed_node_and_drop_removes_everything() {
+    let root = temp_root("nats-cluster");
+    let mut cluster = NatsCluster::start(&root, 3, "").expect("the NATS cluster forms");
+    let urls = cluster.urls();
+    assert_eq!(urls.split(',').count(), 3);
+    let ports: Vec<u16> = cluster.nodes().iter().map(Nats::port).collect();
+    cluster.nodes()[0].kill();
+    assert!(!connects(ports[0]));
+    assert!(cluster.nodes()[1].is_healthy() || cluster.nodes()[2].is_healthy());
+    cluster.nodes()[0].restart().expect("the node rejoins");
+    assert!(cluster.nodes()[0].is_healthy());
+    drop(cluster);
+    assert!(!root.exists(), "drop removes {}", root.display());
+    assert!(ports.iter().all(|p| !connects(*p)));
 }
