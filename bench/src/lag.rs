@@ -130,7 +130,7 @@ pub async fn measure(pool: &PgPool, plan: &LagPlan) -> anyhow::Result<Measuremen
         accounts.push(reply["account_id"].as_str().unwrap_or_default().parse::<Uuid>()?);
     }
     let tracker: Shared = Arc::new(Mutex::new(Tracker::new()?));
-    let nats = plan.nats.options().connect(&plan.nats.url).await?;
+    let nats = plan.nats.options().connect(plan.nats.servers()?).await?;
     let announcements = nats
         .subscribe(invalidation_subject(&plan.subject_prefix, Accounts::NAME))
         .await?;

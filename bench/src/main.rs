@@ -251,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
             subject_prefix,
             partitions,
         } => {
-            let js = async_nats::jetstream::new(nats.options().connect(&nats.url).await?);
+            let js = async_nats::jetstream::new(nats.options().connect(nats.servers()?).await?);
             let plan = PublishPlan {
                 messages,
                 message_bytes,
@@ -260,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
                     stream_name: stream,
                     subject_prefix,
                     partitions,
+                    ..Topology::default()
                 },
             };
             let measured: Measurement = tally_bench::nats::publish_limit(&js, &plan).await?;

@@ -229,10 +229,19 @@ pub(crate) async fn create(
         .all(|r| r.status == StatusCode::SERVICE_UNAVAILABLE.as_u16())
     {
         // Nothing ran (the store is away, or the writer is stopping): the batch as a whole is
-        // to be retried.
-        return Err(ApiError::Command(CommandError::Unavailable(
-            "every item of the batch was unavailable".into(),
-        )));
+        // to be retried, answered as its items were.
+        let database = format!("{}database-unavailable", tally_service::problem::PROBLEM_TYPE_BASE);
+        let cause = "every item of the batch was unavailable".to_owned();
+        return Err(ApiError::Command(
+            if results
+                .iter()
+                .all(|r| r.body["type"].as_str() == Some(database.as_str()))
+            {
+                CommandError::DatabaseUnavailable(cause)
+            } else {
+                CommandError::Unavailable(cause)
+            },
+        ));
     }
     Ok((StatusCode::OK, axum::Json(BatchResponse { results })).into_response())
 }

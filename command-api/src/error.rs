@@ -171,6 +171,7 @@ pub(crate) fn command_problem(error: CommandError) -> (Problem, Option<String>) 
             None,
         ),
         CommandError::Unavailable(cause) => (Problem::unavailable(1), Some(cause)),
+        CommandError::DatabaseUnavailable(cause) => (Problem::database_unavailable(1), Some(cause)),
         CommandError::Internal(cause) => (Problem::internal(), Some(cause)),
     }
 }

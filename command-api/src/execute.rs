@@ -31,9 +31,13 @@ pub enum CommandError {
     /// The writer's queue is full: the client should back off (503 with Retry-After).
     #[error("too many commands are waiting")]
     Overloaded,
-    /// The event store cannot be reached, or the writer is stopping (503).
+    /// The writer is stopping (503 `unavailable`).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The event store's database is unreachable, broke the connection, or is restarting,
+    /// in recovery or a standby after a failover (503 `database-unavailable`).
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
     /// A fault on our side: a stored event that does not decode, an unexpected database error.
     #[error("internal: {0}")]
     Internal(String),
@@ -42,7 +46,7 @@ pub enum CommandError {
 impl From<StoreError> for CommandError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
-            CommandError::Unavailable(e.to_string())
+            CommandError::DatabaseUnavailable(e.to_string())
         } else {
             CommandError::Internal(e.to_string())
         }

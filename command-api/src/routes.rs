@@ -760,5 +760,6 @@ pub(crate) const PAYLOAD_TOO_LARGE: &str = "`payload-too-large`: the body is ove
 pub(crate) const UNSUPPORTED_MEDIA_TYPE: &str = "`unsupported-media-type`: send `Content-Type: application/json`.";
 pub(crate) const INTERNAL: &str =
     "`internal`: a fault on the server's side; the body says nothing internal, the cause is logged.";
-pub(crate) const UNAVAILABLE: &str = "`unavailable`: the event store is unreachable or too many commands are \
-    waiting; retry after `Retry-After` seconds.";
+pub(crate) const UNAVAILABLE: &str = "`database-unavailable`: the event store's database is unreachable or \
+    failing over; `unavailable`: too many commands are waiting, or the server is stopping. Retry after \
+    `Retry-After` seconds, with the same Idempotency-Key.";

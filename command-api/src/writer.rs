@@ -406,7 +406,7 @@ fn outcome_label(result: &Result<Outcome, CommandError>) -> &'static str {
         Err(CommandError::ConflictRetriesExhausted) => "conflict",
         Err(CommandError::IdempotencyKeyReused) => "key_reused",
         Err(CommandError::Overloaded) => "overloaded",
-        Err(CommandError::Unavailable(_)) => "unavailable",
+        Err(CommandError::Unavailable(_) | CommandError::DatabaseUnavailable(_)) => "unavailable",
         Err(CommandError::Internal(_)) => "error",
     }
 }
@@ -830,7 +830,12 @@ async fn run_batch(
         Err(BatchError::Store(error)) => {
             let error = CommandError::from(error);
             // The connection broke (or only this command was in the batch): nothing to isolate.
-            if jobs.len() == 1 || matches!(error, CommandError::Unavailable(_)) {
+            if jobs.len() == 1
+                || matches!(
+                    error,
+                    CommandError::Unavailable(_) | CommandError::DatabaseUnavailable(_)
+                )
+            {
                 for job in jobs {
                     job.fail(&error);
                 }

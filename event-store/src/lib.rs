@@ -133,23 +133,43 @@ impl StoreError {
     /// A failure that says nothing about the request and goes away if it is simply tried again:
     /// a deadlock or serialization failure between concurrent transactions.
     pub fn is_transient(&self) -> bool {
-        let StoreError::Database(sqlx::Error::Database(db)) = self else {
-            return false;
-        };
-        matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        matches!(self, StoreError::Database(error) if is_transient_error(error))
     }
 
     /// The database could not be reached, the connection broke, or the server is shutting
     /// down, restarting, in recovery or read-only (a standby, after a failover): retry later
-    /// (503), the request itself is fine.
+    /// (503), the request itself is fine. See [`is_unavailable_error`].
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
-            ) => true,
-            StoreError::Database(sqlx::Error::Database(db)) => db.code().as_deref().is_some_and(is_unavailable_code),
+            StoreError::Database(error) => is_unavailable_error(error),
             _ => false,
         }
+    }
+}
+
+/// A deadlock (40P01) or serialization failure (40001): retry the transaction.
+pub fn is_transient_error(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// Whether `error` says the database, not the statement, is the problem, and that it passes:
+/// unreachable, a broken or exhausted connection, or a server going away
+/// ([`is_unavailable_code`]).
+///
+/// A protocol error is one too: a router (HAProxy, PgBouncer) with no server behind it accepts
+/// the connection and closes it, which sqlx reports as an unexpected answer to its first
+/// message ("unexpected response from SSLRequest"); and a connection whose protocol went out
+/// of step is as unusable as a broken one.
+pub fn is_unavailable_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().as_deref().is_some_and(is_unavailable_code),
+        _ => false,
     }
 }
 
@@ -716,5 +736,17 @@ mod tests {
         for code in ["23505", "23514", "42601", "40P01", "57014"] {
             assert!(!is_unavailable_code(code), "{code}");
         }
+    }
+
+    #[test]
+    fn a_router_with_no_server_behind_it_is_unavailable_and_a_missing_row_is_not() {
+        // What sqlx reports when HAProxy accepts the connection during a failover and closes it.
+        let router = StoreError::Database(sqlx::Error::Protocol(
+            "unexpected response from SSLRequest: 0x00".into(),
+        ));
+        assert!(router.is_unavailable());
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_unavailable());
+        assert!(!StoreError::InvalidAppend("no events".into()).is_unavailable());
     }
 }

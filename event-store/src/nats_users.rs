@@ -66,11 +66,13 @@ pub fn permissions(user: &str, topology: &Topology) -> Option<Permissions> {
     let stream = &topology.stream_name;
     let prefix = &topology.subject_prefix;
     let inbox = format!("{}.>", inbox_prefix(user));
-    // `get_or_create_stream`: relay and projectors both make sure the stream exists.
+    // `ensure_stream`: relay and projectors both make sure the stream exists, with as many
+    // replicas as the topology asks.
     let stream_api = [
         "$JS.API.INFO".to_owned(),
         format!("$JS.API.STREAM.INFO.{stream}"),
         format!("$JS.API.STREAM.CREATE.{stream}"),
+        format!("$JS.API.STREAM.UPDATE.{stream}"),
     ];
     match user {
         RELAY => Some(Permissions {
@@ -256,6 +258,8 @@ impl Credentials {
 /// `TALLY_NATS_URL`, `TALLY_NATS_USER`, `TALLY_NATS_PASSWORD`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
+    /// The server, or a cluster's servers comma-separated (the client learns the others from
+    /// any one, but needs one that is up to start).
     #[arg(long = "nats-url", env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub url: String,
     /// The NATS user to sign in as (e.g. `tally_relay`; see deploy/nats/auth.conf). Without
@@ -272,6 +276,20 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// The servers `url` names (comma-separated), to pass to `ConnectOptions::connect`.
+    pub fn servers(&self) -> std::io::Result<Vec<async_nats::ServerAddr>> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("NATS URL {url:?}: {e}"))
+                })
+            })
+            .collect()
+    }
+
     /// Connection options signing in as the configured user, with that user's inbox prefix
     /// (the only inboxes its permissions let it subscribe to).
     pub fn options(&self) -> async_nats::ConnectOptions {

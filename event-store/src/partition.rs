@@ -18,6 +18,8 @@ pub const PARTITIONS_DEFAULT: u32 = 8;
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long JetStream keeps events. Postgres is the log of record; the stream is fan-out.
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default copies of the stream a NATS cluster keeps (1: a single server).
+pub const REPLICAS_DEFAULT: usize = 1;
 
 /// Stable partition of a stream: FNV-1a over the 16 bytes of its id, modulo `partitions`.
 pub fn partition_of(stream_id: Uuid, partitions: u32) -> u32 {
@@ -30,12 +32,16 @@ pub fn partition_of(stream_id: Uuid, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
-/// The NATS side of the deployment: stream name, subject prefix and partition count.
+/// The NATS side of the deployment: stream name, subject prefix, partition count, and how
+/// many servers of a NATS cluster keep a copy of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub stream_name: String,
     pub subject_prefix: String,
     pub partitions: u32,
+    /// JetStream replicas of the stream (1 to 5; 3 on a three-server cluster survives the loss
+    /// of any one server). An existing stream with fewer is raised to this many.
+    pub replicas: usize,
 }
 
 impl Default for Topology {
@@ -44,6 +50,7 @@ impl Default for Topology {
             stream_name: STREAM_NAME_DEFAULT.into(),
             subject_prefix: SUBJECT_PREFIX_DEFAULT.into(),
             partitions: PARTITIONS_DEFAULT,
+            replicas: REPLICAS_DEFAULT,
         }
     }
 }
@@ -73,19 +80,54 @@ impl Topology {
     }
 
     /// Creates the JetStream stream if it does not exist (idempotent; relay and projectors
-    /// both call it so either may start first).
+    /// both call it so either may start first). A stream that exists with fewer replicas than
+    /// [`Topology::replicas`] (a deployment that grew from one server to a cluster) is raised
+    /// to that many; JetStream copies it to the new replicas in the background. Fewer are
+    /// never forced down: that is an operator's decision (`nats stream edit`).
     pub async fn ensure_stream(&self, js: &jetstream::Context) -> anyhow::Result<jetstream::stream::Stream> {
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: self.stream_name.clone(),
-                subjects: vec![format!("{}.>", self.subject_prefix)],
-                storage: jetstream::stream::StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
-                max_age: STREAM_MAX_AGE,
-                ..Default::default()
-            })
+        let config = jetstream::stream::Config {
+            name: self.stream_name.clone(),
+            subjects: vec![format!("{}.>", self.subject_prefix)],
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_age: STREAM_MAX_AGE,
+            num_replicas: self.replicas.max(1),
+            ..Default::default()
+        };
+        let mut stream = js
+            .get_or_create_stream(config)
             .await
             .map_err(|e| anyhow::anyhow!("creating JetStream stream {}: {e}", self.stream_name))?;
+        let existing = stream
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading JetStream stream {}: {e}", self.stream_name))?
+            .config
+            .clone();
+        if existing.num_replicas < self.replicas {
+            tracing::info!(
+                stream = %self.stream_name,
+                from = existing.num_replicas,
+                to = self.replicas,
+                "raising the stream's replicas"
+            );
+            js.update_stream(jetstream::stream::Config {
+                num_replicas: self.replicas,
+                ..existing
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "raising JetStream stream {} to {} replicas: {e}",
+                    self.stream_name,
+                    self.replicas
+                )
+            })?;
+            stream = js
+                .get_stream(&self.stream_name)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading JetStream stream {}: {e}", self.stream_name))?;
+        }
         Ok(stream)
     }
 }

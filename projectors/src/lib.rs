@@ -73,6 +73,10 @@ pub struct Config {
     pub subject_prefix: String,
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = tally_event_store::partition::PARTITIONS_DEFAULT)]
     pub partitions: u32,
+    /// Copies of the stream a NATS cluster keeps (3 on a three-server cluster).
+    #[arg(long, env = "TALLY_NATS_REPLICAS", default_value_t = tally_event_store::partition::REPLICAS_DEFAULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    pub nats_replicas: usize,
     /// Most events applied in one transaction.
     #[arg(long, env = "TALLY_PROJECTOR_BATCH_MAX", default_value_t = 500)]
     pub batch_events_max: usize,
@@ -112,6 +116,7 @@ impl Config {
             stream_name: self.nats_stream.clone(),
             subject_prefix: self.subject_prefix.clone(),
             partitions: self.partitions,
+            replicas: self.nats_replicas,
         }
     }
 

@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .nats
         .options()
         .retry_on_initial_connect()
-        .connect(&config.nats.url)
+        .connect(config.nats.servers()?)
         .await?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let router = tally_projectors::http::router(pool.clone(), nats.clone());

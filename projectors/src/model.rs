@@ -130,20 +130,7 @@ impl ApplyError {
 }
 
 fn transient_sqlx(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => {
-            // 40001 serialization failure, 40P01 deadlock, class 08 connection, 57P admin shutdown.
-            let code = db.code().unwrap_or_default();
-            code == "40001" || code == "40P01" || code.starts_with("08") || code.starts_with("57P")
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => true,
-        _ => false,
-    }
+    tally_event_store::is_transient_error(error) || tally_event_store::is_unavailable_error(error)
 }
 
 /// A read model built by folding the events of one stream type.

@@ -165,7 +165,7 @@ pub struct StreamHistory {
          content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]
@@ -252,7 +252,7 @@ pub struct FeedPage {
          body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]
@@ -345,7 +345,7 @@ pub struct AccountAsOf {
             no such version).", body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
          body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]

@@ -70,7 +70,7 @@ pub struct EntryView {
         (status = 404, description = "`entry-not-found`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
          body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]

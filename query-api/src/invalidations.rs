@@ -98,6 +98,13 @@ enum Cache {
 /// (and emptied) whenever the connection drops: invalidations sent meanwhile are lost.
 pub async fn listen(caches: Arc<Caches>, nats: NatsArgs, subject_prefix: String) {
     let (events, mut connection) = tokio::sync::mpsc::channel::<Event>(CONNECTION_EVENTS_MAX);
+    let servers = match nats.servers() {
+        Ok(servers) => servers,
+        Err(error) => {
+            tracing::error!(%error, "NATS URL rejected; the query cache stays off");
+            return;
+        }
+    };
     let client = nats
         .options()
         .retry_on_initial_connect()
@@ -107,7 +114,7 @@ pub async fn listen(caches: Arc<Caches>, nats: NatsArgs, subject_prefix: String)
                 let _ = events.try_send(event);
             }
         })
-        .connect(nats.url.as_str())
+        .connect(servers)
         .await;
     let client = match client {
         Ok(client) => client,

@@ -79,7 +79,7 @@ pub struct InclusionProofView {
         (status = 422, description = "`tree-size-out-of-range`: `tree_size` is below 1; \
             `event-not-in-checkpoint`: the event was committed after the checkpoint.", body = Problem,
          content_type = PROBLEM_JSON),
-        (status = 503, description = "`unavailable`; retry after `Retry-After` seconds.", body = Problem,
+        (status = 503, description = "`database-unavailable`; retry after `Retry-After` seconds.", body = Problem,
          content_type = PROBLEM_JSON),
     )
 )]

@@ -119,13 +119,13 @@ pub(crate) async fn ready(State(state): State<AppState>, caller: Option<Extensio
 /// Content type of every error response.
 pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 
-/// A database failure: 503 (retryable) with the cause logged, never sent.
+/// A database failure: 503 `database-unavailable` (retryable) with the cause logged, never sent.
 pub(crate) fn unavailable(error: &sqlx::Error) -> Response {
     unavailable_because(error.to_string())
 }
 
 pub(crate) fn unavailable_because(cause: String) -> Response {
-    let mut response = Problem::unavailable(1).into_response();
+    let mut response = Problem::database_unavailable(1).into_response();
     // 503 is a server error: the logging middleware reports the attached cause.
     response.extensions_mut().insert(ErrorReport(cause));
     response

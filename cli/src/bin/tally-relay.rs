@@ -45,6 +45,10 @@ struct Config {
     subject_prefix: String,
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = partition::PARTITIONS_DEFAULT)]
     partitions: u32,
+    /// Copies of the stream a NATS cluster keeps (3 on a three-server cluster).
+    #[arg(long, env = "TALLY_NATS_REPLICAS", default_value_t = partition::REPLICAS_DEFAULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    nats_replicas: usize,
     /// Events read from Postgres per batch.
     #[arg(long, env = "TALLY_RELAY_BATCH_MAX", default_value_t = 2_000)]
     batch_events_max: i64,
@@ -80,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         .nats
         .options()
         .retry_on_initial_connect()
-        .connect(&config.nats.url)
+        .connect(config.nats.servers()?)
         .await?;
     let status = Arc::new(RelayStatus::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -101,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             stream_name: config.nats_stream,
             subject_prefix: config.subject_prefix,
             partitions: config.partitions,
+            replicas: config.nats_replicas,
         },
         batch_events_max: config.batch_events_max,
         in_flight_max: config.in_flight_max,
