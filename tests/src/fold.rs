@@ -304,3 +304,27 @@ pub fn diff(actual: &Expected, expected: &Expected) -> String {
     out.truncate(12);
     out.join("\n")
 }
+
+/// Waits up to `timeout` until every read model equals the fold of the whole log, and returns
+/// the fold; panics with the last difference and `logs()` if they never do.
+pub async fn converged(pool: &PgPool, timeout: std::time::Duration, logs: impl Fn() -> String) -> Expected {
+    let expected = expected(pool).await;
+    let mut last_diff = String::new();
+    let result = tokio::time::timeout(timeout, async {
+        loop {
+            let actual = actual(pool).await;
+            if expected.shown_by(&actual) {
+                return;
+            }
+            last_diff = diff(&actual, &expected);
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    assert!(
+        result.is_ok(),
+        "the read models never matched the fold of the log:\n{last_diff}\n{}",
+        logs()
+    );
+    expected
+}

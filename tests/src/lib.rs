@@ -72,6 +72,7 @@ pub fn client() -> reqwest::Client {
 
 pub mod browser;
 pub mod fold;
+pub mod load;
 
 /// The shared servers a test process uses.
 #[derive(Debug, Clone)]
@@ -346,7 +347,10 @@ impl TestDb {
 /// permissions allow any stream and any `*.events` prefix: `nats_users::shared_topology`).
 #[derive(Debug, Clone)]
 pub struct TestNats {
+    /// The server's URL, or a cluster's, comma-separated.
     pub url: String,
+    /// JetStream replicas of the stream (`TALLY_NATS_REPLICAS`).
+    pub replicas: usize,
     pub stream: String,
     pub subject_prefix: String,
     pub credentials: Credentials,
@@ -357,6 +361,7 @@ impl TestNats {
         let id = Uuid::now_v7().simple().to_string();
         Self {
             url: services().nats_url.clone(),
+            replicas: 1,
             stream: format!("T_{id}"),
             subject_prefix: format!("t{id}.events"),
             credentials: services().nats_credentials.clone(),
@@ -394,6 +399,7 @@ impl TestNats {
     pub fn topology_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("TALLY_NATS_URL", self.url.clone()),
+            ("TALLY_NATS_REPLICAS", self.replicas.to_string()),
             ("TALLY_NATS_STREAM", self.stream.clone()),
             ("TALLY_SUBJECT_PREFIX", self.subject_prefix.clone()),
         ]
@@ -404,19 +410,44 @@ impl TestNats {
     pub async fn connect_as(&self, user: &str) -> async_nats::Client {
         self.options_as(user)
             .retry_on_initial_connect()
-            .connect(&self.url)
+            .connect(self.args_as(user).servers().expect("valid NATS URLs"))
             .await
             .expect("NATS connect options are valid")
     }
 
     /// Connection options signing in to this stream's server as `user`, as the service would.
     pub fn options_as(&self, user: &str) -> async_nats::ConnectOptions {
+        self.args_as(user).options()
+    }
+
+    fn args_as(&self, user: &str) -> nats_users::NatsArgs {
         nats_users::NatsArgs {
             url: self.url.clone(),
             user: Some(user.to_owned()),
             password: Some(self.credentials.password(user).to_owned()),
         }
-        .options()
+    }
+
+    /// A stream of this test's own on a three-server NATS cluster of its own (the shared
+    /// users and permissions), kept at three replicas: for tests that kill a server of a
+    /// cluster. The cluster stops when the returned handle drops.
+    pub fn private_cluster(name: &str) -> (Self, tally_devstack::NatsCluster) {
+        let root = std::env::temp_dir().join(format!("tally-{name}-nats-cluster-{}", Uuid::now_v7().simple()));
+        let nats = Self::new();
+        let cluster = tally_devstack::NatsCluster::start(
+            &root,
+            3,
+            &nats.credentials.authorization(&nats_users::shared_topology()),
+        )
+        .expect("starting a private NATS cluster");
+        (
+            Self {
+                url: cluster.urls(),
+                replicas: 3,
+                ..nats
+            },
+            cluster,
+        )
     }
 
     /// A client with every permission (the admin user), for a test to look at or tamper with
@@ -443,6 +474,22 @@ pub fn bin_dir() -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps layout")
         .to_path_buf()
+}
+
+/// Runs `tally audit verify` on the database at `url` and fails the test, quoting its output,
+/// unless every hash chain verifies.
+pub fn assert_audit_verifies(url: &str) {
+    let output = std::process::Command::new(bin_dir().join("tally"))
+        .args(["audit", "verify"])
+        .env("TALLY_DATABASE_URL", url)
+        .output()
+        .expect("running tally audit verify");
+    assert!(
+        output.status.success(),
+        "tally audit verify:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A service binary started by a test; killed when dropped. Its output goes to a log file
@@ -539,7 +586,11 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        // `TALLY_TEST_KEEP_LOGS=1` keeps every service's whole log (in the temp folder) for a
+        // post-mortem beyond the tail a failure prints.
+        if std::env::var_os("TALLY_TEST_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
@@ -761,6 +812,11 @@ impl Stack {
         Self::start_configured(db, &[], query_env).await
     }
 
+    /// Every service on `db` and `nats` (e.g. a private NATS cluster's).
+    pub async fn start_on_nats(db: TestDb, nats: TestNats) -> Self {
+        Self::start_with_nats(db, nats, &[], &[]).await
+    }
+
     /// Every service on `db` with `extra` in its environment, the query API with `query_env`
     /// too.
     async fn start_configured(
@@ -768,7 +824,15 @@ impl Stack {
         extra: &[(&'static str, String)],
         query_env: &[(&'static str, String)],
     ) -> Self {
-        let nats = TestNats::new();
+        Self::start_with_nats(db, TestNats::new(), extra, query_env).await
+    }
+
+    async fn start_with_nats(
+        db: TestDb,
+        nats: TestNats,
+        extra: &[(&'static str, String)],
+        query_env: &[(&'static str, String)],
+    ) -> Self {
         let (command_port, relay_port) = (free_port(), free_port());
         // Without a NATS user: each service below adds its own.
         let mut env = nats.topology_env();

@@ -363,12 +363,12 @@ impl Bench {
         started_at: String,
     ) -> anyhow::Result<Self> {
         for database in [DATABASE, RELAY_DATABASE, REBUILD_DATABASE, LAG_DATABASE, READS_DATABASE] {
-            create_database(pg, database).await?;
+            create_database(&pg.primary_url("postgres"), database).await?;
             let pool = PgPool::connect(&pg.primary_url(database)).await?;
             tally_event_store::migrate(&pool).await?;
             pool.close().await;
         }
-        create_database(pg, BASELINE_DATABASE).await?;
+        create_database(&pg.primary_url("postgres"), BASELINE_DATABASE).await?;
         let admin = PgPool::connect(&pg.primary_url(DATABASE)).await?;
         let machine = describe_machine(&postgres_version(&admin).await?, &nats_version(nats).await?);
         Ok(Self {

@@ -11,6 +11,9 @@
 //!   event stream definition with the code's constants, Secret and ConfigMap references with
 //!   what exists, `kustomization.yaml` with the files; the NATS and HAProxy configurations
 //!   pass their servers' own checks; the Postgres scripts parse.
+//! - The CloudNativePG overlay (`deploy/cnpg/`, no schema for its `Cluster` here) is checked
+//!   structurally: synchronous replication required, the Secrets it needs, every database URL
+//!   on the operator's Services, and its deletions naming what the base defines.
 //! - The Prometheus alert rules pass `promtool check rules` and their unit tests
 //!   (`promtool test rules`), where every alert fires in one case and stays quiet in another;
 //!   every query of the Grafana dashboards parses (`promtool check rules` on them as recording
@@ -27,6 +30,8 @@ use serde_yaml_ng::Value;
 use tally_event_store::nats_users;
 
 use crate::{target_dir, workspace_root};
+
+mod cnpg;
 
 /// The PyPI package (and version) validating manifests; it bundles the schemas.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -73,6 +78,7 @@ pub fn check_deploy() -> anyhow::Result<()> {
     check_haproxy(&root, &compose, &mut report)?;
     check_k8s(&root, &mut binaries, &mut report)?;
     validate_manifests(&root, &mut report)?;
+    cnpg::check_overlay(&root, &mut report)?;
     check_stream_definition(&root, &mut report)?;
     check_nats_config(&root, &mut report)?;
     check_scripts(&root, &mut report)?;
@@ -456,6 +462,19 @@ fn manifest_files(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Every (non-empty) YAML document of `file`.
+fn yaml_documents(file: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut documents = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = Value::deserialize(document).with_context(|| format!("parsing {}", file.display()))?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    Ok(documents)
+}
+
 fn check_k8s(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyhow::Result<()> {
     let kustomization: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("deploy/kustomization.yaml"))?)?;
@@ -490,13 +509,7 @@ fn check_k8s(root: &Path, binaries: &mut Binaries, report: &mut Report) -> anyho
 
     let mut documents = Vec::new();
     for file in &files {
-        let text = std::fs::read_to_string(file)?;
-        for document in serde_yaml_ng::Deserializer::from_str(&text) {
-            let value = Value::deserialize(document).with_context(|| format!("parsing {}", file.display()))?;
-            if !value.is_null() {
-                documents.push(value);
-            }
-        }
+        documents.extend(yaml_documents(file)?);
     }
     let mut secrets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for document in &documents {
@@ -725,7 +738,9 @@ fn validate_manifests(root: &Path, report: &mut Report) -> anyhow::Result<()> {
         run(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
             .context("pip install kubernetes-validate")?;
     }
-    let files = manifest_files(root)?;
+    let mut files = manifest_files(root)?;
+    // The CloudNativePG overlay's Secret patch (its Cluster has no schema here: see cnpg.rs).
+    files.push(root.join("deploy/cnpg/secrets.yaml"));
     for version in KUBERNETES_VERSIONS {
         let output = Command::new(&validator)
             .args(["--strict", "--kubernetes-version", version])

@@ -1,7 +1,8 @@
 //! `cargo xtask`: developer tasks.
 //!
 //! - `up`: the whole stack on this machine (Postgres primary + replica and NATS from the
-//!   installed binaries, then every Tally service), until Ctrl-C.
+//!   installed binaries, then every Tally service), until Ctrl-C; `up --ha`: the same on
+//!   Patroni + etcd + HAProxy and a three-server NATS cluster, two of each service.
 //! - `test`: the same ephemeral services, then the whole workspace test suite, then
 //!   `schemathesis` (unless runner arguments were given).
 //! - `schemathesis`: generated requests against both APIs' OpenAPI documents (schemathesis).
@@ -13,6 +14,7 @@ mod bench;
 mod deploy;
 mod schemathesis;
 mod stack;
+mod up;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Run the whole stack locally until Ctrl-C.
-    Up(stack::UpArgs),
+    Up(up::UpArgs),
     /// Start ephemeral Postgres (primary + replica) and NATS, run every test and then
     /// schemathesis against both APIs, stop them.
     Test {
@@ -84,7 +86,7 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Up(args) => stack::up(args),
+        Task::Up(args) => up::up(args),
         Task::Test { args } => stack::test(&args),
         Task::Bench(args) => bench::bench(args),
         Task::Schemathesis => schemathesis::schemathesis(),

@@ -79,7 +79,7 @@ pub fn run(pg: &Postgres, nats: &Nats, credentials: &Credentials) -> anyhow::Res
     std::fs::create_dir_all(&logs)?;
     std::fs::create_dir_all(&reports)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(crate::stack::prepare_database(pg, DATABASE))?;
+    runtime.block_on(crate::stack::prepare_database(&pg.primary_url(DATABASE)))?;
 
     let bin_dir = target_dir().join("debug");
     let (command_port, query_port) = (tally_devstack::free_port()?, tally_devstack::free_port()?);

@@ -12,6 +12,7 @@ mod currencies;
 mod e2e;
 mod entries;
 mod event_store;
+mod failover;
 mod idempotency;
 mod lifecycle;
 mod limits;

@@ -489,6 +489,7 @@ async fn a_trace_runs_from_the_http_request_through_the_relay_to_the_projector()
         stream_name: stack.nats.stream.clone(),
         subject_prefix: stack.nats.subject_prefix.clone(),
         partitions: 4,
+        ..Topology::default()
     };
 
     // A command without trace context starts a trace of its own.

@@ -98,25 +98,7 @@ impl Rig {
 
     /// Waits until every read model equals the fold of the whole log, and returns the fold.
     pub(super) async fn converged(&self) -> fold::Expected {
-        let expected = fold::expected(&self.db.pool).await;
-        let mut last_diff = String::new();
-        let result = tokio::time::timeout(CONVERGE, async {
-            loop {
-                let actual = fold::actual(&self.db.pool).await;
-                if expected.shown_by(&actual) {
-                    return;
-                }
-                last_diff = fold::diff(&actual, &expected);
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-        .await;
-        assert!(
-            result.is_ok(),
-            "the read models never matched the fold of the log:\n{last_diff}\n{}",
-            self.logs()
-        );
-        expected
+        fold::converged(&self.db.pool, CONVERGE, || self.logs()).await
     }
 
     /// `tally <args>` against this rig's database; returns stdout, panics on failure.
@@ -270,6 +252,7 @@ async fn a_consumer_left_on_the_whole_partition_is_narrowed_to_its_stream_type_a
         stream_name: rig.nats.stream.clone(),
         subject_prefix: rig.nats.subject_prefix.clone(),
         partitions: PARTITIONS,
+        ..Topology::default()
     };
     let js = async_nats::jetstream::new(rig.nats.connect().await);
     let stream = topology.ensure_stream(&js).await.unwrap();

@@ -39,7 +39,7 @@ async fn get(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
 async fn try_balanced(client: &reqwest::Client, query: &str) -> Option<Value> {
     let (status, body) = get(client, &format!("{query}/v1/ledger/trial-balance")).await;
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        assert_eq!(problem_code(&body), "unavailable", "{body}");
+        assert_eq!(problem_code(&body), "database-unavailable", "{body}");
         return None;
     }
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -71,17 +71,7 @@ fn currency_of<'a>(body: &'a Value, code: &str) -> &'a Value {
 
 /// Waits until the read models equal the fold of the log, and returns the fold.
 async fn converged(stack: &Stack) -> fold::Expected {
-    let expected = fold::expected(&stack.db.pool).await;
-    eventually(
-        Duration::from_secs(90),
-        "the read models match the fold of the log",
-        || {
-            let (pool, expected) = (stack.db.pool.clone(), expected.clone());
-            async move { expected.shown_by(&fold::actual(&pool).await).then_some(()) }
-        },
-    )
-    .await;
-    expected
+    fold::converged(&stack.db.pool, Duration::from_secs(90), || stack.logs()).await
 }
 
 /// The log's own trial balance: for each currency, the accounts' balances plus the `world`
@@ -350,15 +340,5 @@ async fn a_log_written_before_system_accounts_folds_and_balances_against_the_wor
     assert!(body["position"].as_i64().unwrap() > 0, "{body}");
 
     // The hash chain still verifies over both versions.
-    let output = std::process::Command::new(tally_tests::bin_dir().join("tally"))
-        .args(["audit", "verify"])
-        .env("TALLY_DATABASE_URL", &stack.db.url)
-        .output()
-        .expect("running tally audit verify");
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    tally_tests::assert_audit_verifies(&stack.db.url);
 }
