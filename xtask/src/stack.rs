@@ -229,7 +229,11 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         .env("TALLY_TEST_REPLICA_URL", pg.replica_url("postgres").unwrap_or_default())
         .env("TALLY_TEST_NATS_URL", nats.url())
         .env("TALLY_TEST_NATS_PASSWORDS", nats_credentials.encode())
-        .env("TALLY_BIN_DIR", target_dir().join("debug"))
+        // The binaries just built, unless the caller names others (release builds, to measure).
+        .env(
+            "TALLY_BIN_DIR",
+            std::env::var_os("TALLY_BIN_DIR").unwrap_or_else(|| target_dir().join("debug").into()),
+        )
         .status()
         .context("running the test suite")?;
     // Hostile input against both APIs, on the same servers (a database of its own). A filtered
