@@ -735,6 +735,10 @@ async fn run_batch(
     *intact = match &committed {
         Ok(_) => true,
         Err(BatchError::CommitUnknown(_)) => false,
+        // A server that refused as unavailable (a demoted leader answering read-only, one
+        // shutting down) may still answer a ping; the next connection, through the router,
+        // reaches the leader instead.
+        Err(BatchError::Store(error)) if error.is_unavailable() => false,
         Err(_) => answers(connection).await,
     };
     match committed {

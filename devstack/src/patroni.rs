@@ -467,12 +467,17 @@ impl Drop for HaPostgres {
     }
 }
 
-/// The postmaster's pid from `DIR/data/postmaster.pid`, if that process still lives.
+/// The postmaster's pid from `DIR/data/postmaster.pid`, if that postmaster still runs.
+///
+/// The file outlives a killed server, and its pid may since have gone to another process: only
+/// a live process whose working folder is this data folder (a postmaster changes into it at
+/// start) is taken for this node's postmaster, so nothing else is ever signalled.
 fn postmaster_pid(dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(dir.join("data").join("postmaster.pid")).ok()?;
+    let data = std::fs::canonicalize(dir.join("data")).ok()?;
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
     let pid: u32 = text.lines().next()?.trim().parse().ok()?;
-    // Signal 0: does it exist (the file outlives a killed server).
-    sys::signal_process(pid, 0).ok().map(|()| pid)
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (cwd == data).then_some(pid)
 }
 
 /// SIGKILLs a postmaster and every process it forked, as a machine's death would: its backends

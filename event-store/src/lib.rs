@@ -176,11 +176,12 @@ pub fn is_unavailable_error(error: &sqlx::Error) -> bool {
 /// SQLSTATEs that say the server, not the statement, is the problem, and that it passes:
 /// class 08 (connection exception); 57P01 `admin_shutdown` and 57P02 `crash_shutdown`
 /// ("terminating connection due to unexpected postmaster exit", a primary killed mid-command);
-/// 57P03 `cannot_connect_now` (starting up or in recovery); 53300 `too_many_connections`;
-/// 25006 `read_only_sql_transaction` (a former primary demoted to a standby, reached before
-/// the router moved).
+/// 57P03 `cannot_connect_now` (starting up or in recovery); 57P05 `idle_session_timeout` (an
+/// idle connection the server closed); 53300 `too_many_connections`; 25006
+/// `read_only_sql_transaction` (a former primary demoted to a standby, reached before the
+/// router moved).
 pub fn is_unavailable_code(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "25006")
 }
 
 /// An event to be appended.
@@ -729,7 +730,7 @@ mod tests {
 
     #[test]
     fn a_server_going_away_is_unavailable_and_a_bad_statement_is_not() {
-        for code in ["08006", "08003", "57P01", "57P02", "57P03", "53300", "25006"] {
+        for code in ["08006", "08003", "57P01", "57P02", "57P03", "57P05", "53300", "25006"] {
             assert!(is_unavailable_code(code), "{code}");
         }
         // Unique violation, check violation, syntax error, deadlock (retried, not a 503).

@@ -129,8 +129,13 @@ impl ApplyError {
     }
 }
 
+/// Retried for as long as it lasts, never blamed on the event: a conflict, a database away,
+/// and any other operator intervention (class 57P, e.g. the database dropped under us), which
+/// would otherwise dead-letter good events.
 fn transient_sqlx(error: &sqlx::Error) -> bool {
-    tally_event_store::is_transient_error(error) || tally_event_store::is_unavailable_error(error)
+    tally_event_store::is_transient_error(error)
+        || tally_event_store::is_unavailable_error(error)
+        || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("57P")))
 }
 
 /// A read model built by folding the events of one stream type.

@@ -119,9 +119,16 @@ pub(crate) async fn ready(State(state): State<AppState>, caller: Option<Extensio
 /// Content type of every error response.
 pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 
-/// A database failure: 503 `database-unavailable` (retryable) with the cause logged, never sent.
+/// A database failure, with the cause logged, never sent: 503 `database-unavailable` when the
+/// database is away or failing over (`is_unavailable_error`), else a plain 503 `unavailable`
+/// (e.g. a statement timeout): retryable, but not a failover to wait out.
 pub(crate) fn unavailable(error: &sqlx::Error) -> Response {
-    unavailable_because(error.to_string())
+    if tally_event_store::is_unavailable_error(error) {
+        return unavailable_because(error.to_string());
+    }
+    let mut response = Problem::unavailable(1).into_response();
+    response.extensions_mut().insert(ErrorReport(error.to_string()));
+    response
 }
 
 pub(crate) fn unavailable_because(cause: String) -> Response {

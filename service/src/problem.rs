@@ -87,14 +87,14 @@ impl Problem {
     /// A 503 for a database that cannot be reached, broke the connection, is restarting or in
     /// recovery, or is a standby after a failover. The request itself is fine: retry it (with
     /// its Idempotency-Key, a command that did commit before the failure is replayed, not
-    /// applied twice).
+    /// applied twice; without one, it may have taken effect).
     pub fn database_unavailable(retry_after_s: u64) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "database-unavailable",
             "Database unavailable",
         )
-        .detail("The database is unreachable or failing over; retry later with the same Idempotency-Key.")
+        .detail("The database is unreachable or failing over; retry later (a command with the same Idempotency-Key).")
         .retry_after(retry_after_s)
     }
 }

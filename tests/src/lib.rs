@@ -540,9 +540,11 @@ impl Proc {
         }
     }
 
-    /// The last lines of the process's output, for failure messages.
+    /// The last lines of the process's output, for failure messages, without the stack
+    /// backtrace of an error it exited with (which would push the error itself out of view).
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = text.split("\nStack backtrace:").next().unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

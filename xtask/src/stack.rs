@@ -232,7 +232,11 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         // The binaries just built, unless the caller names others (release builds, to measure).
         .env(
             "TALLY_BIN_DIR",
-            std::env::var_os("TALLY_BIN_DIR").unwrap_or_else(|| target_dir().join("debug").into()),
+            // Absolute: the test binaries run in their packages' folders.
+            match std::env::var_os("TALLY_BIN_DIR") {
+                Some(dir) => std::path::absolute(dir).context("TALLY_BIN_DIR")?,
+                None => target_dir().join("debug"),
+            },
         )
         .status()
         .context("running the test suite")?;

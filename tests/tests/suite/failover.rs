@@ -146,6 +146,15 @@ async fn a_nats_server_killed_mid_stream_and_restarted_loses_and_doubles_nothing
     for i in 0..3 {
         tokio::task::block_in_place(|| cluster.nodes()[i].kill());
         writers.wait_for_more(300, PATIENCE, || stack.logs()).await;
+        // With one server of three down, the stream keeps its quorum: the relay publishes and
+        // the projector applies, not merely the log grows.
+        let before = statement_lines(&stack).await;
+        tally_tests::eventually(
+            PATIENCE,
+            "the read models to follow the log with a NATS server down",
+            || async { (statement_lines(&stack).await > before + 300).then_some(()) },
+        )
+        .await;
         tokio::task::block_in_place(|| cluster.nodes()[i].restart()).expect("the NATS server rejoins");
         writers.wait_for_more(300, PATIENCE, || stack.logs()).await;
     }
@@ -153,6 +162,14 @@ async fn a_nats_server_killed_mid_stream_and_restarted_loses_and_doubles_nothing
     assert_nothing_lost_or_doubled(&stack, &acknowledged).await;
     drop(stack);
     drop(cluster);
+}
+
+/// Lines in the statements read model: how far the projector has applied the log.
+async fn statement_lines(stack: &Stack) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM account_statement")
+        .fetch_one(&stack.db.pool)
+        .await
+        .expect("counting statement lines")
 }
 
 /// Deposits acknowledged per second over `window`.
