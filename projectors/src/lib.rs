@@ -143,7 +143,24 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    catalog::ensure_all(&pool, config.partitions).await?;
+    tokio::pin!(shutdown);
+    // A database starting, restarting or failing over when the worker starts: wait for it, as
+    // the worker does for an outage later, instead of exiting.
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match catalog::ensure_all(&pool, config.partitions).await {
+            Ok(()) => break,
+            Err(error) if tally_event_store::is_unavailable_error(&error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; the projector waits for it");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
     let topology = config.topology();
     let stream = topology.ensure_stream(&js).await?;
     let worker_id = config.worker_id();

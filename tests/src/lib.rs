@@ -72,6 +72,7 @@ pub fn client() -> reqwest::Client {
 
 pub mod browser;
 pub mod fold;
+pub mod link;
 pub mod load;
 
 /// The shared servers a test process uses.

@@ -9,6 +9,8 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tally_event_store::{nats_users, roles};
+use tally_tests::link::{Link, postgres_address, through};
 use tally_tests::load::{Writers, assert_each_acknowledged_once};
 use tally_tests::{PrivateCluster, TestDb, command_api};
 use uuid::Uuid;
@@ -74,4 +76,45 @@ async fn a_postgres_crash_mid_load_answers_503_then_recovers_and_loses_nothing_a
     );
     assert_each_acknowledged_once(&db.url, &acknowledged).await;
     drop(cluster);
+}
+
+/// A projector worker that starts while its database is away (restarting, failing over) waits
+/// for it, logging why, instead of exiting; once the database is back it runs and is ready.
+#[tokio::test]
+async fn a_projector_started_while_its_database_is_away_waits_for_it_and_then_runs() {
+    let db = TestDb::new().await;
+    let nats = tally_tests::TestNats::new();
+    let mut link = Link::start(postgres_address(&db.url)).await;
+    link.cut();
+    let env = tally_tests::projector_env("w-away");
+    let listen = env
+        .iter()
+        .find(|(k, _)| *k == "TALLY_PROJECTOR_LISTEN")
+        .map(|(_, v)| format!("http://{v}"))
+        .unwrap();
+    let mut projector = tally_tests::Proc::spawn(
+        "tally-projector",
+        &env.into_iter()
+            .chain(nats.topology_env())
+            .chain(nats.credentials.env(nats_users::PROJECTOR))
+            .chain([
+                ("TALLY_DATABASE_URL", through(&db.url_as(roles::PROJECTOR), &link)),
+                ("TALLY_PARTITIONS", "4".to_owned()),
+            ])
+            .collect::<Vec<_>>(),
+    );
+    tally_tests::eventually(Duration::from_secs(30), "the projector to say it waits", || async {
+        let log = std::fs::read_to_string(&projector.log).unwrap_or_default();
+        log.contains("the projector waits for it").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        projector.wait_exit(Duration::ZERO).await.is_none(),
+        "the projector outlives a database that is away at start: {}",
+        projector.log_tail()
+    );
+
+    link.restore().await;
+    tally_tests::wait_ready(&listen, &projector).await;
 }

@@ -3,15 +3,13 @@
 //! verifies with `tally audit verify --checkpoint`, a database outage does not kill it (it
 //! backs off, reports it, and catches up when the database is back), and SIGTERM stops it.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tally_event_store::checkpoint;
 use tally_event_store::roles;
+use tally_tests::link::{Link, postgres_address, through};
 use tally_tests::{Proc, TestDb, eventually, free_port, wait_ready};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::audit::{seed_stream, tally, tally_audit_verify};
@@ -165,10 +163,7 @@ async fn a_database_outage_does_not_kill_the_sealer_and_it_catches_up_when_the_d
     let db = TestDb::new().await;
     seed_stream(&db, 3).await;
     let mut link = Link::start(postgres_address(&db.url)).await;
-    let through_link = db.url_as(roles::SEALER).replace(
-        &postgres_address(&db.url).to_string(),
-        &format!("127.0.0.1:{}", link.port),
-    );
+    let through_link = through(&db.url_as(roles::SEALER), &link);
     let mut sealer = Sealer::start(&db, &through_link).await;
     sealer.sealed(3).await;
 
@@ -206,69 +201,4 @@ fn sample(page: &str, name: &str) -> Option<f64> {
     page.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-}
-
-/// `host:port` of a `postgres://user@host:port/db` URL.
-fn postgres_address(url: &str) -> SocketAddr {
-    let after_at = url.split_once('@').expect("a URL with a user").1;
-    let address = after_at.split_once('/').map_or(after_at, |(a, _)| a);
-    address.parse().expect("an IP address and port")
-}
-
-/// A TCP forwarder from a port of its own to Postgres, that the test can cut (every connection
-/// dropped, new ones refused: the database is gone as far as the client can tell) and restore.
-/// It affects only the client that connects through it, not the server other tests share.
-struct Link {
-    port: u16,
-    target: SocketAddr,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Link {
-    async fn start(target: SocketAddr) -> Self {
-        let mut link = Self {
-            port: free_port(),
-            target,
-            task: None,
-        };
-        link.restore().await;
-        link
-    }
-
-    /// Listens again on the same port and forwards every connection.
-    async fn restore(&mut self) {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(([127, 0, 0, 1], self.port).into()).unwrap();
-        let listener = socket.listen(64).unwrap();
-        let target = self.target;
-        self.task = Some(tokio::spawn(async move {
-            // Dropped with this task: aborting it closes every forwarded connection.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        }));
-    }
-
-    /// Closes the listener and every connection through it.
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.cut();
-    }
 }
