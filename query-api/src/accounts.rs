@@ -154,7 +154,7 @@ const STATEMENT_CURSOR: &str = "statement.v1";
         (status = 404, description = "`account-not-found`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` (the database is away), `unavailable` (a read it could not finish, e.g. past its statement timeout) or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]
@@ -373,7 +373,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ListingParams {
             the listing does not know; `invalid-consistency-token`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` (the database is away), `unavailable` (a read it could not finish, e.g. past its statement timeout) or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]

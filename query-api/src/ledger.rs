@@ -206,7 +206,7 @@ pub async fn trial_balance(pool: &PgPool) -> Result<TrialBalance, sqlx::Error> {
         (run `tally ledger reconcile`).",
     responses(
         (status = 200, description = "The trial balance.", body = TrialBalance),
-        (status = 503, description = "`database-unavailable`; retry after `Retry-After` seconds.", body = Problem,
+        (status = 503, description = "`database-unavailable` (the database is away) or `unavailable` (a read it could not finish, e.g. past its statement timeout); retry after `Retry-After` seconds.", body = Problem,
          content_type = PROBLEM_JSON),
     )
 )]
@@ -226,7 +226,7 @@ pub(crate) async fn get_trial_balance(_: Require<Auditor>, State(state): State<A
     summary = "The ledger's own accounts (world, transit) of every currency, with their balances",
     responses(
         (status = 200, description = "Every system account, by currency then name.", body = SystemAccounts),
-        (status = 503, description = "`database-unavailable`; retry after `Retry-After` seconds.", body = Problem,
+        (status = 503, description = "`database-unavailable` (the database is away) or `unavailable` (a read it could not finish, e.g. past its statement timeout); retry after `Retry-After` seconds.", body = Problem,
          content_type = PROBLEM_JSON),
     )
 )]

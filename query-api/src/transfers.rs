@@ -49,7 +49,7 @@ pub const TRANSFER_STATUSES: [&str; 5] = ["completed", "pending", "posted", "voi
         (status = 404, description = "`transfer-not-found`.", body = Problem, content_type = PROBLEM_JSON),
         (status = 422, description = "`unknown-consistency-token`: the token names no write in the log.",
          body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` (the database is away), `unavailable` (a read it could not finish, e.g. past its statement timeout) or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]
@@ -126,7 +126,7 @@ const TRANSFERS_CURSOR: &str = "transfers.v1";
          content_type = PROBLEM_JSON),
         (status = 422, description = "`limit-out-of-range`; `unknown-consistency-token`: the token names no write \
             in the log.", body = Problem, content_type = PROBLEM_JSON),
-        (status = 503, description = "`database-unavailable` or `not-yet-consistent`; retry after `Retry-After` seconds.",
+        (status = 503, description = "`database-unavailable` (the database is away), `unavailable` (a read it could not finish, e.g. past its statement timeout) or `not-yet-consistent`; retry after `Retry-After` seconds.",
          body = Problem, content_type = PROBLEM_JSON),
     )
 )]
