@@ -488,7 +488,7 @@ async fn resolve_targets(state: &AppState, parsed: &mut [Parsed]) -> Result<(), 
     let mut transfers: HashMap<Uuid, (Uuid, Uuid)> = HashMap::new();
     let mut entries: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
     if !wanted.is_empty() {
-        for (id, loaded) in load_many(&state.store, &wanted).await? {
+        for (id, loaded) in load_many(&state.store, None, &wanted).await? {
             // Another kind of stream under the id, or nothing yet: not in the log.
             let Ok(loaded) = loaded else { continue };
             if let Some(t) = loaded.transfer().filter(|_| loaded.version > 0) {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
+use sqlx::postgres::PgConnection;
 use tally_domain::{Account, AccountError, Entry, Reservation, Transfer};
 use tally_event_store::idempotency::{IdempotencyKey, StoredResponse};
 use tally_event_store::{EventStore, READ_LIMIT_MAX, StoreError, StoredEvent, snapshot};
@@ -242,7 +243,7 @@ impl Executed {
 /// Folds a stream into its current state: an account from its latest snapshot when there is
 /// a usable one, then the events after it.
 pub async fn load(store: &EventStore, stream_id: Uuid, kind: StreamKind) -> Result<Loaded, CommandError> {
-    let mut loaded = load_many(store, &[(stream_id, kind)]).await?;
+    let mut loaded = load_many(store, None, &[(stream_id, kind)]).await?;
     loaded.pop().map(|(_, result)| result).expect("one result per stream")
 }
 
@@ -252,14 +253,19 @@ pub async fn load_account(store: &EventStore, stream_id: Uuid) -> Result<Loaded,
 }
 
 /// [`load`] for many streams in one round trip (each snapshot with the events after it, `snapshot::load_streams`),
-/// whatever their number. Each stream gets its own result: one that cannot be loaded (a
-/// client named a transfer as an account, a corrupt event) does not fail the others.
+/// whatever their number, on `connection` when given (a writer lane's own), else through the
+/// pool. Each stream gets its own result: one that cannot be loaded (a client named a transfer
+/// as an account, a corrupt event) does not fail the others.
 pub async fn load_many(
     store: &EventStore,
+    connection: Option<&mut PgConnection>,
     streams: &[(Uuid, StreamKind)],
 ) -> Result<Vec<(Uuid, Result<Loaded, CommandError>)>, CommandError> {
     let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
-    let stored = snapshot::load_streams(store.pool(), &ids, READ_LIMIT_MAX).await?;
+    let stored = match connection {
+        Some(connection) => snapshot::load_streams(connection, &ids, READ_LIMIT_MAX).await?,
+        None => snapshot::load_streams(store.pool(), &ids, READ_LIMIT_MAX).await?,
+    };
     let mut loaded = Vec::with_capacity(streams.len());
     for (id, kind) in streams {
         let stream = stored.get(id);

@@ -31,27 +31,27 @@
 //! Each batch runs in a span `writer.batch`, a child of its first command's request span that
 //! links the others' (`tally_event_store::trace`).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use rand::Rng;
-use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tally_domain::{Account, AccountError, Metadata};
-use tally_event_store::idempotency::{self, Claim, IdempotencyKey, StoredResponse};
+use tally_event_store::idempotency::{IdempotencyKey, StoredResponse};
 use tally_event_store::snapshot::{self, Snapshot};
-use tally_event_store::{APPEND_EVENTS_MAX, AppendedEvent, EventStore, StoreError, StreamAppend, append_events_in};
+use tally_event_store::{EventStore, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::command::{Command, Events, decide};
-use crate::error::stored_refusal;
+mod commit;
+
+use self::commit::{BatchError, commit};
+use crate::command::Command;
 use crate::execute::{
     CONFLICT_BACKOFF_BASE, CONFLICT_RETRIES_MAX, CommandError, Executed, Idempotency, Loaded, Outcome, State,
-    StreamKind, Touched, catch_up, load_many,
+    StreamKind, Touched, load_many,
 };
 
 /// Tuning of the writer (flags or `TALLY_GROUP_COMMIT_*` variables on the binary).
@@ -687,7 +687,9 @@ async fn run_batch(
         .into_iter()
         .filter(|(stream, kind)| !states.get(stream).is_some_and(|l| l.state.kind() == *kind))
         .collect();
-    match load_many(store, &missing).await {
+    // On the lane's connection: its plans are made once (`connect_writer`), and it is the
+    // connection the batch commits on anyway.
+    match load_many(store, Some(&mut *connection), &missing).await {
         Ok(results) => {
             for (stream, result) in results {
                 match result {
@@ -699,6 +701,20 @@ async fn run_batch(
             }
         }
         Err(error) => {
+            if matches!(
+                error,
+                CommandError::Unavailable(_) | CommandError::DatabaseUnavailable(_)
+            ) {
+                // The connection broke: nothing was written, and nothing can be on it.
+                *intact = false;
+                for job in jobs {
+                    job.fail(&error);
+                }
+                return Finished {
+                    states: states.into_iter().collect(),
+                    retry: Vec::new(),
+                };
+            }
             for (stream, _) in &missing {
                 jobs = fail_stream(jobs, *stream, &error);
             }
@@ -872,374 +888,6 @@ fn fail_stream(jobs: Vec<Job>, stream: Uuid, error: &CommandError) -> Vec<Job> {
         job.fail(error);
     }
     rest
-}
-
-/// Why a batch did not commit.
-#[derive(Debug)]
-enum BatchError {
-    /// Failed before `COMMIT`: the transaction rolled back, nothing happened.
-    Store(StoreError),
-    /// `COMMIT` itself failed: it may or may not have taken effect, so nothing may be re-run.
-    CommitUnknown(StoreError),
-    /// Catching a stream up with the log failed (rolled back, nothing happened).
-    CatchUp(CommandError),
-    /// Run without claims, the batch cannot be decided safely: keys stored unclaimed were
-    /// taken already (`taken` of them), or a keyed command was refused on stale state (a
-    /// refusal that is not stored, so it would hide a stored response). Rolled back, nothing
-    /// happened; run the batch again with claims.
-    NeedsClaims { taken: usize },
-}
-
-impl From<StoreError> for BatchError {
-    fn from(e: StoreError) -> Self {
-        BatchError::Store(e)
-    }
-}
-
-impl From<sqlx::Error> for BatchError {
-    fn from(e: sqlx::Error) -> Self {
-        BatchError::Store(e.into())
-    }
-}
-
-/// A committed batch: one result per command of each job, in order, and the new state of its
-/// streams.
-struct Committed {
-    results: Vec<Vec<Result<Outcome, CommandError>>>,
-    states: Vec<(Uuid, Loaded)>,
-}
-
-/// One transaction for the whole batch: claim keys, decide each command in order, append all
-/// events with one statement, store responses, commit.
-///
-/// Without `claim`, keys are not claimed first but stored with their responses at the end, in
-/// one statement (`idempotency::store_many`); if any is taken already, the batch rolls back
-/// with [`BatchError::NeedsClaims`] and must run again with `claim`, which finds the stored
-/// responses (replays) before deciding. So does a keyed command refused on stale state. An
-/// unclaimed batch takes event rows before keys, a claiming one keys before event rows: the
-/// same new key and stream in both at once can deadlock, which Postgres breaks (a transient
-/// error, re-run). Retries of stored requests are rare next to new
-/// requests, so the first way saves a statement and an update per key almost always.
-///
-/// `unverified` are the streams whose state came from the cache and may be behind the log: an
-/// acceptance on them is checked by the store (expected version), a refusal is not. So when a
-/// refusal touches one, those streams are caught up with the log and the batch decided again
-/// (after the claims, so replays are skipped the same way both times).
-async fn commit(
-    store: &EventStore,
-    connection: &mut PgConnection,
-    jobs: &[Job],
-    states: &mut HashMap<Uuid, Loaded>,
-    unverified: &mut HashSet<Uuid>,
-    claim: bool,
-) -> Result<Committed, BatchError> {
-    let mut tx = connection.begin().await?;
-    let mut verdicts: Vec<Vec<Option<Verdict>>> = jobs.iter().map(|j| vec![None; j.items.len()]).collect();
-
-    if claim {
-        let keyed: Vec<(usize, usize, &Idempotency)> = jobs
-            .iter()
-            .enumerate()
-            .flat_map(|(j, job)| {
-                job.items
-                    .iter()
-                    .enumerate()
-                    .filter_map(move |(k, item)| item.idempotency.as_ref().map(|idem| (j, k, idem)))
-            })
-            .collect();
-        let requests: Vec<(&IdempotencyKey, &[u8; 32])> =
-            keyed.iter().map(|(_, _, i)| (&i.key, &i.request_hash)).collect();
-        let claims = idempotency::claim_many(&mut tx, &requests).await?;
-        for ((j, k, _), claim) in keyed.iter().zip(claims) {
-            verdicts[*j][*k] = match claim {
-                Claim::Claimed => None,
-                Claim::Replay(stored) => Some(Verdict::Replayed(stored)),
-                Claim::Mismatch => Some(Verdict::KeyReused),
-            };
-        }
-    }
-
-    let claimed = verdicts;
-    let Decided {
-        mut working,
-        appends,
-        verdicts,
-        released,
-    } = loop {
-        let decided = decide_batch(jobs, states, claimed.clone(), Utc::now());
-        let doubtful: HashSet<Uuid> = jobs
-            .iter()
-            .zip(&decided.verdicts)
-            .flat_map(|(job, verdicts)| job.items.iter().zip(verdicts))
-            // Stale state included: two streams cached at different moments (a transfer and
-            // its account) disagree, and a retry would meet the same cache again.
-            .filter(|(_, v)| matches!(v, Some(Verdict::Rejected(_))))
-            .flat_map(|(item, _)| item.streams.iter().map(|(s, _)| *s))
-            .filter(|s| unverified.contains(s))
-            .collect();
-        if doubtful.is_empty() {
-            break decided;
-        }
-        for stream in doubtful {
-            let loaded = states.get_mut(&stream).expect("every stream is loaded before deciding");
-            catch_up(store, stream, loaded).await.map_err(BatchError::CatchUp)?;
-            // Read while this transaction may hold an id already: the store must read the
-            // predecessor itself to check the order of the two transactions.
-            loaded.last_hash = None;
-            unverified.remove(&stream);
-        }
-    };
-    if claim {
-        idempotency::release_many(&mut tx, &released).await?;
-    } else if !released.is_empty() {
-        // A keyed command refused on stale state: its key may hold a stored response (a retry
-        // decided on a stale cache) that only a claim finds.
-        tx.rollback().await?;
-        return Err(BatchError::NeedsClaims { taken: 0 });
-    }
-
-    let appends: Vec<StreamAppend> = appends.into_values().collect();
-    let appended: HashMap<(Uuid, i64), (i64, tally_event_store::Hash)> = append_chunked(&mut tx, appends)
-        .await?
-        .into_iter()
-        .map(|e| ((e.stream_id, e.version), (e.position, e.hash)))
-        .collect();
-    // The position of a stream at a version: appended now, or where it stood before the batch.
-    let position_at = |stream: Uuid, version: i64| {
-        appended
-            .get(&(stream, version))
-            .map(|(position, _)| *position)
-            .or_else(|| states.get(&stream).filter(|l| l.version == version).map(|l| l.position))
-            .unwrap_or(0)
-    };
-    for (stream, loaded) in working.iter_mut() {
-        loaded.position = position_at(*stream, loaded.version);
-        if let Some((_, hash)) = appended.get(&(*stream, loaded.version)) {
-            loaded.last_hash = Some(*hash);
-        }
-    }
-
-    let mut results = Vec::with_capacity(jobs.len());
-    let mut responses: Vec<(&Idempotency, StoredResponse)> = Vec::new();
-    for (job, verdicts) in jobs.iter().zip(verdicts) {
-        let mut job_results = Vec::with_capacity(job.items.len());
-        for (item, verdict) in job.items.iter().zip(verdicts) {
-            let result = match verdict.expect("every command has a verdict") {
-                Verdict::Replayed(stored) => Ok(Outcome::Replayed(stored)),
-                Verdict::KeyReused => Err(CommandError::IdempotencyKeyReused),
-                Verdict::Rejected(refusal) => {
-                    if let Some(idem) = &item.idempotency
-                        && refusal != AccountError::StaleState
-                    {
-                        responses.push((idem, stored_refusal(&refusal)));
-                    }
-                    Err(CommandError::Rejected(refusal))
-                }
-                Verdict::Accepted(mut streams) => {
-                    for touched in &mut streams {
-                        touched.position = position_at(touched.stream_id, touched.version);
-                    }
-                    let response = (item.respond)(&Executed { streams });
-                    if let Some(idem) = &item.idempotency {
-                        responses.push((idem, response.clone()));
-                    }
-                    Ok(Outcome::Fresh(response))
-                }
-            };
-            job_results.push(result);
-        }
-        results.push(job_results);
-    }
-    if claim {
-        let responses: Vec<(&IdempotencyKey, &StoredResponse)> = responses.iter().map(|(i, r)| (&i.key, r)).collect();
-        idempotency::complete_many(&mut tx, &responses).await?;
-    } else {
-        let records: Vec<(&IdempotencyKey, &[u8; 32], &StoredResponse)> =
-            responses.iter().map(|(i, r)| (&i.key, &i.request_hash, r)).collect();
-        let taken = idempotency::store_many(&mut tx, &records).await?;
-        if !taken.is_empty() {
-            // None of the batch's events are kept; rolled back now, so the claimed re-run does
-            // not wait on this attempt's rows.
-            tx.rollback().await?;
-            return Err(BatchError::NeedsClaims { taken: taken.len() });
-        }
-    }
-    tx.commit().await.map_err(|e| BatchError::CommitUnknown(e.into()))?;
-    let commands: usize = jobs.iter().map(|j| j.items.len()).sum();
-    metrics::histogram!("tally_append_batch_commands").record(commands as f64);
-    metrics::histogram!("tally_append_batch_events").record(appended.len() as f64);
-    tracing::debug!(commands, events = appended.len(), "batch committed");
-    // Wakes the relay now rather than at its next poll (also after a batch that appended
-    // nothing: a spurious wake-up costs the relay one empty read).
-    store.committed();
-    Ok(Committed {
-        results,
-        states: working.into_iter().collect(),
-    })
-}
-
-/// A batch decided on copies of its streams' states.
-struct Decided<'a> {
-    working: HashMap<Uuid, Loaded>,
-    appends: BTreeMap<Uuid, StreamAppend>,
-    /// One per command of each job; `None` in, `Some` out.
-    verdicts: Vec<Vec<Option<Verdict>>>,
-    /// Keys of commands refused on stale state, to give back.
-    released: Vec<&'a IdempotencyKey>,
-}
-
-/// Decides the commands without a verdict yet in arrival order, each on the state the
-/// previous one left. A chain with a refused command (or a key used for another request) is
-/// taken back out whole: its streams return to where they stood before it. Pure: no IO.
-fn decide_batch<'a>(
-    jobs: &'a [Job],
-    states: &HashMap<Uuid, Loaded>,
-    mut verdicts: Vec<Vec<Option<Verdict>>>,
-    now: DateTime<Utc>,
-) -> Decided<'a> {
-    let mut working: HashMap<Uuid, Loaded> = states.clone();
-    let mut appends: BTreeMap<Uuid, StreamAppend> = BTreeMap::new();
-    let mut released: Vec<&IdempotencyKey> = Vec::new();
-    for (job, verdicts) in jobs.iter().zip(&mut verdicts) {
-        let chain = job.items.len() > 1;
-        // Where the chain's streams stood before it, to take it back out.
-        let before: Vec<(Uuid, Loaded, Option<usize>)> = if chain {
-            job.streams
-                .iter()
-                .map(|(s, _)| (*s, working[s].clone(), appends.get(s).map(|a| a.events.len())))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut failed = chain
-            .then(|| verdicts.iter().position(|v| matches!(v, Some(Verdict::KeyReused))))
-            .flatten()
-            .map(|k| (k, None));
-        for (k, item) in job.items.iter().enumerate() {
-            if failed.is_some() {
-                break;
-            }
-            if verdicts[k].is_some() {
-                continue;
-            }
-            match decide(&item.command, &working, now) {
-                Ok(decided) => {
-                    record(decided, item, &mut working, &mut appends);
-                    verdicts[k] = Some(Verdict::Accepted(touched(item, &working)));
-                }
-                Err(refusal) => failed = Some((k, Some(refusal))),
-            }
-        }
-        let Some((failed, refusal)) = failed else {
-            continue;
-        };
-        for (stream, loaded, events) in before {
-            working.insert(stream, loaded);
-            match events {
-                Some(len) => appends.get_mut(&stream).expect("kept").events.truncate(len),
-                None => {
-                    appends.remove(&stream);
-                }
-            }
-        }
-        let answered = std::mem::take(verdicts);
-        let answered_at = |k: usize| answered[k].clone();
-        *verdicts = refuse_chain(&job.items, failed, refusal, answered_at);
-        // A refusal is an outcome, stored under the key like an acceptance, except for stale
-        // state, which a retry is meant to get past.
-        for (item, verdict) in job.items.iter().zip(verdicts.iter()) {
-            if matches!(verdict, Some(Verdict::Rejected(AccountError::StaleState))) {
-                released.extend(item.idempotency.as_ref().map(|i| &i.key));
-            }
-        }
-    }
-    Decided {
-        working,
-        appends,
-        verdicts,
-        released,
-    }
-}
-
-/// Folds an accepted command's events into the working states and the batch's appends.
-fn record(
-    decided: Vec<(Uuid, Events)>,
-    item: &Item,
-    working: &mut HashMap<Uuid, Loaded>,
-    appends: &mut BTreeMap<Uuid, StreamAppend>,
-) {
-    for (stream, events) in decided {
-        let loaded = working
-            .get_mut(&stream)
-            .expect("every stream is loaded before deciding");
-        let append = appends.entry(stream).or_insert_with(|| StreamAppend {
-            stream_type: loaded.state.kind().stream_type().to_owned(),
-            stream_id: stream,
-            expected_version: loaded.version,
-            known_prev_hash: loaded.last_hash,
-            events: Vec::new(),
-        });
-        append.events.extend(events.record(loaded, &item.metadata));
-    }
-}
-
-/// Where the streams of `item` stand (positions are known after the insert).
-fn touched(item: &Item, working: &HashMap<Uuid, Loaded>) -> Vec<Touched> {
-    item.streams
-        .iter()
-        .map(|(stream, _)| {
-            let loaded = &working[stream];
-            Touched {
-                stream_id: *stream,
-                state: loaded.state.clone(),
-                version: loaded.version,
-                position: 0,
-            }
-        })
-        .collect()
-}
-
-/// Appends `appends` in statements of at most [`APPEND_EVENTS_MAX`] events, in the caller's
-/// transaction: a batch of many-leg entries or a long chain outgrows one statement. A stream
-/// cut between two statements continues on the hash the first returned.
-async fn append_chunked(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    appends: Vec<StreamAppend>,
-) -> Result<Vec<AppendedEvent>, StoreError> {
-    let mut appended = Vec::new();
-    let mut queue: VecDeque<StreamAppend> = appends.into();
-    while !queue.is_empty() {
-        let mut chunk = Vec::new();
-        let mut room = APPEND_EVENTS_MAX;
-        while room > 0
-            && let Some(mut append) = queue.pop_front()
-        {
-            if append.events.len() > room {
-                let rest = append.events.split_off(room);
-                queue.push_front(StreamAppend {
-                    stream_type: append.stream_type.clone(),
-                    stream_id: append.stream_id,
-                    expected_version: append.expected_version + room as i64,
-                    // Known once this chunk is in (below).
-                    known_prev_hash: None,
-                    events: rest,
-                });
-            }
-            room -= append.events.len();
-            chunk.push(append);
-        }
-        let done = append_events_in(tx, chunk).await?;
-        if let Some(next) = queue.front_mut()
-            && let Some(last) = done
-                .iter()
-                .find(|e| e.stream_id == next.stream_id && e.version == next.expected_version)
-        {
-            // Written by this transaction: the store could not read it as an older one's.
-            next.known_prev_hash = Some(last.hash);
-        }
-        appended.extend(done);
-    }
-    Ok(appended)
 }
 
 /// Writes a snapshot in the background: it is a cache, so a failure only costs a longer load.

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
-use sqlx::{Postgres, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 
 /// Longest accepted key, in bytes.
 pub const KEY_LEN_MAX: usize = 255;
@@ -47,7 +47,7 @@ pub enum Claim {
 
 /// The caller of keys stored before keys were scoped, whose events named no actor: such a
 /// key answers every caller (migration `0005_idempotency_per_caller.sql`).
-const LEGACY_CALLER: &str = "";
+pub(crate) const LEGACY_CALLER: &str = "";
 
 /// A validated idempotency key, scoped to the caller that sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -249,31 +249,16 @@ pub async fn store_many(
     if records.is_empty() {
         return Ok(Vec::new());
     }
-    let callers: Vec<&str> = records.iter().map(|(k, _, _)| k.caller()).collect();
-    let keys: Vec<&str> = records.iter().map(|(k, _, _)| k.as_str()).collect();
-    let hashes: Vec<&[u8]> = records.iter().map(|(_, h, _)| h.as_slice()).collect();
-    let statuses: Vec<i16> = records.iter().map(|(_, _, r)| r.status as i16).collect();
-    let bodies: Vec<String> = records.iter().map(|(_, _, r)| r.body.to_string()).collect();
-    // Sorted, like claims: two transactions storing overlapping keys wait on each other
-    // instead of deadlocking.
-    let stored: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, response_status, response_body) \
-         SELECT t.caller, t.key, t.hash, t.status, t.body::json \
-         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::smallint[], $5::text[]) \
-             AS t(caller, key, hash, status, body) \
-         WHERE (SELECT 1 FROM idempotency_keys l WHERE l.caller = $6 AND l.key = t.key LIMIT 1) IS NULL \
-         ORDER BY t.key, t.caller \
-         ON CONFLICT (key, caller) DO NOTHING RETURNING caller, key",
-    )
-    .bind(&callers)
-    .bind(&keys)
-    .bind(&hashes)
-    .bind(&statuses)
-    .bind(&bodies)
-    .bind(LEGACY_CALLER)
-    .fetch_all(&mut **tx)
-    .await?;
-    if stored.len() == keys.len() {
+    let columns = Records::of(records);
+    let sql = format!("{} RETURNING caller, key", Records::insert(1));
+    let stored: Vec<(String, String)> = columns
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    if stored.len() == records.len() {
         return Ok(Vec::new());
     }
     let stored: HashSet<(String, String)> = stored.into_iter().collect();
@@ -283,6 +268,64 @@ pub async fn store_many(
         .filter(|k| !stored.contains(&(k.caller.clone(), k.key.clone())))
         .cloned()
         .collect())
+}
+
+/// The column arrays of records stored unclaimed, for [`Records::insert`].
+pub(crate) struct Records<'a> {
+    callers: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    hashes: Vec<&'a [u8]>,
+    statuses: Vec<i16>,
+    bodies: Vec<String>,
+}
+
+impl<'a> Records<'a> {
+    pub(crate) fn of(records: &[(&'a IdempotencyKey, &'a [u8; 32], &StoredResponse)]) -> Self {
+        Self {
+            callers: records.iter().map(|(k, _, _)| k.caller()).collect(),
+            keys: records.iter().map(|(k, _, _)| k.as_str()).collect(),
+            hashes: records.iter().map(|(_, h, _)| h.as_slice()).collect(),
+            statuses: records.iter().map(|(_, _, r)| r.status as i16).collect(),
+            bodies: records.iter().map(|(_, _, r)| r.body.to_string()).collect(),
+        }
+    }
+
+    /// The insert of the records, with its six parameters numbered from `first` (bound by
+    /// [`Records::bind`]), without a `RETURNING`: a key taken already (or stored before keys
+    /// were scoped, which counts as taken for every caller) is skipped. Sorted, like claims:
+    /// two transactions storing overlapping keys wait on each other instead of deadlocking.
+    pub(crate) fn insert(first: usize) -> String {
+        let p = |n: usize| format!("${}", first + n);
+        format!(
+            "INSERT INTO idempotency_keys (caller, key, request_hash, response_status, response_body) \
+             SELECT t.caller, t.key, t.hash, t.status, t.body::json \
+             FROM UNNEST({}::text[], {}::text[], {}::bytea[], {}::smallint[], {}::text[]) \
+                 AS t(caller, key, hash, status, body) \
+             WHERE (SELECT 1 FROM idempotency_keys l WHERE l.caller = {} AND l.key = t.key LIMIT 1) IS NULL \
+             ORDER BY t.key, t.caller \
+             ON CONFLICT (key, caller) DO NOTHING",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
+        )
+    }
+
+    /// Binds the parameters of [`Records::insert`], in order.
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.callers)
+            .bind(&self.keys)
+            .bind(&self.hashes)
+            .bind(&self.statuses)
+            .bind(&self.bodies)
+            .bind(LEGACY_CALLER)
+    }
 }
 
 /// Deletes keys older than `retention`; returns how many. Only run when a retention is

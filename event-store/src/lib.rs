@@ -13,6 +13,7 @@
 //!
 //! Postgres error codes are translated into [`StoreError`] here and nowhere else.
 
+pub mod autocommit;
 pub mod checkpoint;
 pub mod hash;
 pub mod idempotency;
@@ -76,6 +77,11 @@ pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// that window fails the next statement instead, which every caller already answers as
 /// unavailable (503, retryable).
 pub fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    Ok(pool_options(max_connections).connect_lazy_with(database_url.parse()?))
+}
+
+/// How every pool of the store hands out connections ([`connect`]).
+fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
@@ -88,7 +94,6 @@ pub fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx:
                 Ok(true)
             })
         })
-        .connect_lazy(database_url)
 }
 
 /// A pooled connection idle this long is pinged before it is used again ([`connect`]).
@@ -107,13 +112,18 @@ pub const IDLE_PING_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// priced out on such a connection (`enable_seqscan = off`); each statement a writer runs is
 /// written as a probe of a primary key per row (or by `= ANY` of its keys) anyway.
 pub async fn connect_writer(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
-    let options = (*pool.connect_options())
-        .clone()
-        .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+    let options = writer_options(pool);
     match tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, PgConnection::connect_with(&options)).await {
         Ok(connected) => connected,
         Err(_) => Err(sqlx::Error::PoolTimedOut),
     }
+}
+
+/// The options of `pool`'s connections, with a writer's settings ([`connect_writer`]).
+fn writer_options(pool: &PgPool) -> sqlx::postgres::PgConnectOptions {
+    (*pool.connect_options())
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")])
 }
 
 /// Why an append or read failed.
@@ -220,6 +230,8 @@ pub struct Appended {
     pub version: i64,
     /// Global position of the stream's last appended event.
     pub position: i64,
+    /// The hash of that event: the `known_prev_hash` of the stream's next append.
+    pub hash: Hash,
 }
 
 /// Where one appended event landed.
@@ -311,13 +323,20 @@ pub(crate) fn stored_event(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, s
 #[derive(Debug, Clone)]
 pub struct EventStore {
     pool: PgPool,
+    /// The connections [`EventStore::append`] writes on: to the same server as `pool`, with a
+    /// writer's settings ([`writer_options`]), made on the first append.
+    appenders: std::sync::Arc<std::sync::OnceLock<PgPool>>,
     /// Set by [`EventStore::notifying`]: who tells the relay about commits.
     notifier: Option<notify::CommitNotifier>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, notifier: None }
+        Self {
+            pool,
+            appenders: Default::default(),
+            notifier: None,
+        }
     }
 
     /// The same store, also sending a commit notification ([`notify`]) after every append it
@@ -340,17 +359,36 @@ impl EventStore {
         &self.pool
     }
 
+    /// The pool [`EventStore::append`] writes through: as large as `pool` and to the same
+    /// server, but with its statements planned once per connection ([`writer_options`]). The
+    /// append is one statement that Postgres took 0.4-0.8 ms to plan afresh at every call and
+    /// 0.1 ms to run (`pg_stat_statements`, `track_planning`). Lazy: a process that never
+    /// appends never connects it.
+    fn appenders(&self) -> &PgPool {
+        self.appenders.get_or_init(|| {
+            pool_options(self.pool.options().get_max_connections()).connect_lazy_with(writer_options(&self.pool))
+        })
+    }
+
     /// Appends the events of every stream in `appends` atomically: all of them or none.
     ///
     /// Streams are written in a canonical order (by stream id), so two transactions touching
     /// the same streams in opposite orders cannot deadlock. A stream not at its expected
     /// version fails the whole append with [`StoreError::Conflict`].
+    ///
+    /// One autocommitted statement ([`autocommit`]), after one read of the predecessors'
+    /// hashes (skipped for every stream whose `known_prev_hash` is given): the transaction that
+    /// used to wrap it cost a `BEGIN` and a `COMMIT` round trip besides.
     pub async fn append(&self, appends: Vec<StreamAppend>) -> Result<Vec<Appended>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let appended = append_in(&mut tx, appends).await?;
-        tx.commit().await?;
+        let mut connection = self.appenders().acquire().await?;
+        let events = autocommit::append_with_keys(&mut connection, appends, &[])
+            .await
+            .map_err(|error| match error {
+                autocommit::AutocommitError::RolledBack(error) | autocommit::AutocommitError::Unknown(error) => error,
+                autocommit::AutocommitError::KeysTaken(_) => unreachable!("no keys were given"),
+            })?;
         self.committed();
-        Ok(appended)
+        Ok(heads(events))
     }
 
     /// Reads the events of one stream with `version > after_version`, in version order.
@@ -436,33 +474,37 @@ pub async fn append_in(
     tx: &mut Transaction<'_, Postgres>,
     appends: Vec<StreamAppend>,
 ) -> Result<Vec<Appended>, StoreError> {
-    let events = append_events_in(tx, appends).await?;
+    Ok(heads(append_events_in(tx, appends).await?))
+}
+
+/// Where each stream of `events` (sorted by stream and version) stands after them.
+fn heads(events: Vec<AppendedEvent>) -> Vec<Appended> {
     let mut appended: Vec<Appended> = Vec::new();
     for event in events {
         match appended.iter_mut().find(|a| a.stream_id == event.stream_id) {
             Some(a) if a.version < event.version => {
                 a.version = event.version;
                 a.position = event.position;
+                a.hash = event.hash;
             }
             Some(_) => {}
             None => appended.push(Appended {
                 stream_id: event.stream_id,
                 version: event.version,
                 position: event.position,
+                hash: event.hash,
             }),
         }
     }
-    Ok(appended)
+    appended
 }
 
-/// Like [`append_in`], but returns the version and position of every event, for a caller
-/// that packed several commands into one append (group commit) and answers each of them.
-pub async fn append_events_in(
-    tx: &mut Transaction<'_, Postgres>,
-    mut appends: Vec<StreamAppend>,
-) -> Result<Vec<AppendedEvent>, StoreError> {
+/// Checks an append's shape and sorts its streams (the canonical order that keeps two writers
+/// of the same streams from deadlocking); returns how many events it carries. `empty_ok`: no
+/// events at all is allowed (an autocommitted statement may store only idempotency records).
+fn checked_append(appends: &mut [StreamAppend], empty_ok: bool) -> Result<usize, StoreError> {
     let total: usize = appends.iter().map(|a| a.events.len()).sum();
-    if total == 0 || total > APPEND_EVENTS_MAX {
+    if (total == 0 && !empty_ok) || total > APPEND_EVENTS_MAX {
         return Err(StoreError::InvalidAppend(format!(
             "an append carries 1 to {APPEND_EVENTS_MAX} events, not {total}"
         )));
@@ -471,66 +513,47 @@ pub async fn append_events_in(
     if appends.windows(2).any(|w| w[0].stream_id == w[1].stream_id) {
         return Err(StoreError::InvalidAppend("a stream appears twice in one append".into()));
     }
-
-    // Postgres keeps microseconds; truncate first so the hashed text equals what is read back.
-    let recorded_at = Utc::now().trunc_subsecs(6);
-    let mut cols = Columns::with_capacity(total);
-    let previous = previous_hashes(tx, &appends).await?;
-    for (append, mut prev_hash) in appends.iter().zip(previous) {
-        for (i, event) in append.events.iter().enumerate() {
-            let version = append.expected_version + 1 + i as i64;
-            let hash = event_hash(&hash::HashInput {
-                prev_hash: prev_hash.as_deref(),
-                stream_type: &append.stream_type,
-                stream_id: append.stream_id,
-                version,
-                event_id: event.event_id,
-                event_type: &event.event_type,
-                schema_version: event.schema_version,
-                recorded_at,
-                payload: &event.payload,
-                metadata: &event.metadata,
-            });
-            cols.push(append, event, version, prev_hash.take(), hash);
-            prev_hash = Some(hash.to_vec());
-        }
+    if appends.iter().any(|a| a.expected_version < 0) {
+        return Err(StoreError::InvalidAppend("expected version must be >= 0".into()));
     }
+    Ok(total)
+}
 
-    // One statement for all events of all streams: one round trip however many there are.
-    // An append chained on a hash its caller gave is kept only if the log holds that hash at
-    // that version (one primary-key probe per row, in the same statement): a caller's state
-    // ahead of the log, or a wrong hash, never writes a broken chain. `LIMIT 1` keeps the
-    // probe a per-row subplan, whatever the planner knows of the table.
-    let rows = sqlx::query(
-        "INSERT INTO events (stream_type, stream_id, version, event_id, event_type, schema_version, \
-                             payload, metadata, recorded_at, prev_hash, hash) \
-         SELECT t.stream_type, t.stream_id, t.version, t.event_id, t.event_type, t.schema_version, \
-                t.payload::json, t.metadata::json, $9, t.prev_hash, t.hash \
-         FROM UNNEST($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
-                     $7::text[], $8::text[], $10::bytea[], $11::bytea[], $12::bigint[], $13::bytea[]) \
-              AS t(stream_type, stream_id, version, event_id, event_type, schema_version, \
-                   payload, metadata, prev_hash, hash, check_version, check_hash) \
-         WHERE t.check_hash IS NULL \
-            OR (SELECT p.hash FROM events p \
-                WHERE p.stream_id = t.stream_id AND p.version = t.check_version LIMIT 1) = t.check_hash \
-         RETURNING stream_id, version, position",
-    )
-    .bind(&cols.stream_type)
-    .bind(&cols.stream_id)
-    .bind(&cols.version)
-    .bind(&cols.event_id)
-    .bind(&cols.event_type)
-    .bind(&cols.schema_version)
-    .bind(&cols.payload)
-    .bind(&cols.metadata)
-    .bind(recorded_at)
-    .bind(&cols.prev_hash)
-    .bind(&cols.hash)
-    .bind(&cols.check_version)
-    .bind(&cols.check_hash)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(|e| conflict_or_database(e, &appends))?;
+/// One statement for all events of all streams: one round trip however many there are
+/// ([`Columns::bind`] gives its parameters `$1` to `$13`).
+///
+/// An append chained on a hash its caller gave is kept only if the log holds that hash at
+/// that version (one primary-key probe per row, in the same statement): a caller's state ahead
+/// of the log, or a wrong hash, never writes a broken chain. `LIMIT 1` keeps the probe a
+/// per-row subplan, whatever the planner knows of the table.
+pub(crate) const INSERT_EVENTS: &str = "INSERT INTO events (stream_type, stream_id, version, event_id, event_type, \
+                         schema_version, payload, metadata, recorded_at, prev_hash, hash) \
+     SELECT t.stream_type, t.stream_id, t.version, t.event_id, t.event_type, t.schema_version, \
+            t.payload::json, t.metadata::json, $9, t.prev_hash, t.hash \
+     FROM UNNEST($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
+                 $7::text[], $8::text[], $10::bytea[], $11::bytea[], $12::bigint[], $13::bytea[]) \
+          AS t(stream_type, stream_id, version, event_id, event_type, schema_version, \
+               payload, metadata, prev_hash, hash, check_version, check_hash) \
+     WHERE t.check_hash IS NULL \
+        OR (SELECT p.hash FROM events p \
+            WHERE p.stream_id = t.stream_id AND p.version = t.check_version LIMIT 1) = t.check_hash \
+     RETURNING stream_id, version, position";
+
+/// Like [`append_in`], but returns the version and position of every event, for a caller
+/// that packed several commands into one append (group commit) and answers each of them.
+pub async fn append_events_in(
+    tx: &mut Transaction<'_, Postgres>,
+    mut appends: Vec<StreamAppend>,
+) -> Result<Vec<AppendedEvent>, StoreError> {
+    let total = checked_append(&mut appends, false)?;
+    let previous = previous_hashes(tx, &appends, true).await?;
+    let cols = Columns::of(&appends, previous, total);
+
+    let rows = cols
+        .bind(sqlx::query(INSERT_EVENTS))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| conflict_or_database(e, &appends))?;
     if rows.len() < total {
         // Some given predecessor is not in the log (the caller's state is from the future, or
         // its hash is wrong): those rows were skipped, the others inserted; the caller rolls
@@ -549,41 +572,25 @@ pub async fn append_events_in(
         });
     }
 
-    let hashes: HashMap<(Uuid, i64), Hash> = cols
-        .stream_id
-        .iter()
-        .zip(&cols.version)
-        .zip(&cols.hash)
-        .map(|((stream, version), hash)| ((*stream, *version), hash.as_slice().try_into().expect("32 bytes")))
-        .collect();
-    let mut appended = rows
-        .iter()
-        .map(|row| {
-            let stream_id: Uuid = row.try_get("stream_id")?;
-            let version: i64 = row.try_get("version")?;
-            Ok(AppendedEvent {
-                stream_id,
-                version,
-                position: row.try_get("position")?,
-                hash: hashes[&(stream_id, version)],
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    appended.sort_by_key(|e| (e.stream_id, e.version));
-    Ok(appended)
+    Ok(cols.landed(&rows)?)
 }
 
 /// For each append (sorted by stream), the hash of the event at its `expected_version`: the
-/// caller's `known_prev_hash`, else read, in one round trip for all of them. Finding that event proves the stream is exactly there
-/// *or behind*; being behind is caught by the primary key when inserting. A stream that is not
-/// even at `expected_version` is a conflict too (the caller's state is from the future).
-async fn previous_hashes(
-    tx: &mut Transaction<'_, Postgres>,
+/// caller's `known_prev_hash`, else read, in one round trip for all of them. Finding that event
+/// proves the stream is exactly there *or behind*; being behind is caught by the primary key
+/// when inserting. A stream that is not even at `expected_version` is a conflict too (the
+/// caller's state is from the future).
+///
+/// `in_transaction`: the read runs in the appending transaction, which may hold an xid already,
+/// so the predecessor's transaction is checked to be the older one (below). Read before the
+/// appending statement starts (autocommit, [`autocommit`]), it is older by construction: it
+/// committed before the read, and the appending statement takes its xid after. Asking for the
+/// current xid there would give the read an xid of its own, and its commit a WAL flush.
+pub(crate) async fn previous_hashes(
+    connection: &mut PgConnection,
     appends: &[StreamAppend],
+    in_transaction: bool,
 ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-    if appends.iter().any(|a| a.expected_version < 0) {
-        return Err(StoreError::InvalidAppend("expected version must be >= 0".into()));
-    }
     let (ids, versions): (Vec<Uuid>, Vec<i64>) = appends
         .iter()
         .filter(|a| a.expected_version > 0 && a.known_prev_hash.is_none())
@@ -600,16 +607,22 @@ async fn previous_hashes(
         // sequential scan, and each connection kept that plan as the log grew (seen in the
         // projection-lag benchmark's statement statistics). `LIMIT 1` keeps the subquery from
         // being folded into a join.
-        sqlx::query_as(
+        let sql = if in_transaction {
             "SELECT p.sid, e.hash, e.tx_id < pg_current_xact_id() AS ordered \
              FROM UNNEST($1::uuid[], $2::bigint[]) AS p(sid, version) \
              CROSS JOIN LATERAL (SELECT hash, tx_id FROM events \
-                                 WHERE stream_id = p.sid AND version = p.version LIMIT 1) e",
-        )
-        .bind(&ids)
-        .bind(&versions)
-        .fetch_all(&mut **tx)
-        .await?
+                                 WHERE stream_id = p.sid AND version = p.version LIMIT 1) e"
+        } else {
+            "SELECT p.sid, e.hash, true AS ordered \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS p(sid, version) \
+             CROSS JOIN LATERAL (SELECT hash FROM events \
+                                 WHERE stream_id = p.sid AND version = p.version LIMIT 1) e"
+        };
+        sqlx::query_as(sql)
+            .bind(&ids)
+            .bind(&versions)
+            .fetch_all(connection)
+            .await?
     };
     appends
         .iter()
@@ -663,7 +676,7 @@ fn conflicting_stream(detail: &str) -> Option<Uuid> {
 
 /// Column arrays for the UNNEST insert.
 #[derive(Default)]
-struct Columns {
+pub(crate) struct Columns {
     stream_type: Vec<String>,
     stream_id: Vec<Uuid>,
     version: Vec<i64>,
@@ -678,9 +691,87 @@ struct Columns {
     /// (`known_prev_hash`): that version and hash, which the insert checks against the log.
     check_version: Vec<Option<i64>>,
     check_hash: Vec<Option<Vec<u8>>>,
+    recorded_at: DateTime<Utc>,
 }
 
 impl Columns {
+    /// The rows of `appends` (sorted by stream), each hashed on its predecessor: `previous`
+    /// holds, per append, the hash its first event chains on.
+    pub(crate) fn of(appends: &[StreamAppend], previous: Vec<Option<Vec<u8>>>, total: usize) -> Self {
+        // Postgres keeps microseconds; truncate first so the hashed text equals what is read back.
+        let recorded_at = Utc::now().trunc_subsecs(6);
+        let mut cols = Columns::with_capacity(total);
+        cols.recorded_at = recorded_at;
+        for (append, mut prev_hash) in appends.iter().zip(previous) {
+            for (i, event) in append.events.iter().enumerate() {
+                let version = append.expected_version + 1 + i as i64;
+                let hash = event_hash(&hash::HashInput {
+                    prev_hash: prev_hash.as_deref(),
+                    stream_type: &append.stream_type,
+                    stream_id: append.stream_id,
+                    version,
+                    event_id: event.event_id,
+                    event_type: &event.event_type,
+                    schema_version: event.schema_version,
+                    recorded_at,
+                    payload: &event.payload,
+                    metadata: &event.metadata,
+                });
+                cols.push(append, event, version, prev_hash.take(), hash);
+                prev_hash = Some(hash.to_vec());
+            }
+        }
+        cols
+    }
+
+    /// Binds `$1` to `$13` of [`INSERT_EVENTS`].
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.stream_type)
+            .bind(&self.stream_id)
+            .bind(&self.version)
+            .bind(&self.event_id)
+            .bind(&self.event_type)
+            .bind(&self.schema_version)
+            .bind(&self.payload)
+            .bind(&self.metadata)
+            .bind(self.recorded_at)
+            .bind(&self.prev_hash)
+            .bind(&self.hash)
+            .bind(&self.check_version)
+            .bind(&self.check_hash)
+    }
+
+    /// Where each inserted row landed, from the `stream_id, version, position` rows the insert
+    /// returned, sorted by stream and version.
+    pub(crate) fn landed(&self, rows: &[sqlx::postgres::PgRow]) -> Result<Vec<AppendedEvent>, sqlx::Error> {
+        let hashes: HashMap<(Uuid, i64), Hash> = self
+            .stream_id
+            .iter()
+            .zip(&self.version)
+            .zip(&self.hash)
+            .map(|((stream, version), hash)| ((*stream, *version), hash.as_slice().try_into().expect("32 bytes")))
+            .collect();
+        let mut appended = rows
+            .iter()
+            .map(|row| {
+                let stream_id: Uuid = row.try_get("stream_id")?;
+                let version: i64 = row.try_get("version")?;
+                Ok(AppendedEvent {
+                    stream_id,
+                    version,
+                    position: row.try_get("position")?,
+                    hash: hashes[&(stream_id, version)],
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        appended.sort_by_key(|e| (e.stream_id, e.version));
+        Ok(appended)
+    }
+
     fn with_capacity(n: usize) -> Self {
         Self {
             stream_type: Vec::with_capacity(n),
@@ -695,6 +786,7 @@ impl Columns {
             hash: Vec::with_capacity(n),
             check_version: Vec::with_capacity(n),
             check_hash: Vec::with_capacity(n),
+            recorded_at: DateTime::<Utc>::MIN_UTC,
         }
     }
 

@@ -64,8 +64,8 @@ pub struct StoredStream {
 /// version 0 when there is none), in **one** round trip: a command on a stream the writer's
 /// cache does not hold waits on this before it is decided. The snapshot's state comes once
 /// per stream, on its first row.
-pub async fn load_streams(
-    pool: &PgPool,
+pub async fn load_streams<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     stream_ids: &[Uuid],
     limit_each: i64,
 ) -> Result<HashMap<Uuid, StoredStream>, crate::StoreError> {
@@ -93,7 +93,7 @@ pub async fn load_streams(
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&ids)
         .bind(limit_each.clamp(1, crate::READ_LIMIT_MAX))
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
     let mut streams: HashMap<Uuid, StoredStream> = HashMap::with_capacity(ids.len());
     for row in &rows {

@@ -359,3 +359,107 @@ async fn keys_stored_unclaimed_report_the_ones_taken_including_by_a_transaction_
     holder.commit().await.unwrap();
     assert_eq!(second.await.unwrap(), ["old", "raced"]);
 }
+
+#[tokio::test]
+async fn one_autocommitted_statement_writes_events_and_keys_together_or_neither() {
+    use tally_event_store::autocommit::{self, AutocommitError};
+    use tally_event_store::idempotency::{self, IdempotencyKey, StoredResponse};
+    use tally_event_store::{NewEvent, StoreError, StreamAppend};
+
+    let db = tally_tests::TestDb::new().await;
+    let store = db.store();
+    let pool = store.pool().clone();
+    let key = |k: &str| IdempotencyKey::parse("tally-tests", k).unwrap();
+    let hash = [7u8; 32];
+    let response = StoredResponse {
+        status: 201,
+        body: json!({"position": 0}),
+    };
+    let event = || NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "FundsDeposited".into(),
+        schema_version: 1,
+        payload: r#"{"amount":1,"currency":"EUR","reference":"r"}"#.into(),
+        metadata: "{}".into(),
+    };
+    let append = |stream_id, expected_version, known_prev_hash| StreamAppend {
+        stream_type: "account".into(),
+        stream_id,
+        expected_version,
+        known_prev_hash,
+        events: vec![event()],
+    };
+    let keys_stored = |k: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM idempotency_keys WHERE key = $1")
+                .bind(k)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (id, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut connection = pool.acquire().await.unwrap();
+
+    // Both take effect: the events (positions returned) and the record.
+    let landed = autocommit::append_with_keys(
+        &mut connection,
+        vec![append(id, 0, None)],
+        &[(&key("a"), &hash, &response)],
+    )
+    .await
+    .unwrap();
+    assert_eq!((landed.len(), landed[0].version), (1, 1));
+    assert!(landed[0].position > 0);
+    assert_eq!(keys_stored("a").await, 1);
+    let positions = autocommit::positions_at(&mut connection, &[(id, 1), (id, 2)])
+        .await
+        .unwrap();
+    assert_eq!(positions.len(), 1, "only the event the log holds");
+    assert_eq!(positions[&(id, 1)], landed[0].position);
+
+    // A key taken already: the statement raises and its events are not kept.
+    let mut tx = pool.begin().await.unwrap();
+    idempotency::store_many(&mut tx, &[(&key("taken"), &hash, &response)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let result = autocommit::append_with_keys(
+        &mut connection,
+        vec![append(other, 0, None)],
+        &[(&key("b"), &hash, &response), (&key("taken"), &hash, &response)],
+    )
+    .await;
+    assert!(matches!(result, Err(AutocommitError::KeysTaken(1))), "{result:?}");
+    assert_eq!(db.event_count(other).await, 0, "no event of a statement that raised");
+    assert_eq!(keys_stored("b").await, 0, "nor its free key");
+
+    // A predecessor hash the log does not hold: a conflict naming the stream, and no key kept.
+    let result = autocommit::append_with_keys(
+        &mut connection,
+        vec![append(id, 1, Some([0u8; 32])), append(other, 0, None)],
+        &[(&key("c"), &hash, &response)],
+    )
+    .await;
+    assert!(
+        matches!(result, Err(AutocommitError::RolledBack(StoreError::Conflict { stream_id, .. })) if stream_id == id),
+        "{result:?}"
+    );
+    assert_eq!((db.event_count(id).await, db.event_count(other).await), (1, 0));
+    assert_eq!(keys_stored("c").await, 0);
+
+    // Nothing at all (keyless refusals): nothing sent, nothing refused.
+    assert!(
+        autocommit::append_with_keys(&mut connection, vec![], &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Only records, no events (a batch of refusals): stored.
+    autocommit::append_with_keys(&mut connection, vec![], &[(&key("d"), &hash, &response)])
+        .await
+        .unwrap();
+    assert_eq!(keys_stored("d").await, 1);
+}
