@@ -273,6 +273,11 @@ pub async fn load_many(
         let had_snapshot = snapshot.is_some();
         // Only accounts keep snapshots; one under another kind's id is not this stream's.
         let mut state = from_snapshot(*id, *kind, snapshot.filter(|_| *kind == StreamKind::Account));
+        if state.version > 0 {
+            // Where the stream stands if no event follows the snapshot: a response naming this
+            // stream's position tells the truth even when the command writes nothing to it.
+            state.position = stream.map_or(0, |s| s.snapshot_position);
+        }
         let events = stream.map_or(&[][..], |s| s.events.as_slice());
         // The events read start after the snapshot: one not used (an old shape, another kind)
         // means reading from the start, and a full page means reading on.

@@ -72,6 +72,27 @@ pub async fn append_with_keys(
     }
     let cols = Columns::of(&appends, previous, total);
 
+    if records.is_empty() && appends.len() == 1 {
+        // One stream and no records: every row carries the same check, so the plain insert
+        // writes all of them or none, and commits nothing when the stream moved. It is the
+        // cheaper statement to plan and run (no function, no second part).
+        let rows = cols
+            .bind(sqlx::query(INSERT_EVENTS))
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(|error| statement_failed(error, &appends))?;
+        if rows.len() < total {
+            let append = &appends[0];
+            return Err(AutocommitError::RolledBack(StoreError::Conflict {
+                stream_id: append.stream_id,
+                expected: append.expected_version,
+            }));
+        }
+        return cols
+            .landed(&rows)
+            .map_err(|error| AutocommitError::Unknown(StoreError::Database(error)));
+    }
+
     // The keys' part is `idempotency::store_many`'s insert; the last `SELECT` reads both parts
     // (so both run to completion first) and raises when either fell short. Its one row is there
     // even when no event is written, so the check always runs.
@@ -114,6 +135,9 @@ fn statement_failed(error: sqlx::Error, appends: &[StreamAppend]) -> AutocommitE
         .and_then(|pg| pg.detail())
         .unwrap_or_default()
         .to_owned();
+    let severity = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .map(|pg| pg.severity());
     match db.code().as_deref() {
         Some("TL001") => AutocommitError::KeysTaken(detail.parse().unwrap_or(1)),
         Some("TL002") => {
@@ -126,11 +150,15 @@ fn statement_failed(error: sqlx::Error, appends: &[StreamAppend]) -> AutocommitE
                 expected: lost.expected_version,
             })
         }
-        // Operator intervention (57P01 and kin): a server shutting down while the commit waited
-        // on a synchronous standby has committed locally and says so only in a warning.
-        Some(code) if code.starts_with("57") => AutocommitError::Unknown(StoreError::Database(error)),
-        // Any other error ended the statement before its commit.
-        _ => AutocommitError::RolledBack(conflict_or_database(error, appends)),
+        // An error of `ERROR` severity ends the statement and its transaction before the commit
+        // (a statement timeout too: Postgres disarms it before committing).
+        _ if severity == Some(sqlx::postgres::PgSeverity::Error) => {
+            AutocommitError::RolledBack(conflict_or_database(error, appends))
+        }
+        // `FATAL` or `PANIC` may come from the commit itself: a server shut down while the
+        // commit waited on a synchronous standby (57P01, committed locally), or one that failed
+        // to flush the commit record, which may still be on disk.
+        _ => AutocommitError::Unknown(StoreError::Database(error)),
     }
 }
 

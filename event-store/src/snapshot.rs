@@ -55,6 +55,9 @@ pub async fn load_many(pool: &PgPool, stream_ids: &[Uuid]) -> Result<HashMap<Uui
 #[derive(Debug, Clone, Default)]
 pub struct StoredStream {
     pub snapshot: Option<Snapshot>,
+    /// The global position of the event at the snapshot's version (0 without a snapshot): where
+    /// the stream stands when no event follows the snapshot.
+    pub snapshot_position: i64,
     /// In version order, at most `limit_each` of them: a stream that returns that many may have
     /// more (page on with [`crate::EventStore::read_stream`]).
     pub events: Vec<crate::StoredEvent>,
@@ -80,7 +83,8 @@ pub async fn load_streams<'c>(
     // `e.*` first: columns 0-12 are `EVENT_COLUMNS`, decoded by `stored_event`.
     let sql = format!(
         "SELECT e.*, s.sid, sn.stream_type, sn.version, sn.state_version, \
-                CASE WHEN e.version IS NULL OR e.version = sn.version + 1 THEN sn.state END \
+                CASE WHEN e.version IS NULL OR e.version = sn.version + 1 THEN sn.state END, \
+                (SELECT p.position FROM events p WHERE p.stream_id = s.sid AND p.version = sn.version LIMIT 1) \
          FROM UNNEST($1::uuid[]) AS s(sid) \
          LEFT JOIN LATERAL (SELECT stream_type, version, state_version, state FROM snapshots \
                             WHERE stream_id = s.sid LIMIT 1) sn ON true \
@@ -99,6 +103,7 @@ pub async fn load_streams<'c>(
     for row in &rows {
         let stream_id: Uuid = row.try_get(13)?;
         let stream = streams.entry(stream_id).or_default();
+        stream.snapshot_position = row.try_get::<Option<i64>, _>(18)?.unwrap_or(0);
         let state: Option<serde_json::Value> = row.try_get(17)?;
         if let (Some(state), Some(stream_type), Some(version), Some(state_version)) =
             (state, row.try_get(14)?, row.try_get(15)?, row.try_get(16)?)

@@ -310,6 +310,26 @@ async fn a_long_stream_is_loaded_from_its_snapshot_and_a_stale_shape_is_replayed
         "snapshot + later events = full replay"
     );
 
+    let head_position: i64 = sqlx::query_scalar("SELECT position FROM events WHERE stream_id = $1 AND version = $2")
+        .bind(id)
+        .bind(version)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(loaded.position, head_position, "the position of the last event folded");
+    // A snapshot at the head, no event after it: the position is still the head's (a response
+    // naming this stream tells it even when the command writes nothing to the stream).
+    let snapshot = tally_event_store::snapshot::load(&db.pool, id).await.unwrap().unwrap();
+    let head = tally_event_store::snapshot::Snapshot {
+        version,
+        state: serde_json::to_value(&reference).unwrap(),
+        ..snapshot
+    };
+    tally_event_store::snapshot::save(&db.pool, id, &head).await.unwrap();
+    let loaded = load_account(&db.store(), id).await.unwrap();
+    assert_eq!((loaded.snapshot_version, loaded.version), (version, version));
+    assert_eq!(loaded.position, head_position);
+
     // A snapshot in a shape this code does not know is ignored, not misread.
     sqlx::query(
         "UPDATE snapshots SET state_version = state_version + 1, state = '{\"balance\": -1}' WHERE stream_id = $1",
