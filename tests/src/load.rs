@@ -45,6 +45,13 @@ impl Writers {
     /// `unavailable` or `request-timeout`, and a 409 `concurrency-conflict`, or on retries
     /// for longer than `patience`.
     pub fn spawn(apis: &[Api], accounts: &[Uuid], count: usize, patience: Duration) -> Self {
+        Self::spawn_paced(apis, accounts, count, patience, Duration::ZERO)
+    }
+
+    /// [`Writers::spawn`], each writer waiting `pace` after each acknowledged deposit: a steady
+    /// load below what the machine sustains, for a test whose fault needs spare capacity to
+    /// heal (a restarted NATS server catching its streams up while the writes go on).
+    pub fn spawn_paced(apis: &[Api], accounts: &[Uuid], count: usize, patience: Duration, pace: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
         let unavailable = Arc::new(AtomicUsize::new(0));
@@ -84,6 +91,9 @@ impl Writers {
                                         first_sent,
                                         acked: Instant::now(),
                                     });
+                                    if !pace.is_zero() {
+                                        tokio::time::sleep(pace).await;
+                                    }
                                     break;
                                 }
                                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::CONFLICT
