@@ -94,7 +94,10 @@ impl Default for WriterConfig {
 }
 
 /// Builds the response of an accepted command (stored under its idempotency key, and
-/// returned) from where its streams stand after it.
+/// returned) from where its streams stand after it. It may be called before Postgres numbers the
+/// command's events: every `position` it writes must sit in an object beside the
+/// `consistency_token` of the same stream and version, where the writer fills it in (for the
+/// answer and for every replay alike).
 pub type Respond = Box<dyn Fn(&Executed) -> StoredResponse + Send + Sync>;
 
 /// One command handed to the writer, alone or as an item of a linked chain.

@@ -61,9 +61,10 @@ pub async fn append_with_keys(
         return Ok(Vec::new());
     }
     let total = checked_append(&mut appends, !records.is_empty()).map_err(AutocommitError::RolledBack)?;
+    // A read before the statement: when it fails, nothing was written.
     let previous = crate::previous_hashes(connection, &appends, false)
         .await
-        .map_err(read_failed)?;
+        .map_err(AutocommitError::RolledBack)?;
     // Every predecessor is now known: the insert checks each against the log.
     for (append, hash) in appends.iter_mut().zip(&previous) {
         if let Some(hash) = hash {
@@ -117,11 +118,6 @@ pub async fn append_with_keys(
         .collect();
     cols.landed(&rows)
         .map_err(|error| AutocommitError::Unknown(StoreError::Database(error)))
-}
-
-/// A read before the statement failed: nothing was written.
-fn read_failed(error: StoreError) -> AutocommitError {
-    AutocommitError::RolledBack(error)
 }
 
 /// What the statement's failure says about its outcome.

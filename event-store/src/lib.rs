@@ -339,8 +339,9 @@ impl EventStore {
         }
     }
 
-    /// The same store, also sending a commit notification ([`notify`]) after every append it
-    /// commits and whenever [`EventStore::committed`] is called; for the processes that write
+    /// The same store, also sending a commit notification ([`notify`], at most one per
+    /// [`notify::NOTIFY_INTERVAL`]) after every append it commits and whenever
+    /// [`EventStore::committed`] is called; for the processes that write
     /// the log (the command API). Needs a Tokio runtime.
     pub fn notifying(self) -> Self {
         let notifier = Some(notify::CommitNotifier::spawn(self.pool.clone()));

@@ -99,7 +99,7 @@ pub(super) async fn commit(
     }
     // The responses stored with the events are built before Postgres numbers them: they hold 0
     // for those positions, which a replay finds again in the log (`fill_positions`).
-    let (_, stored) = answers(jobs, verdicts.clone(), states, &HashMap::new());
+    let (mut results, stored) = answers(jobs, verdicts, states, &HashMap::new());
     let records: Vec<(&IdempotencyKey, &[u8; 32], &StoredResponse)> =
         stored.iter().map(|(i, r)| (&i.key, &i.request_hash, r)).collect();
     let appends: Vec<StreamAppend> = appends.into_values().collect();
@@ -109,7 +109,17 @@ pub(super) async fn commit(
         Err(AutocommitError::KeysTaken(taken)) => return Err(BatchError::NeedsClaims { taken }),
         Err(AutocommitError::Unknown(error)) => return Err(BatchError::CommitUnknown(error)),
     };
-    let (results, _) = answers(jobs, verdicts, states, &appended);
+    // The answers get their positions the way a replay does, so the two are the same.
+    for response in results.iter_mut().flatten().filter_map(|r| match r {
+        Ok(Outcome::Fresh(response)) => Some(response),
+        _ => None,
+    }) {
+        visit_positions(&mut response.body, &mut |at, position| {
+            if let Some((landed, _)) = appended.get(&at) {
+                *position = serde_json::Value::from(*landed);
+            }
+        });
+    }
     Ok(committed(store, jobs, &appended, states, &mut working, results))
 }
 
