@@ -84,10 +84,12 @@ pub async fn load_streams<'c>(
     let sql = format!(
         "SELECT e.*, s.sid, sn.stream_type, sn.version, sn.state_version, \
                 CASE WHEN e.version IS NULL OR e.version = sn.version + 1 THEN sn.state END, \
-                (SELECT p.position FROM events p WHERE p.stream_id = s.sid AND p.version = sn.version LIMIT 1) \
+                sn.position \
          FROM UNNEST($1::uuid[]) AS s(sid) \
-         LEFT JOIN LATERAL (SELECT stream_type, version, state_version, state FROM snapshots \
-                            WHERE stream_id = s.sid LIMIT 1) sn ON true \
+         LEFT JOIN LATERAL (SELECT stream_type, version, state_version, state, \
+                                   (SELECT p.position FROM events p \
+                                    WHERE p.stream_id = s.sid AND p.version = snapshots.version) AS position \
+                            FROM snapshots WHERE stream_id = s.sid LIMIT 1) sn ON true \
          LEFT JOIN LATERAL (SELECT {} FROM events \
                             WHERE stream_id = s.sid AND version > coalesce(sn.version, 0) \
                             ORDER BY version LIMIT $2) e ON true \

@@ -114,10 +114,8 @@ pub(super) async fn commit(
         Ok(Outcome::Fresh(response)) => Some(response),
         _ => None,
     }) {
-        visit_positions(&mut response.body, &mut |at, position| {
-            if let Some((landed, _)) = appended.get(&at) {
-                *position = serde_json::Value::from(*landed);
-            }
+        set_positions(&mut response.body, |at| {
+            appended.get(&at).map(|(position, _)| *position)
         });
     }
     Ok(committed(store, jobs, &appended, states, &mut working, results))
@@ -351,13 +349,18 @@ async fn fill_positions<'r>(
     }
     let found = autocommit::positions_at(connection, &wanted).await?;
     for response in &mut responses {
-        visit_positions(&mut response.body, &mut |at, position| {
-            if let Some(found) = found.get(&at) {
-                *position = serde_json::Value::from(*found);
-            }
-        });
+        set_positions(&mut response.body, |at| found.get(&at).copied());
     }
     Ok(())
+}
+
+/// Sets every position of 0 in `body` ([`visit_positions`]) that `landed` knows.
+fn set_positions(body: &mut serde_json::Value, landed: impl Fn((Uuid, i64)) -> Option<i64>) {
+    visit_positions(body, &mut |at, position| {
+        if let Some(landed) = landed(at) {
+            *position = serde_json::Value::from(landed);
+        }
+    });
 }
 
 /// Calls `visit` with the stream and version of every object in `body` that holds a `position`
