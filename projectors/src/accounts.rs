@@ -261,6 +261,8 @@ impl Projection for Accounts {
     const NAME: &'static str = "accounts";
     const SHAPE: i32 = 1;
     const STREAM_TYPE: &'static str = tally_domain::account::STREAM_TYPE;
+    // A switch replaces the views in this order; a reader joining several of them names them
+    // in the same order (the query API's trial balance), or it can deadlock with a switch.
     const TABLES: &'static [TableDef] = &[BALANCES, STATEMENT, TOTALS];
 
     type Event = AccountEvent;

@@ -1,6 +1,7 @@
 //! The control tables: which generation of each projection readers see, the partitions'
 //! checkpoints and states, and the generation tables and views themselves.
 
+use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::accounts::Accounts;
@@ -112,7 +113,10 @@ pub async fn grant_roles(pool: &PgPool) -> Result<(), sqlx::Error> {
     for statement in statements {
         sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
     }
-    // Every read model's views and generation tables, by name.
+    // Every read model's views and generation tables, by name, that are not the projectors'
+    // or not readable by the query API yet: changing an owner locks the relation out of every
+    // reader (ACCESS EXCLUSIVE, even to the same owner), so a migrate of a live ledger touches
+    // only what it changes.
     let names: Vec<&str> = [Accounts::TABLES, Transfers::TABLES]
         .concat()
         .iter()
@@ -122,9 +126,12 @@ pub async fn grant_roles(pool: &PgPool) -> Result<(), sqlx::Error> {
         "SELECT c.relname::text, c.relkind::text FROM pg_class c \
          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v') \
            AND EXISTS (SELECT 1 FROM UNNEST($1::text[]) AS n(name) \
-                       WHERE c.relname = n.name OR c.relname ~ ('^' || n.name || '_g[0-9]+$'))",
+                       WHERE c.relname = n.name OR c.relname ~ ('^' || n.name || '_g[0-9]+$')) \
+           AND (c.relowner <> to_regrole($2) OR NOT has_table_privilege($3, c.oid, 'SELECT'))",
     )
     .bind(&names)
+    .bind(PROJECTOR)
+    .bind(QUERY)
     .fetch_all(&mut *tx)
     .await?;
     for (relation, kind) in relations {
@@ -228,8 +235,16 @@ async fn create_indexes<P: Projection>(conn: &mut PgConnection, generation: &Gen
     for table in P::TABLES {
         let name = generation.table(table.name);
         for (index, definition) in table.indexes {
-            let sql = format!("CREATE INDEX IF NOT EXISTS {name}_{index} ON {name} {definition}");
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+            // Looked up first: `CREATE INDEX IF NOT EXISTS` share-locks the table (holding
+            // the projector's batches) before it finds the index there.
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(format!("{name}_{index}"))
+                .fetch_one(&mut *conn)
+                .await?;
+            if !exists {
+                let sql = format!("CREATE INDEX IF NOT EXISTS {name}_{index} ON {name} {definition}");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+            }
         }
     }
     Ok(())
@@ -265,21 +280,54 @@ async fn each_table<P: Projection>(
     Ok(())
 }
 
+/// The code's definition of `table`'s view over `generation`, or `None` when it has no view.
+fn view_definition(table: &TableDef, generation: &Generation) -> Option<String> {
+    table
+        .view
+        .map(|select| select.replace("{table}", &generation.table(table.name)))
+}
+
+/// The comment a view made by this code carries: the SHA-256 of its definition. A start finds
+/// a view that already shows the code's definition by it and leaves it alone.
+fn view_mark(definition: &str) -> String {
+    format!("tally:{}", hex::encode(Sha256::digest(definition.as_bytes())))
+}
+
+/// Marks `view` with [`view_mark`] of the definition it was just made with.
+async fn mark_view(conn: &mut PgConnection, view: &str, definition: &str) -> Result<(), sqlx::Error> {
+    // The mark is hex: safe inside the literal.
+    let sql = format!("COMMENT ON VIEW {view} IS '{}'", view_mark(definition));
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
+}
+
 /// Replaces the readers' views of the live `generation` with the code's, in place: a view that
 /// gained columns at its end (a sum the readers need) shows them with no rebuild, and readers
 /// never find it missing (`CREATE OR REPLACE` keeps the view itself). A view whose columns
 /// changed otherwise is left as it is: that is a new shape, which a rebuild brings.
+///
+/// A view whose mark says it already shows the code's definition is not touched. Replacing it
+/// takes an ACCESS EXCLUSIVE lock until the transaction commits (replayed as such on every
+/// replica): readers queue behind it, and a reader holding a lock on another of the views
+/// deadlocks with it. Every projector start runs this, so without the mark a restart or a
+/// scale-up would stall the query API's reads and fail some with `deadlock detected`.
 async fn refresh_views<P: Projection>(conn: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
     for table in P::TABLES {
-        let Some(select) = table.view else { continue };
-        let replace = format!(
-            "CREATE OR REPLACE VIEW {} AS {}",
-            table.name,
-            select.replace("{table}", &generation.table(table.name))
-        );
+        let Some(definition) = view_definition(table, generation) else {
+            continue;
+        };
+        let marked: Option<String> = sqlx::query_scalar("SELECT obj_description(to_regclass($1), 'pg_class')")
+            .bind(table.name)
+            .fetch_one(&mut *conn)
+            .await?;
+        if marked.as_deref() == Some(view_mark(&definition).as_str()) {
+            continue;
+        }
+        let replace = format!("CREATE OR REPLACE VIEW {} AS {definition}", table.name);
         sqlx::query("SAVEPOINT refresh_view").execute(&mut *conn).await?;
         match sqlx::query(sqlx::AssertSqlSafe(replace)).execute(&mut *conn).await {
             Ok(_) => {
+                mark_view(conn, table.name, &definition).await?;
                 sqlx::query("RELEASE SAVEPOINT refresh_view")
                     .execute(&mut *conn)
                     .await?
@@ -303,15 +351,14 @@ pub(crate) async fn point_views<P: Projection>(
 ) -> Result<(), sqlx::Error> {
     act_as_read_model_owner(conn).await?;
     for table in P::TABLES {
-        let Some(select) = table.view else { continue };
+        let Some(definition) = view_definition(table, generation) else {
+            continue;
+        };
         let drop = format!("DROP VIEW IF EXISTS {}", table.name);
         sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut *conn).await?;
-        let create = format!(
-            "CREATE VIEW {} AS {}",
-            table.name,
-            select.replace("{table}", &generation.table(table.name))
-        );
+        let create = format!("CREATE VIEW {} AS {definition}", table.name);
         sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut *conn).await?;
+        mark_view(conn, table.name, &definition).await?;
     }
     Ok(())
 }

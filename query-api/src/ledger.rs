@@ -159,13 +159,20 @@ impl Sums {
 }
 
 /// Reads the totals and the client balances in one statement, so both come from one snapshot.
+///
+/// `account_balances` is named before `ledger_totals`: Postgres locks a statement's relations
+/// in the order it names them, and a rebuild's switch (`tally projections rebuild`) replaces
+/// the accounts projection's views in the order of its tables (balances, statement, totals).
+/// Named the other way round, a read holding `ledger_totals` and waiting for `account_balances`
+/// deadlocks with a switch holding `account_balances` and waiting for `ledger_totals`, on the
+/// primary and on a replica replaying the switch alike.
 async fn read_sums(pool: &PgPool) -> Result<Vec<Sums>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT t.currency, t.accounts, t.inflow, t.outflow, t.transfers_out, t.transfers_in, \
                 COALESCE(b.balances, 0)::bigint AS client_balances, COALESCE(b.position, 0)::bigint AS position \
-         FROM ledger_totals t \
-         LEFT JOIN (SELECT currency, sum(balance) AS balances, max(last_position) AS position \
-                    FROM account_balances GROUP BY currency) b USING (currency) \
+         FROM (SELECT currency, sum(balance) AS balances, max(last_position) AS position \
+               FROM account_balances GROUP BY currency) b \
+         RIGHT JOIN ledger_totals t USING (currency) \
          ORDER BY t.currency",
     )
     .fetch_all(pool)

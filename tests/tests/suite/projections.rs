@@ -541,3 +541,75 @@ async fn a_generation_built_by_an_older_shape_is_left_alone_until_rebuilt_with_t
     );
     assert!(rig.status().iter().all(|s| s["state"] == "running"));
 }
+
+/// `tally migrate` and every projector start make sure of the read models' views. A view that
+/// already shows the code's definition is left alone: a reader holding it (and its neighbours)
+/// does not hold up a start, and a start takes no lock that deadlocks with a reader joining two
+/// views. A view another code left behind is still replaced with the code's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_under_readers_leaves_the_live_views_alone_and_replaces_one_the_code_changed() {
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let migrate = move || {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin_dir().join("tally"))
+                .arg("migrate")
+                .env("TALLY_DATABASE_URL", url)
+                .output()
+                .unwrap()
+        })
+    };
+    let mark = |view: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT obj_description(to_regclass($1), 'pg_class')")
+                .bind(view)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let marked = mark("ledger_totals").await.expect("a view made by the code is marked");
+
+    // A reader inside a transaction holds every view of the accounts projection.
+    let mut reader = db.pool.begin().await.unwrap();
+    for view in ["account_balances", "account_statement", "ledger_totals"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT 1 FROM {view} LIMIT 0")))
+            .execute(&mut *reader)
+            .await
+            .unwrap();
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), migrate())
+        .await
+        .expect("migrate waited for a reader: it locked a view it did not change")
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    reader.commit().await.unwrap();
+    assert_eq!(mark("ledger_totals").await.as_deref(), Some(marked.as_str()));
+
+    // A view older code made (no mark, a column fewer) is replaced by the code's and marked.
+    let as_projector = sqlx::PgPool::connect(&db.url_as(tally_event_store::roles::PROJECTOR))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "DROP VIEW ledger_totals; \
+         CREATE VIEW ledger_totals AS SELECT currency, sum(accounts)::bigint AS accounts \
+         FROM ledger_totals_g1 GROUP BY currency",
+    )
+    .execute(&as_projector)
+    .await
+    .unwrap();
+    assert_eq!(mark("ledger_totals").await, None);
+    let output = migrate().await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(mark("ledger_totals").await.as_deref(), Some(marked.as_str()));
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'ledger_totals' AND column_name IN ('balanced', 'in_transit', 'transfers_in')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(columns, 3, "the view shows the code's columns again");
+}
